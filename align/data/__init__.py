@@ -1,0 +1,1 @@
+"""Canonical data schemas, importers for public formats, and row validation."""
