@@ -144,14 +144,15 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{e}") from None
 
 
-def init_dict(obj: Any) -> dict:
+def init_dict(obj: Any) -> Any:
     """The settable (init) fields of a dataclass instance, nested, as plain data."""
-    out = {}
-    for f in fields(obj):
-        if f.init:
-            v = getattr(obj, f.name)
-            out[f.name] = init_dict(v) if is_dataclass(v) else v
-    return out
+    if is_dataclass(obj):
+        return {f.name: init_dict(getattr(obj, f.name)) for f in fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [init_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: init_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -1,0 +1,96 @@
+"""`align`: run the pipeline, one stage, validate a config, show a run's status.
+
+    align run CONFIG [key.sub=value ...]        run every stage (skips finished, resumes partial)
+    align stage NAME CONFIG [key.sub=value ...]  run one stage alone (its inputs must exist)
+    align validate CONFIG [key.sub=value ...]   load and check a config without running anything
+    align status RUN_DIR                        the state of every stage of a run
+    align keys                                  every config key with its type, default and help
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align", description="The Llama 2-Chat alignment recipe as one pipeline.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the pipeline of a config")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="key.sub=value")
+    s = sub.add_parser("stage", help="run one stage of a config")
+    s.add_argument("name")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)
+    w.add_argument("name")
+    w.add_argument("config")
+    w.add_argument("overrides", nargs="*")
+    v = sub.add_parser("validate", help="load and check a config")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*")
+    st = sub.add_parser("status", help="the state of a run directory")
+    st.add_argument("run_dir")
+    sub.add_parser("keys", help="every config key with its help text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from align.configlib import ConfigError
+    from align.errors import AlignError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, AlignError) as e:
+        print(f"align: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("align: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from align.config import load_config
+
+    if args.cmd == "keys":
+        from align.config import PipelineConfig
+        from align.configlib import help_lines
+
+        print("\n".join(help_lines(PipelineConfig)))
+        return 0
+    if args.cmd == "status":
+        from align.pipeline import load_run, status_table
+
+        print(status_table(load_run(args.run_dir)))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.cmd == "validate":
+        print(f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(cfg.stages)}; run_dir {cfg.run_dir})")
+        return 0
+    from align import pipeline
+
+    if args.cmd == "run":
+        manifests = pipeline.run_pipeline(cfg, args.config, tuple(args.overrides))
+        print(f"[align] run finished: {len(manifests)} stage(s) in {cfg.run_dir}")
+        return 0
+    if args.cmd == "stage":
+        if args.name not in cfg.stages:
+            from align.configlib import ConfigError
+
+            raise ConfigError(f"stage '{args.name}' is not in this config's stages: {', '.join(cfg.stages)}")
+        pipeline.run_pipeline(cfg, args.config, tuple(args.overrides), only=args.name)
+        return 0
+    if args.cmd == "worker":
+        pipeline.run_worker(cfg, args.name)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

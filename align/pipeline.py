@@ -1,0 +1,280 @@
+"""The pipeline runner: config -> stage -> artifacts in the run directory -> next stage.
+
+Layout of `runs/NAME/`:
+    run.json                 the resolved config of the last `align run`
+    <stage>/                 a finished stage's artifacts; it appears only when complete (atomic rename)
+        manifest.json        status, key (config + input hash), inputs, metrics summary, wall time
+        model/               HF checkpoint (policy stages) that loads with from_pretrained
+        metrics.jsonl, tb/   the stage's logged metrics
+    .work/<stage>/           an unfinished stage's state: checkpoints to resume from, partial outputs
+
+A stage is skipped when its manifest's key matches the current one; the key hashes the stage's config
+section, the model, the seed and the keys of the stages it reads, so a change reruns that stage and
+everything after it. A stage is resumed from `.work/<stage>/` when that holds state for the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from align.config import STAGE_KINDS, PipelineConfig
+from align.configlib import build, init_dict, to_dict
+from align.errors import AlignError
+from align.io import MetricsLogger, fsync_dir, read_json, read_metrics, write_json_atomic
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: its config, where to read and where to write."""
+
+    cfg: PipelineConfig
+    name: str
+    key: str
+    run_dir: Path
+    work_dir: Path            # resumable state; survives a kill, wiped when the key changes
+    out_dir: Path             # artifacts; moved to run_dir/<name> when the stage returns
+    init_model_dir: Path      # the model this stage starts from (base or an earlier stage's model/)
+    inputs: dict = field(default_factory=dict)  # name -> manifest of every earlier finished stage
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def stage_cfg(self):
+        return self.cfg.stage(self.name)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def stage_dir(self, name: str) -> Path:
+        """The finished artifacts of an earlier stage."""
+        return self.run_dir / name
+
+    def logger(self) -> MetricsLogger:
+        return MetricsLogger(self.work_dir / "logs", tensorboard=self.is_main)
+
+
+def _stage_fn(name: str) -> Callable[[StageContext], dict]:
+    kind = STAGE_KINDS[name]
+    if kind == "sft":
+        from align.sft import run_sft
+        return run_sft
+    if kind == "reward":
+        from reward.stage import run_reward
+        return run_reward
+    raise AlignError(f"stage kind {kind!r} has no runner")
+
+
+def stage_key(cfg: PipelineConfig, name: str, run_dir: Path) -> str:
+    """Hash of the stage's config and of the keys of the stages before it that it may read."""
+    parts = [cfg.stage_hash(name)]
+    for earlier in cfg.stages[: cfg.stages.index(name)]:
+        m = run_dir / earlier / MANIFEST
+        parts.append(read_json(m)["key"] if m.is_file() else f"missing:{earlier}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def stage_status(cfg: PipelineConfig, name: str, run_dir: Path) -> str:
+    """done (artifacts match the config) | stale (done for another config) | partial | pending."""
+    m = run_dir / name / MANIFEST
+    if m.is_file():
+        return "done" if read_json(m).get("key") == stage_key(cfg, name, run_dir) else "stale"
+    if (run_dir / ".work" / name).is_dir():
+        return "partial"
+    return "pending"
+
+
+def init_model_dir(cfg: PipelineConfig, name: str, run_dir: Path) -> Path:
+    from align.models import resolve_model_dir
+
+    init = getattr(cfg.stage(name), "init", "base")
+    if init == "base":
+        return resolve_model_dir(cfg.model)
+    model = run_dir / init / "model"
+    if not (run_dir / init / MANIFEST).is_file() or not model.is_dir():
+        raise AlignError(f"stage '{name}' starts from stage '{init}', which has not finished: "
+                         f"run `align run` (or `align stage {init} CONFIG`) first")
+    return model
+
+
+def prepare(cfg: PipelineConfig, name: str, rank: int = 0, world_size: int = 1) -> StageContext:
+    run_dir = Path(cfg.run_dir)
+    key = stage_key(cfg, name, run_dir)
+    work = run_dir / ".work" / name
+    if rank == 0:
+        key_file = work / "key"
+        if work.is_dir() and (not key_file.is_file() or key_file.read_text().strip() != key):
+            # State from another config: resuming from it would mix two runs.
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key + "\n")
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+    inputs = {}
+    for earlier in cfg.stages[: cfg.stages.index(name)]:
+        m = run_dir / earlier / MANIFEST
+        if m.is_file():
+            inputs[earlier] = read_json(m)
+    return StageContext(cfg=cfg, name=name, key=key, run_dir=run_dir, work_dir=work, out_dir=work / "out",
+                        init_model_dir=init_model_dir(cfg, name, run_dir), inputs=inputs,
+                        rank=rank, world_size=world_size)
+
+
+def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
+    """Write the manifest, then move the stage's artifacts into place in one rename."""
+    logs = ctx.work_dir / "logs"
+    if logs.is_dir():
+        shutil.copytree(logs, ctx.out_dir, dirs_exist_ok=True)
+    manifest = {
+        "stage": ctx.name,
+        "kind": STAGE_KINDS[ctx.name],
+        "status": "done",
+        "key": ctx.key,
+        "config": to_dict(ctx.stage_cfg),
+        "inputs": {k: v["key"] for k, v in ctx.inputs.items()},
+        "init_model": str(ctx.init_model_dir),
+        "summary": summary,
+        "wall_s": round(wall_s, 1),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_json_atomic(ctx.out_dir / MANIFEST, manifest)
+    final = ctx.run_dir / ctx.name
+    old = ctx.run_dir / f".{ctx.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(ctx.out_dir, final)
+    fsync_dir(ctx.run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    return manifest
+
+
+def _num_processes(cfg: PipelineConfig, name: str) -> int:
+    train = getattr(cfg.stage(name), "train", None)
+    return train.num_processes if train is not None else 1
+
+
+def run_stage(cfg: PipelineConfig, name: str, config_path: str | None = None, overrides: tuple = ()) -> dict:
+    """Run one stage to completion (resuming if it can) and return its manifest."""
+    t0 = time.time()
+    n = _num_processes(cfg, name)
+    if n > 1:
+        if config_path is None:
+            raise AlignError(f"stage '{name}' runs on {n} processes and needs its config file path")
+        ctx = prepare(cfg, name)
+        launch_workers(ctx, config_path, overrides, n)
+        summary = read_json(ctx.work_dir / "summary.json")
+    else:
+        ctx = prepare(cfg, name)
+        summary = _stage_fn(name)(ctx)
+    return finalize(ctx, summary, time.time() - t0)
+
+
+def run_worker(cfg: PipelineConfig, name: str) -> None:
+    """Body of one rank under `accelerate launch`: run the stage; rank 0 leaves the summary for the parent."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ctx = prepare(cfg, name, rank=rank, world_size=world)
+    summary = _stage_fn(name)(ctx)
+    if rank == 0:
+        write_json_atomic(ctx.work_dir / "summary.json", summary)
+
+
+def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int) -> None:
+    """Run the stage on n processes with accelerate + DeepSpeed ZeRO-3 (gloo on CPU)."""
+    from align.launch import write_launch_files
+
+    acc_yaml = write_launch_files(ctx.work_dir / "launch", n, ctx.stage_cfg.train)
+    name = ctx.name
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_yaml),
+           "-m", "align.cli", "worker", name, str(config_path), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or n) // n))}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait()
+    except BaseException:
+        # Ctrl-C or an error here: take the launcher and every rank down with us, no orphans.
+        import signal
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise
+    if rc != 0:
+        raise AlignError(f"stage '{name}' failed on {n} processes (exit code {rc}); its log is above. "
+                         f"Rerun `align run` to resume from the last checkpoint once the cause is fixed")
+
+
+def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides: tuple = (),
+                 only: str | None = None) -> list[dict]:
+    """Run every stage in order, skipping finished ones; returns their manifests."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "run.json", {"config": init_dict(cfg), "config_path": config_path,
+                                             "overrides": list(overrides)})
+    manifests = []
+    for name in cfg.stages:
+        if only is not None and name != only:
+            continue
+        status = stage_status(cfg, name, run_dir)
+        if status == "done":
+            m = read_json(run_dir / name / MANIFEST)
+            print(f"[align] {name}: done already (key {m['key']}), skipped", flush=True)
+        else:
+            verb = {"partial": "resuming", "stale": "config or inputs changed, rerunning"}.get(status, "starting")
+            print(f"[align] {name}: {verb}", flush=True)
+            m = run_stage(cfg, name, config_path, overrides)
+        manifests.append(m)
+        print(f"[align] {name}: {one_line(m)}", flush=True)
+    return manifests
+
+
+def one_line(m: dict) -> str:
+    s = m.get("summary", {})
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in s.items() if isinstance(v, (int, float)))
+    where = s.get("model_dir") or ""
+    return f"{m['status']} in {m['wall_s']:.0f}s; {shown}" + (f"; checkpoint: {where}" if where else "")
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def status_table(cfg: PipelineConfig) -> str:
+    run_dir = Path(cfg.run_dir)
+    lines = [f"run {run_dir}"]
+    for name in cfg.stages:
+        st = stage_status(cfg, name, run_dir)
+        extra = ""
+        if st in ("done", "stale"):
+            extra = one_line(read_json(run_dir / name / MANIFEST))
+        elif st == "partial":
+            ckpts = sorted((run_dir / ".work" / name).glob("checkpoints/*"))
+            rows = read_metrics(run_dir / ".work" / name / "logs" / "metrics.jsonl")
+            extra = f"{len(ckpts)} checkpoint(s), last logged step {rows[-1]['step'] if rows else '-'}"
+        lines.append(f"  {name:<12} {st:<8} {extra}")
+    return "\n".join(lines)
+
+
+def load_run(run_dir: str | Path) -> PipelineConfig:
+    """The config a run directory was last run with (from its run.json)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise AlignError(f"{run_dir}: no run.json; not a run directory (runs are under runs/NAME/)")
+    return build(PipelineConfig, read_json(path)["config"])

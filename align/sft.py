@@ -1,0 +1,193 @@
+"""SFT stage (Llama 2 sec. 3.1): answer-only loss on multi-turn chats, packing, LoRA or full weights.
+
+setup (tokenizer, data, model) -> train (TRL's SFTTrainer, resumable) -> save (a merged HF checkpoint
+in `model/`, plus `adapter/` for LoRA). The loss mask comes from `align.chat.tokenize_chat`, passed to
+TRL as `assistant_masks` on pre-tokenised rows: TRL's own `assistant_only_loss` needs `{% generation %}`
+markers that SmolLM2's template lacks. Packing is TRL's best-fit-decreasing packing without padding;
+attention stays within each conversation through `position_ids` (transformers derives the block mask).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from align.errors import AlignError
+
+
+def tokenize_conversations(tokenizer, records: list[dict], max_length: int):
+    """Conversation records -> `datasets.Dataset` with `input_ids` and `assistant_masks` (1 = trained)."""
+    from datasets import Dataset
+
+    from align.chat import tokenize_chat
+
+    rows, dropped, truncated = [], 0, 0
+    for rec in records:
+        t = tokenize_chat(tokenizer, rec["messages"], max_length)
+        if t is None:
+            dropped += 1
+            continue
+        truncated += t.truncated
+        rows.append({"input_ids": t.input_ids, "assistant_masks": [int(m) for m in t.loss_mask]})
+    if not rows:
+        raise AlignError(f"no conversation has an answer that fits in max_length={max_length} tokens: "
+                         "raise max_length or check the data")
+    stats = {"data/conversations": len(records), "data/dropped_too_long": dropped, "data/truncated": truncated,
+             "data/tokens": sum(len(r["input_ids"]) for r in rows),
+             "data/answer_tokens": sum(sum(r["assistant_masks"]) for r in rows)}
+    return Dataset.from_list(rows), stats
+
+
+def latest_checkpoint(directory: Path) -> str | None:
+    """The newest complete Trainer checkpoint (one with its trainer state written last)."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    if not done:
+        return None
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def _lora_peft_config(lora, task_type="CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type=task_type)
+
+
+def _metrics_callback(logger):
+    from transformers import TrainerCallback
+
+    class ToMetrics(TrainerCallback):
+        """Mirrors Trainer logs into metrics.jsonl under `train/` names; stops on a non-finite loss."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            for k in ("loss", "grad_norm"):
+                if k in logs and not math.isfinite(float(logs[k])):
+                    raise AlignError(f"non-finite {k} ({logs[k]}) at step {state.global_step}: lower the "
+                                     f"learning rate or check the data; the last good checkpoint is kept")
+            if state.is_world_process_zero:
+                names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
+                         "entropy": "train/entropy", "mean_token_accuracy": "train/token_accuracy",
+                         "num_tokens": "train/num_tokens"}
+                row = {names[k]: v for k, v in logs.items() if k in names and isinstance(v, (int, float))}
+                if row:
+                    logger.log(row, state.global_step)
+
+    return ToMetrics()
+
+
+def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
+    """Fine-tune `ctx.init_model_dir` on a tokenised dataset; writes `out_dir/model` (+ `adapter`).
+
+    Shared by SFT, rejection sampling and GAtt. Resumes from `work_dir/checkpoints` when present.
+    """
+    import torch
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from align.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(ctx.init_model_dir)
+    ckpt_dir = ctx.work_dir / "checkpoints"
+    # Under `accelerate launch` the ZeRO-3 JSON written by the launcher is handed to the Trainer too.
+    deepspeed = str(ctx.work_dir / "launch" / "ds_zero3.json") if ctx.world_size > 1 else None
+    if deepspeed:
+        from align.launch import init_distributed
+
+        init_distributed()
+    args = TRLSFTConfig(
+        output_dir=str(ckpt_dir),
+        max_length=max_length,
+        packing=packing,
+        packing_strategy="bfd",
+        per_device_train_batch_size=tcfg.micro_batch_size,
+        gradient_accumulation_steps=tcfg.grad_accum,
+        learning_rate=tcfg.lr,
+        lr_scheduler_type="cosine_with_min_lr" if tcfg.min_lr_ratio > 0 else "cosine",
+        lr_scheduler_kwargs={"min_lr_rate": tcfg.min_lr_ratio} if tcfg.min_lr_ratio > 0 else None,
+        warmup_steps=tcfg.warmup_ratio,
+        weight_decay=tcfg.weight_decay,
+        num_train_epochs=tcfg.epochs,
+        max_steps=tcfg.max_steps,
+        max_grad_norm=tcfg.max_grad_norm,
+        bf16=tcfg.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="steps",
+        save_steps=tcfg.save_steps,
+        save_total_limit=tcfg.save_total_limit,
+        logging_steps=tcfg.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must stop the run, not be hidden from the log
+        report_to=[],
+        seed=ctx.cfg.seed,
+        data_seed=ctx.cfg.seed,
+        dataloader_num_workers=0,
+        deepspeed=deepspeed,
+        disable_tqdm=not ctx.is_main,
+        save_only_model=False,
+    )
+    # LoRA trains small fp32 adapters over frozen base weights kept in the model dtype (bf16 by
+    # default, ~3x faster matmuls here); full fine-tuning keeps fp32 master weights under bf16 autocast.
+    dtype = ctx.cfg.model.dtype if tcfg.lora.enabled else "float32"
+    model = load_causal_lm(ctx.init_model_dir, dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    logger = ctx.logger()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=_lora_peft_config(tcfg.lora) if tcfg.lora.enabled else None,
+        callbacks=[_metrics_callback(logger)],
+    )
+    resume = latest_checkpoint(ckpt_dir)
+    if resume and ctx.is_main:
+        print(f"[align] {ctx.name}: resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+    logger.close()
+    save_policy(trainer, tokenizer, ctx, tcfg.lora.enabled)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return {
+        "train/loss_first": float(history[0]["loss"]) if history else float("nan"),
+        "train/loss_last": float(history[-1]["loss"]) if history else float("nan"),
+        "train/steps": int(trainer.state.global_step),
+        "train/runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "model_dir": str(ctx.run_dir / ctx.name / "model"),
+    }
+
+
+def save_policy(trainer, tokenizer, ctx, lora: bool) -> None:
+    """Write `out_dir/model` (a full checkpoint that loads with from_pretrained) and, for LoRA, `adapter/`."""
+    out = ctx.out_dir
+    if lora:
+        trainer.save_model(str(out / "adapter"))  # under ZeRO-3 this gathers the adapter on rank 0
+        if ctx.is_main:
+            from peft import PeftModel
+
+            from align.models import load_causal_lm
+
+            base = load_causal_lm(ctx.init_model_dir, "float32")
+            merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+            merged.save_pretrained(str(out / "model"), safe_serialization=True)
+    else:
+        trainer.save_model(str(out / "model"))
+    if ctx.is_main:
+        tokenizer.save_pretrained(str(out / "model"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def run_sft(ctx) -> dict:
+    from align.data.load import load_datasets
+    from align.models import load_tokenizer
+
+    cfg = ctx.stage_cfg
+    tokenizer = load_tokenizer(ctx.init_model_dir)
+    records, reports = load_datasets(cfg.datasets, "conversation", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows,
+                                     ctx.cfg.seed)
+    dataset, stats = tokenize_conversations(tokenizer, list(records), cfg.max_length)
+    if ctx.is_main:
+        print(f"[align] {ctx.name}: {stats['data/conversations']} conversations, {stats['data/tokens']} tokens "
+              f"({stats['data/answer_tokens']} trained), {stats['data/dropped_too_long']} too long", flush=True)
+    summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, cfg.packing)
+    skipped = sum(sum(r.skipped.values()) for r in reports)
+    return {**stats, "data/bad_rows_skipped": skipped, **summary}

@@ -1,0 +1,144 @@
+"""SFT: packed == unpacked loss, a tiny run that learns, kill-and-resume, and 2-process ZeRO-3."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.chat import tokenize_chat
+from align.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+CHATS = [
+    [{"role": "user", "content": "Name a colour.", "train": False},
+     {"role": "assistant", "content": "Blue.", "train": True}],
+    [{"role": "user", "content": "Hi", "train": False},
+     {"role": "assistant", "content": "Hello there, friend.", "train": True},
+     {"role": "user", "content": "Bye", "train": False},
+     {"role": "assistant", "content": "Goodbye!", "train": True}],
+    [{"role": "system", "content": "Answer in French.", "train": False},
+     {"role": "user", "content": "Thanks", "train": False},
+     {"role": "assistant", "content": "Merci a vous.", "train": True}],
+]
+
+
+def test_packed_and_unpacked_loss_agree(tiny_dir, tiny_tok):
+    """The packed, padding-free batch TRL builds gives the same token-mean loss as one chat at a time."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from align.models import load_causal_lm
+
+    model = load_causal_lm(tiny_dir, "float32").eval()
+    rows = []
+    for chat in CHATS:
+        t = tokenize_chat(tiny_tok, chat, 512)
+        rows.append({"input_ids": t.input_ids,
+                     "labels": [i if m else -100 for i, m in zip(t.input_ids, t.loss_mask)]})
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            labels = torch.tensor([r["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            tgt = labels[0, 1:]
+            keep = tgt != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], tgt[keep], reduction="sum").item()
+            count += int(keep.sum())
+        unpacked = total / count
+        collate = DataCollatorForLanguageModeling(pad_token_id=tiny_tok.pad_token_id, padding_free=True)
+        batch = collate([{**r, "seq_lengths": [len(r["input_ids"])]} for r in rows])
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+        # use_cache=False as in TRL's compute_loss: with a KV cache, transformers skips the packed-sequence
+        # mask it derives from position_ids, and every chat would attend to the ones packed before it.
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       labels=batch["labels"], use_cache=False).loss.item()
+        # Without the position_ids (one long causal sequence) the answers would see earlier chats.
+        leaky = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
+    assert packed == pytest.approx(unpacked, abs=1e-5)
+    assert abs(leaky - unpacked) > 1e-3
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_tiny_sft_run_learns_and_saves_a_loadable_checkpoint(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from align.pipeline import run_pipeline
+
+    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=12"])
+    (m,) = run_pipeline(cfg)
+    s = m["summary"]
+    assert m["status"] == "done" and s["train/steps"] == 12
+    assert s["train/loss_last"] < s["train/loss_first"] - 0.5
+    out = Path(cfg.run_dir) / "sft" / "model"
+    before, after = _weights(tiny_dir), _weights(out)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(moved) == len(before), f"unchanged: {set(before) - set(moved)}"
+    AutoModelForCausalLM.from_pretrained(out)  # loads as a plain HF checkpoint
+    rows = [json.loads(x) for x in (Path(cfg.run_dir) / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and all("train/loss" in r for r in rows)
+    # A second run with the same config skips the stage; a changed config reruns it.
+    (m2,) = run_pipeline(cfg)
+    assert m2["finished_at"] == m["finished_at"]
+    assert not (Path(cfg.run_dir) / ".work").exists() or not any((Path(cfg.run_dir) / ".work").iterdir())
+
+
+@pytest.mark.slow
+def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["stage", "sft", str(TINY), f"run_dir={run_dir}", "sft.train.max_steps=40", "sft.train.save_steps=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = run_dir / ".work" / "sft" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any((p / "trainer_state.json").is_file() for p in ckpts.glob("checkpoint-*")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "sft").exists(), "a killed stage must not look finished"
+    done = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert done and done[-1] < 40
+    res = _run(args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {ckpts}/checkpoint-{done[-1]}" in res.stdout + res.stderr
+    manifest = json.loads((run_dir / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["summary"]["train/steps"] == 40
+    # The resumed run trained only the steps left after the checkpoint.
+    rows = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert max(steps) == 40 and set(steps) == set(range(1, 41))
+    # Steps up to the checkpoint were logged once (by the killed run), not trained again.
+    assert all(steps.count(k) == 1 for k in range(1, done[-1] + 1))
+
+
+@pytest.mark.slow
+def test_two_process_zero3_sft_trains(tmp_path, tiny_dir):
+    run_dir = tmp_path / "run"
+    res = _run(["stage", "sft", str(TINY), f"run_dir={run_dir}", "sft.train.num_processes=2",
+                "sft.train.batch_size=8", "sft.train.micro_batch_size=4", "sft.train.max_steps=6"], timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    manifest = json.loads((run_dir / "sft" / "manifest.json").read_text())
+    s = manifest["summary"]
+    assert s["train/steps"] == 6 and s["train/loss_last"] < s["train/loss_first"]
+    before, after = _weights(tiny_dir), _weights(run_dir / "sft" / "model")
+    assert all(before[k].shape == after[k].shape for k in before)  # gathered, not ZeRO-3 shards
+    assert sum(not torch.equal(before[k], after[k]) for k in before) == len(before)
