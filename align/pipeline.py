@@ -247,7 +247,10 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
 
 def one_line(m: dict) -> str:
     s = m.get("summary", {})
-    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in s.items() if isinstance(v, (int, float)))
+    # The headline figures only: per-level counts and gap quantiles stay in the manifest.
+    keys = [k for k, v in s.items() if isinstance(v, (int, float)) and not any(
+        part in k for part in ("/count/", "/gap/q", "/source/", "data/"))]
+    shown = ", ".join(f"{k}={_fmt(s[k])}" for k in keys[:12])
     where = s.get("model_dir") or ""
     return f"{m['status']} in {m['wall_s']:.0f}s; {shown}" + (f"; checkpoint: {where}" if where else "")
 

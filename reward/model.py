@@ -1,0 +1,271 @@
+"""A reward model: a causal-LM backbone with its next-token head replaced by a scalar head.
+
+Llama 2 (Touvron et al., 2023), sec. 3.2.2: both RMs start from a chat-model checkpoint; the
+classification head for next-token prediction is replaced by a regression head that outputs a scalar.
+Here that is `AutoModelForSequenceClassification(num_labels=1)` (LlamaForSequenceClassification for
+Llama: a new bias-free `score` Linear), which reads the hidden state of the last token that is not
+the pad token. The pad token must therefore be set in the config and never end a real sequence:
+`align.models.load_tokenizer` pads with `<|endoftext|>`, which never occurs in a chat.
+
+A sequence is ``chat_template(prompt + [assistant response])`` with trailing whitespace removed, so
+the reward is read at the end-of-turn token (``<|im_end|>`` in ChatML).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from align.errors import AlignError
+
+ADAPTER_SUBDIR = "adapter"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    """One prompt + response, tokenised for the reward model."""
+
+    input_ids: list[int]
+    prompt_truncated: bool    # tokens were dropped from the left of the prompt to fit max_length
+    response_truncated: bool  # the response alone did not fit: tokens were dropped from its end
+
+    @property
+    def truncated(self) -> bool:
+        return self.prompt_truncated or self.response_truncated
+
+
+def _plain(messages: Sequence[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def format_pair(tokenizer, prompt_messages: Sequence[dict], response: str, max_length: int) -> EncodedResponse:
+    """Token ids of ``prompt_messages`` followed by the assistant ``response``, at most ``max_length``.
+
+    Long sequences are truncated, never dropped (TRL's RewardTrainer drops pairs longer than
+    max_length; see PLATFORM.md). The prompt loses tokens from its LEFT first (the oldest turns and
+    the system prompt go first, the last user turn and the assistant header stay), but keeps at least
+    its last ``max_length // 4`` tokens; only if the response still does not fit is it cut from its
+    end (so the RM sees the start of the answer). The caller counts ``truncated`` results.
+
+    Args:
+        tokenizer: a tokenizer with a chat template (e.g. from `align.models.load_tokenizer`).
+        prompt_messages: the conversation up to and including the last user turn
+            (``[{"role", "content"}]``; extra keys are ignored).
+        response: the final assistant answer.
+        max_length: the most tokens of the result.
+
+    Returns:
+        EncodedResponse with ``len(input_ids) <= max_length``.
+    """
+    if max_length < 8:
+        raise AlignError(f"max_length={max_length}: too short for a prompt and a response (use >= 8)")
+    messages = _plain(prompt_messages)
+    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    full = full.rstrip()  # read the reward at the end-of-turn token, not at whitespace after it
+    if not full.startswith(head):
+        raise AlignError("the tokenizer's chat template does not render prompt + answer as the prompt with its "
+                         "generation prompt followed by the answer; use a template such as ChatML")
+    # The template writes the special tokens as text, so no extra BOS/EOS is added.
+    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) + len(response_ids) <= max_length:
+        return EncodedResponse(prompt_ids + response_ids, False, False)
+    prompt_keep = max(max_length - len(response_ids), min(len(prompt_ids), max_length // 4))
+    prompt_part = prompt_ids[len(prompt_ids) - prompt_keep:]
+    response_part = response_ids[: max_length - len(prompt_part)]
+    return EncodedResponse(prompt_part + response_part, len(prompt_part) < len(prompt_ids),
+                           len(response_part) < len(response_ids))
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into a batch.
+
+    Returns:
+        input_ids: (B, T) long, T = the longest sequence.
+        attention_mask: (B, T) long, 1 = a real token.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side={padding_side!r}: must be 'right' or 'left'")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            raise ValueError("an empty sequence cannot be scored")
+        sl = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Raw reward of each sequence: the scalar head at its last real token.
+
+    Position ids are derived from the attention mask, so left and right padding give the same
+    positions for the real tokens (and the same scores).
+
+    Args:
+        model: a sequence-classification model with one label (plain or PEFT-wrapped).
+        input_ids: (B, T) long.
+        attention_mask: (B, T), 1 = a real token.
+
+    Returns:
+        (B,) float32 raw rewards.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits[:, 0].float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def load_reward_model(path: str | Path, tokenizer, lora=None, base_dtype: str = "float32"):
+    """A reward model from a causal-LM or reward-model directory, optionally wrapped with LoRA.
+
+    Args:
+        path: HF directory (a chat/SFT checkpoint: the `score` head is new and random; or a saved RM).
+        tokenizer: its tokenizer; its pad token becomes the model's ``pad_token_id`` (the head reads
+            the last non-pad token).
+        lora: an `align.config.LoraConfig` with ``enabled`` True to train LoRA adapters (PEFT
+            ``task_type="SEQ_CLS"``; the `score` head is trained in full via ``modules_to_save``),
+            or None / disabled for full fine-tuning.
+        base_dtype: dtype of the weights as loaded. With LoRA, ``bfloat16`` keeps the frozen base in
+            bf16 while the adapters and the head stay float32.
+
+    Returns:
+        The model (a `PeftModelForSequenceClassification` with LoRA), in eval mode.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    if tokenizer.pad_token_id is None:
+        raise AlignError(f"{path}: the tokenizer has no pad token; load it with align.models.load_tokenizer")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new `score` head is reported as MISSING: expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=_dtype(base_dtype))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if lora is not None and lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        peft_cfg = PeftLoraConfig(
+            task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), modules_to_save=["score"],
+        )
+        model = get_peft_model(model, peft_cfg)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # adapters and the head train in float32 whatever the base dtype
+        if not any(p.requires_grad for n, p in model.named_parameters() if "score" in n):
+            raise AlignError("LoRA reward model: the score head is not trainable (modules_to_save failed)")
+    elif base_dtype != "float32":
+        raise AlignError(f"base_dtype={base_dtype}: full fine-tuning keeps float32 weights (bf16 runs as "
+                         "autocast); a bf16 base is only for LoRA, where the base is frozen")
+    model.eval()
+    return model
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_reward_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write a reward model that reloads with ``AutoModelForSequenceClassification.from_pretrained``.
+
+    Full fine-tuning: the model as is. LoRA: the adapter (with the trained `score` head) in
+    ``out_dir/adapter/``, and the model with the adapter merged, in float32, in ``out_dir``. The
+    caller makes ``out_dir`` atomic (`align.io.atomic_dir`).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(str(out_dir / ADAPTER_SUBDIR))
+        merged = copy.deepcopy(model).float().merge_and_unload()
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+    else:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+class RewardScorer:
+    """Batched scoring of (prompt, response) pairs with a reward model.
+
+    Sequences are sorted by length so each batch pads little, scored under `torch.inference_mode`,
+    and returned in input order.
+    """
+
+    def __init__(self, model, tokenizer, max_length: int = 1024, bf16: bool = False, padding_side: str = "right"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.bf16 = bf16
+        self.padding_side = padding_side
+        self.truncated = 0  # responses truncated so far (prompt or response side)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int = 1024, bf16: bool = False) -> "RewardScorer":
+        """A scorer for a saved reward model directory (its own tokenizer)."""
+        from align.models import load_tokenizer
+
+        tok = load_tokenizer(path)
+        return cls(load_reward_model(path, tok), tok, max_length=max_length, bf16=bf16)
+
+    def encode(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[list[int]]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        out = []
+        for p, r in zip(prompts, responses):
+            enc = format_pair(self.tokenizer, p, r, self.max_length)
+            self.truncated += int(enc.truncated)
+            out.append(enc.input_ids)
+        return out
+
+    def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        """Raw rewards of ``responses[i]`` to ``prompts[i]``.
+
+        Args:
+            prompts: N conversations up to the last user turn.
+            responses: N assistant answers.
+            batch_size: sequences per forward.
+
+        Returns:
+            (N,) float32 raw scores (before any sigmoid), in input order.
+        """
+        return self.score_ids(self.encode(prompts, responses), batch_size)
+
+    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> torch.Tensor:
+        """Raw rewards of already tokenised sequences: (N,) float32, in input order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        n = len(seqs)
+        scores = torch.empty(n, dtype=torch.float32)
+        order = sorted(range(n), key=lambda i: len(seqs[i]), reverse=True)
+        device = next(self.model.parameters()).device
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                ids, mask = pad_batch([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
+                out = sequence_scores(self.model, ids.to(device), mask.to(device))
+                scores[torch.tensor(idx)] = out.float().cpu()
+        return scores

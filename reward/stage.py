@@ -1,0 +1,67 @@
+"""Reward-model stages `rm_helpful` and `rm_safety` (Llama 2 sec. 3.2.2).
+
+setup (data: held-out split per source, then the recipe's mixture) -> train (reward/train.py,
+resumable from the stage's work directory) -> save (model/, eval.json, eval.md, eval_gaps.png).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from align.errors import AlignError
+
+
+def load_pairs(ctx_cfg, specs, seed: int):
+    from align.data.load import load_datasets
+
+    if not specs:
+        return [], []
+    ds, reports = load_datasets(specs, "preference", Path(ctx_cfg.data_dir), ctx_cfg.data.bad_rows, seed)
+    return ds.to_list(), reports
+
+
+def build_splits(cfg, pipeline_cfg, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """(train mixture, held-out test pairs, data stats) for one reward-model config."""
+    from reward.mixture import holdout, mix
+
+    primary, p_reports = load_pairs(pipeline_cfg, cfg.primary, seed)
+    secondary, s_reports = load_pairs(pipeline_cfg, cfg.secondary, seed)
+    p_train, p_test = holdout(primary, cfg.test_size, seed)
+    s_train, s_test = holdout(secondary, cfg.test_size, seed)
+    train = mix(p_train, s_train, cfg.secondary_share if secondary else 0.0, seed)
+    if not train:
+        raise AlignError("reward model: no training pairs after the held-out split; add data or lower test_size")
+    stats = {
+        "data/primary_pairs": len(primary),
+        "data/secondary_pairs": len(secondary),
+        "data/train_pairs": len(train),
+        "data/test_pairs": len(p_test) + len(s_test),
+        "data/bad_rows_skipped": sum(r.n_skipped for r in p_reports + s_reports),
+    }
+    return train, p_test + s_test, stats
+
+
+def run_reward(ctx) -> dict:
+    from align.models import load_tokenizer
+    from reward.train import train_reward_model
+
+    cfg = ctx.stage_cfg
+    train, test, stats = build_splits(cfg, ctx.cfg, ctx.cfg.seed)
+    print(f"[align] {ctx.name}: {stats['data/train_pairs']} training pairs "
+          f"({stats['data/primary_pairs']} primary, {stats['data/secondary_pairs']} secondary available), "
+          f"{stats['data/test_pairs']} held out", flush=True)
+    tokenizer = load_tokenizer(ctx.init_model_dir)
+    logger = ctx.logger()
+    # Checkpoints live in the work directory so a killed stage resumes; finished outputs move to out_dir.
+    summary = train_reward_model(ctx.init_model_dir, tokenizer, train, test, cfg, ctx.work_dir, ctx.cfg.seed,
+                                 logger=logger, base_dtype=ctx.cfg.model.dtype if cfg.train.lora.enabled else "float32")
+    logger.close()
+    for name in ("model", "eval.json", "eval.md", "eval_gaps.png", "train_summary.json"):
+        src = ctx.work_dir / name
+        if src.exists():
+            shutil.move(str(src), str(ctx.out_dir / name))
+    out = {**stats, "rm/steps": summary["steps"], "rm/pairs_per_s": summary["pairs_per_s"],
+           "rm/truncated_pairs": summary["truncated_pairs"], "model_dir": str(ctx.run_dir / ctx.name / "model")}
+    for k, v in summary.get("eval", {}).items():
+        out[f"eval/{k}" if not k.startswith("eval/") else k] = v
+    return out

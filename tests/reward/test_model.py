@@ -1,0 +1,126 @@
+"""reward/model.py: tokenisation, pooling at the last real token, batched scoring, save/reload."""
+import pytest
+import torch
+
+from align.config import LoraConfig
+from reward.model import (ADAPTER_SUBDIR, RewardScorer, format_pair, load_reward_model, pad_batch,
+                          save_reward_model, sequence_scores)
+
+PROMPTS = [[{"role": "user", "content": "hi" * k}] for k in range(1, 8)]
+RESPONSES = ["Hello there. " * k for k in range(7, 0, -1)]
+
+
+def _randomise_head(model, seed=0):
+    # the new head is initialised near 0; make it large so score differences are well above float noise
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "score" in n and p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_dir, tiny_tok):
+    torch.manual_seed(0)
+    model = load_reward_model(tiny_dir, tiny_tok)
+    _randomise_head(model)
+    return model
+
+
+def test_format_pair_is_the_chat_rendering_ending_at_end_of_turn(tiny_tok):
+    enc = format_pair(tiny_tok, [{"role": "user", "content": "Hi", "train": False}], "Hello!", 512)
+    text = tiny_tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                                        tokenize=False).rstrip()
+    assert enc.input_ids == tiny_tok(text, add_special_tokens=False)["input_ids"]
+    assert enc.input_ids[-1] == tiny_tok.convert_tokens_to_ids("<|im_end|>")
+    assert not enc.truncated
+
+
+def test_format_pair_truncates_the_prompt_from_the_left(tiny_tok):
+    prompt = [{"role": "user", "content": "a" * 200 + "THE END"}]
+    enc = format_pair(tiny_tok, prompt, "Fine answer.", 64)
+    text = tiny_tok.decode(enc.input_ids)
+    assert len(enc.input_ids) == 64 and enc.prompt_truncated and not enc.response_truncated
+    assert text.endswith("THE END<|im_end|>\n<|im_start|>assistant\nFine answer.<|im_end|>")
+
+
+def test_format_pair_cuts_a_too_long_response_from_its_end(tiny_tok):
+    enc = format_pair(tiny_tok, [{"role": "user", "content": "Q?"}], "start " + "x" * 300, 64)
+    text = tiny_tok.decode(enc.input_ids)
+    assert len(enc.input_ids) == 64 and enc.response_truncated
+    assert "Q?<|im_end|>\n<|im_start|>assistant\nstart x" in text  # the prompt tail and the answer's start stay
+
+
+def test_pad_batch_sides():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, padding_side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, padding_side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_head_reads_the_last_real_token_with_right_padding(rm, tiny_tok):
+    seqs = [format_pair(tiny_tok, p, r, 512).input_ids for p, r in zip(PROMPTS[:3], RESPONSES[:3])]
+    ids, mask = pad_batch(seqs, tiny_tok.pad_token_id, "right")
+    assert (ids == tiny_tok.pad_token_id).any()  # there is padding to get wrong
+    with torch.no_grad():
+        scores = sequence_scores(rm, ids, mask)
+        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        last = mask.sum(-1) - 1
+        manual = rm.score(hidden[torch.arange(len(seqs)), last])[:, 0]
+    assert scores.tolist() == pytest.approx(manual.tolist(), abs=1e-5)
+
+
+def test_batched_scores_equal_unbatched_and_keep_input_order(rm, tiny_tok):
+    scorer = RewardScorer(rm, tiny_tok, max_length=512)
+    batched = scorer.score(PROMPTS, RESPONSES, batch_size=3)
+    one_by_one = torch.stack([scorer.score([p], [r], batch_size=1)[0] for p, r in zip(PROMPTS, RESPONSES)])
+    assert batched.dtype == torch.float32 and batched.shape == (len(PROMPTS),)
+    assert batched.std() > 1e-3  # the scores differ, so an order mix-up would show
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    left = RewardScorer(rm, tiny_tok, max_length=512, padding_side="left").score(PROMPTS, RESPONSES, batch_size=7)
+    assert torch.allclose(left, one_by_one, atol=1e-5)
+
+
+def test_save_and_reload_full_model(rm, tiny_tok, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    save_reward_model(rm, tiny_tok, tmp_path)
+    again = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    assert again.config.pad_token_id == tiny_tok.pad_token_id
+    a = RewardScorer(rm, tiny_tok).score(PROMPTS, RESPONSES)
+    b = RewardScorer(again, tiny_tok).score(PROMPTS, RESPONSES)
+    assert torch.allclose(a, b, atol=1e-6)
+    c = RewardScorer.from_pretrained(tmp_path).score(PROMPTS, RESPONSES)
+    assert torch.allclose(a, c, atol=1e-6)
+
+
+def test_lora_head_trains_and_saves_merged_and_adapter(tiny_dir, tiny_tok, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    lora = LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    model = load_reward_model(tiny_dir, tiny_tok, lora=lora)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+    _randomise_head(model)
+    with torch.no_grad():  # make the adapters non-zero so merging matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    want = RewardScorer(model, tiny_tok).score(PROMPTS, RESPONSES)
+    save_reward_model(model, tiny_tok, tmp_path)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    assert torch.allclose(RewardScorer(merged, tiny_tok).score(PROMPTS, RESPONSES), want, atol=1e-5)
+    base = load_reward_model(tiny_dir, tiny_tok)
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / ADAPTER_SUBDIR))
+    assert torch.allclose(RewardScorer(adapted, tiny_tok).score(PROMPTS, RESPONSES), want, atol=1e-5)
+
+
+def test_lora_with_a_bf16_base_keeps_trainables_in_float32(tiny_dir, tiny_tok):
+    lora = LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj",))
+    model = load_reward_model(tiny_dir, tiny_tok, lora=lora, base_dtype="bfloat16")
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}

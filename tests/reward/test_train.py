@@ -1,0 +1,172 @@
+"""reward/train.py: schedule, data order, a tiny RM that learns an easy preference, exact resume."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import DatasetSpec, LoraConfig, RewardConfig, TrainConfig
+from align.errors import AlignError
+from reward.model import RewardScorer, load_reward_model
+from reward.train import (epoch_micro_batches, list_checkpoints, lr_factor, micro_batch_stream, total_steps,
+                          train_reward_model)
+
+
+class ListLogger:
+    def __init__(self, crash_at: int = 0):
+        self.rows, self.crash_at = [], crash_at
+
+    def log(self, metrics, step):
+        if step == self.crash_at:
+            raise KeyboardInterrupt(f"simulated crash at step {step}")
+        self.rows.append((step, dict(metrics)))
+
+
+def rm_config(max_steps=20, lr=1e-3, save_steps=100, bf16=False, lora=False, **kw) -> RewardConfig:
+    return RewardConfig(
+        primary=(DatasetSpec(format="synthetic_pref"),), margin="small", max_length=256,
+        train=TrainConfig(lr=lr, min_lr_ratio=0.1, warmup_ratio=0.1, batch_size=8, micro_batch_size=4,
+                          max_steps=max_steps, save_steps=save_steps, save_total_limit=2, bf16=bf16,
+                          lora=LoraConfig(enabled=lora, r=8, alpha=16)),
+        **kw)
+
+
+def test_lr_factor_warmup_then_cosine_to_min():
+    # 2 warm-up steps of 10: 1/2, 1; then cosine from 1 (step 2) to 0.1 (step 9)
+    f = [lr_factor(s, warmup=2, total=10, min_ratio=0.1) for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
+    assert f[9] == pytest.approx(0.1)
+    # step 5 is 3/7 of the way through the decay (steps 2..9): 0.1 + 0.9 * 0.5 * (1 + cos(3 pi / 7)) = 0.6501
+    assert lr_factor(5, 2, 10, 0.1) == pytest.approx(0.6501, abs=1e-4)
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert lr_factor(0, 0, 1, 0.1) == pytest.approx(1.0)  # no warm-up, a single step: the peak
+
+
+def test_total_steps():
+    tc = TrainConfig(batch_size=8, micro_batch_size=4, epochs=1.0)  # grad_accum 2
+    assert total_steps(64, tc) == 8
+    assert total_steps(65, tc) == 9  # 17 micro-batches: the last step holds the leftover pair
+    assert total_steps(64, TrainConfig(batch_size=8, micro_batch_size=4, epochs=0.5)) == 4
+    assert total_steps(64, TrainConfig(batch_size=8, micro_batch_size=4, max_steps=3)) == 3
+
+
+def test_epoch_micro_batches_cover_every_pair_once_and_group_lengths():
+    lengths = [(i * 37) % 101 for i in range(50)]
+    mbs = epoch_micro_batches(lengths, micro=4, batch=8, seed=3, epoch=0)
+    assert sorted(i for mb in mbs for i in mb) == list(range(50))
+    assert mbs == epoch_micro_batches(lengths, micro=4, batch=8, seed=3, epoch=0)
+    assert mbs != epoch_micro_batches(lengths, micro=4, batch=8, seed=3, epoch=1)
+    # grouped: within a micro-batch lengths are close (windows of 64 pairs, here the whole epoch)
+    spread = sum(max(lengths[i] for i in mb) - min(lengths[i] for i in mb) for mb in mbs) / len(mbs)
+    assert spread < 10
+
+
+def test_stream_resumes_at_any_position():
+    lengths = list(range(10))
+    full = micro_batch_stream(lengths, 3, 6, seed=1, skip=0)
+    seq = [next(full) for _ in range(11)]  # 4 micro-batches per epoch: crosses two epoch boundaries
+    later = micro_batch_stream(lengths, 3, 6, seed=1, skip=5)
+    assert [next(later) for _ in range(6)] == seq[5:]
+
+
+def test_tiny_rm_learns_an_easy_preference(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    train, held_out = make_pairs(64, seed=0), make_pairs(32, seed=1)
+    cfg = rm_config(max_steps=20, lr=1e-3)
+    torch.manual_seed(0)
+    before = RewardScorer(load_reward_model(tiny_dir, tiny_tok), tiny_tok, 256)
+    prompts = [r["prompt"] for r in held_out]
+    gap_before = (before.score(prompts, [r["chosen"] for r in held_out])
+                  - before.score(prompts, [r["rejected"] for r in held_out]))
+    logger = ListLogger()
+    out = train_reward_model(tiny_dir, tiny_tok, train, held_out, cfg, tmp_path, seed=0, logger=logger)
+    assert out["params_moved"] == out["params_trainable"] > 0  # every trained tensor moved
+    assert out["eval"]["rm/accuracy"] >= 0.9
+    assert out["eval"]["rm/gap/mean"] > gap_before.mean().item() + 1.0
+    for level in ("significantly_better", "better", "slightly_better", "negligibly_better"):
+        assert f"rm/accuracy/{level}" in out["eval"]
+    steps = [s for s, m in logger.rows if "rm/loss" in m]
+    assert steps == list(range(1, 21))
+    losses = [m["rm/loss"] for s, m in logger.rows if "rm/loss" in m]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
+    first = logger.rows[0][1]
+    for key in ("rm/accuracy", "rm/margin_mean", "rm/lr", "rm/grad_norm", "rm/pad_share"):
+        assert key in first
+    assert first["rm/margin_mean"] == pytest.approx((1 + 2 / 3 + 1 / 3 + 0) / 4, abs=0.2)
+    assert any("eval/rm/accuracy" in m for _, m in logger.rows)
+    for name in ("eval.json", "eval.md", "eval_gaps.png", "train_summary.json", "model/config.json"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_long_pairs_are_truncated_never_dropped(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    records = make_pairs(8, seed=2)
+    for r in records[:3]:
+        r["prompt"] = [{"role": "user", "content": "tell me " * 100}]
+    cfg = rm_config(max_steps=1)
+    out = train_reward_model(tiny_dir, tiny_tok, records, [], cfg, tmp_path, seed=0)
+    assert out["train_pairs"] == 8 and out["truncated_pairs"] == 3
+
+
+def _final_weights(run_dir):
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_after_a_crash_reproduces_the_straight_run(tiny_dir, tiny_tok, tmp_path, lora, make_pairs):
+    records = make_pairs(40, seed=4)
+    cfg = rm_config(max_steps=6, save_steps=3, lr=5e-4, lora=lora)
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train_reward_model(tiny_dir, tiny_tok, records, [], cfg, straight, seed=7)
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(tiny_dir, tiny_tok, records, [], cfg, crashed, seed=7, logger=ListLogger(crash_at=4))
+    assert [p.name for p in list_checkpoints(crashed / "checkpoints")] == ["step-3"]
+    assert not (crashed / "model").exists()
+    logger = ListLogger()
+    out = train_reward_model(tiny_dir, tiny_tok, records, [], cfg, crashed, seed=7, logger=logger)
+    assert [s for s, _ in logger.rows] == [4, 5, 6]  # continued, did not start over
+    assert out["pairs_seen"] == 6 * 8
+    a, b = _final_weights(straight), _final_weights(crashed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    records = make_pairs(16, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(tiny_dir, tiny_tok, records, [], rm_config(max_steps=4, save_steps=1), tmp_path, seed=0,
+                           logger=ListLogger(crash_at=2))
+    with pytest.raises(AlignError, match="different config"):
+        train_reward_model(tiny_dir, tiny_tok, records, [], rm_config(max_steps=4, save_steps=1, lr=2e-3), tmp_path,
+                           seed=0)
+
+
+def test_non_finite_loss_names_the_step(tiny_dir, tiny_tok, tmp_path, monkeypatch, make_pairs):
+    import reward.train as train_mod
+
+    real = train_mod.sequence_scores
+    calls = {"n": 0}
+
+    def poisoned(model, ids, mask):
+        calls["n"] += 1
+        out = real(model, ids, mask)
+        return out * float("nan") if calls["n"] > 4 else out  # steps 1-2 fine (2 micro-batches each)
+
+    monkeypatch.setattr(train_mod, "sequence_scores", poisoned)
+    with pytest.raises(AlignError, match="non-finite loss .* at step 3"):
+        train_reward_model(tiny_dir, tiny_tok, make_pairs(16), [], rm_config(max_steps=4), tmp_path, seed=0)
+
+
+def test_safety_aux_loss_runs_and_needs_labels(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    labelled = make_pairs(16, seed=5, category="safety", safety_labels=True)
+    logger = ListLogger()
+    cfg = rm_config(max_steps=2, safety_aux_weight=1.0, category="safety")
+    train_reward_model(tiny_dir, tiny_tok, labelled, [], cfg, tmp_path / "a", seed=0, logger=logger)
+    assert all(m["rm/safety_aux_loss"] > 0 for _, m in logger.rows)
+    with pytest.raises(AlignError, match="no training pair has a safety label"):
+        train_reward_model(tiny_dir, tiny_tok, make_pairs(16), [], cfg, tmp_path / "b", seed=0)
+
+
+def test_bf16_autocast_run(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), make_pairs(8, seed=9), rm_config(max_steps=2, bf16=True),
+                             tmp_path, seed=0)
+    assert math.isfinite(out["final_train_metrics"]["rm/loss"]) and out["params_moved"] > 0
