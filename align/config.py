@@ -151,11 +151,134 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """How a stage samples from the rollout engine."""
+
+    temperature: float = option(1.0, help="sampling temperature (0 = greedy)")
+    top_p: float = option(1.0, help="nucleus sampling mass")
+    max_new_tokens: int = option(128, help="longest sampled answer in tokens")
+
+    def __post_init__(self):
+        check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardUseConfig:
+    """Which reward models a policy stage scores with, and how they are combined (Llama 2 sec. 3.2.3)."""
+
+    helpful_rm: str = option("rm_helpful", help="stage that made the helpfulness reward model")
+    safety_rm: str = option("rm_safety", help="stage that made the safety reward model")
+    safety_threshold: float = option(0.15, help="use the safety RM where the prompt is safety-tagged or sigmoid(safety score) < this")
+    whiten: bool = option(True, help="whiten the logit of the combined reward with running statistics")
+    score_batch_size: int = option(16, help="reward-model scoring batch")
+
+    def __post_init__(self):
+        check(0 < self.safety_threshold < 1, "safety_threshold", self.safety_threshold, "must be in (0, 1)")
+        check(self.score_batch_size > 0, "score_batch_size", self.score_batch_size, "must be > 0")
+
+
+@dataclass(frozen=True)
+class RejectionConfig:
+    init: str = option("sft", help="the policy fine-tuned on the kept samples: 'base' or an earlier stage")
+    sampler: str = option("", help="the model that samples: '' = the policy (init) itself; or 'base', an earlier stage, or a local HF dir (distillation from a larger teacher)")
+    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets (oasst_prompts, xstest, hh, synthetic_prompts)")
+    heldout_prompts: int = option(16, help="prompts held out to measure the policy's mean combined reward before and after")
+    k: int = option(4, help="samples per prompt (the recipe's K)")
+    rounds: int = option(1, help="rounds in this stage; round r keeps, per prompt, the best answer of all rounds <= r")
+    sampling: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=1.2), help="sampling (recipe: T 1.2-1.3 for K of 10-100)")
+    reward: RewardUseConfig = option(factory=RewardUseConfig, help="reward models and their combination")
+    max_length: int = option(512, help="tokens per SFT sequence on the kept set")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, epochs=1.0), help="fine-tuning on the kept set")
+
+    def requires(self) -> tuple[str, ...]:
+        return (self.reward.helpful_rm, self.reward.safety_rm)
+
+    def __post_init__(self):
+        check(self.k >= 1, "k", self.k, "must be >= 1")
+        check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
+        check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
+        check(self.heldout_prompts >= 0, "heldout_prompts", self.heldout_prompts, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    init: str = option("rejection_sampling", help="starting policy (also the KL reference): 'base' or an earlier stage")
+    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets")
+    heldout_prompts: int = option(16, help="held-out prompts for the early-stopping reward")
+    iterations: int = option(10, help="PPO iterations (recipe: 200-400)")
+    prompts_per_iteration: int = option(16, help="prompts sampled per iteration (recipe: 512)")
+    mini_batch_size: int = option(8, help="sequences per mini-batch; one gradient step each (recipe: 64)")
+    ppo_epochs: int = option(1, help="passes over each rollout batch")
+    clip: float = option(0.2, help="PPO ratio clip (recipe: 0.2)")
+    value_clip: float = option(0.2, help="value-function clip")
+    vf_coef: float = option(0.1, help="value-loss weight")
+    kl_beta: float = option(0.01, help="KL penalty beta (recipe: 0.01 for 7B/13B, 0.005 for 34B/70B)")
+    kl_bound: float = option(10.0, help="the per-sequence KL to the reference a healthy run stays under (reported)")
+    gamma: float = option(1.0, help="GAE discount")
+    lam: float = option(0.95, help="GAE lambda")
+    sampling: SamplingConfig = option(factory=SamplingConfig, help="rollout sampling")
+    reward: RewardUseConfig = option(factory=RewardUseConfig, help="reward models and their combination")
+    lr: float = option(1e-6, help="constant learning rate (recipe: 1e-6)")
+    weight_decay: float = option(0.1, help="AdamW weight decay (recipe: 0.1)")
+    adam_betas: tuple[float, ...] = option(factory=lambda: (0.9, 0.95), help="AdamW betas (recipe: 0.9, 0.95)")
+    adam_eps: float = option(1e-5, help="AdamW eps (recipe: 1e-5)")
+    max_grad_norm: float = option(1.0, help="gradient clipping (recipe: 1.0)")
+    lora: LoraConfig = option(factory=lambda: LoraConfig(enabled=True), help="LoRA adapters on the policy")
+    num_processes: int = option(1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3")
+    bf16: bool = option(True, help="bf16 autocast")
+    save_every: int = option(5, help="checkpoint every N iterations (resume point)")
+    early_stop_patience: int = option(0, help="stop after N iterations without a held-out reward gain (0 = off)")
+
+    def requires(self) -> tuple[str, ...]:
+        return (self.reward.helpful_rm, self.reward.safety_rm)
+
+    def __post_init__(self):
+        check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.clip > 0, "clip", self.clip, "must be > 0")
+        check(len(self.adam_betas) == 2, "adam_betas", self.adam_betas, "give two betas, e.g. [0.9, 0.95]")
+        check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
+        check(self.num_processes >= 1, "num_processes", self.num_processes, "must be >= 1")
+        check(self.mini_batch_size > 0 and self.mini_batch_size % self.num_processes == 0, "mini_batch_size",
+              self.mini_batch_size, f"must be a positive multiple of num_processes={self.num_processes}")
+        check(self.prompts_per_iteration % self.mini_batch_size == 0, "prompts_per_iteration",
+              self.prompts_per_iteration, f"must be a multiple of mini_batch_size={self.mini_batch_size}, "
+              f"e.g. {max(self.mini_batch_size, self.prompts_per_iteration // self.mini_batch_size * self.mini_batch_size)}")
+
+
+@dataclass(frozen=True)
+class GAttConfig:
+    init: str = option("sft", help="the policy that samples the answers and is fine-tuned: 'base' or an earlier stage")
+    instructions: str = option("", help="instruction bank file (YAML/JSON); '' = the built-in bank (align/gatt/instructions.yaml)")
+    dialogues: tuple[DatasetSpec, ...] = option(factory=tuple, help="multi-turn dialogues or prompt sets to build dialogues from")
+    num_dialogues: int = option(32, help="training dialogues to build")
+    turns: int = option(3, help="user turns per training dialogue")
+    shorten_prob: float = option(0.5, help="share of instructions given in the short form ('Figure: Napoleon')")
+    sampling: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=0.7), help="sampling of the answers")
+    best_of: int = option(1, help="samples per turn; the best by the constraint checker is kept")
+    eval_dialogues: int = option(16, help="held-out dialogues for the recall evaluation")
+    eval_turns: tuple[int, ...] = option(factory=lambda: (2, 4, 6), help="turns at which recall is measured (recipe Table 30)")
+    max_length: int = option(1024, help="tokens per training sequence")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, epochs=1.0), help="fine-tuning on the GAtt data")
+
+    def requires(self) -> tuple[str, ...]:
+        return ()
+
+    def __post_init__(self):
+        check(self.turns >= 2, "turns", self.turns, "must be >= 2 (GAtt is about later turns)")
+        check(0 <= self.shorten_prob <= 1, "shorten_prob", self.shorten_prob, "must be in [0, 1]")
+        check(self.best_of >= 1, "best_of", self.best_of, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     bad_rows: Literal["fail", "skip"] = option("fail", help="a malformed data row: fail (name file and line) or skip it and count it")
 
 
-STAGE_KINDS = {"sft": "sft", "rm_helpful": "reward", "rm_safety": "reward"}
+STAGE_KINDS = {"sft": "sft", "rm_helpful": "reward", "rm_safety": "reward",
+               "rejection_sampling": "rejection", "ppo": "ppo", "gatt": "gatt"}
 
 
 @dataclass(frozen=True)
@@ -171,6 +294,9 @@ class PipelineConfig:
     sft: Optional[SFTConfig] = option(None, help="SFT stage")
     rm_helpful: Optional[RewardConfig] = option(None, help="helpfulness reward model stage")
     rm_safety: Optional[RewardConfig] = option(None, help="safety reward model stage")
+    rejection_sampling: Optional[RejectionConfig] = option(None, help="rejection-sampling fine-tuning stage")
+    ppo: Optional[PPOConfig] = option(None, help="PPO stage")
+    gatt: Optional[GAttConfig] = option(None, help="Ghost Attention stage")
 
     def __post_init__(self):
         seen = []
@@ -181,6 +307,10 @@ class PipelineConfig:
             init = getattr(getattr(self, name), "init", "base")
             check(init == "base" or init in seen, f"{name}.init", init,
                   f"no earlier stage makes '{init}'; use 'base' or one of the stages before it: {', '.join(seen) or '(none)'}")
+            stage_cfg = getattr(self, name)
+            for needed in (stage_cfg.requires() if hasattr(stage_cfg, "requires") else ()):
+                check(needed in seen, name, needed, f"stage '{name}' needs the output of stage '{needed}', which "
+                      f"is not listed before it in stages: {', '.join(self.stages)}")
             seen.append(name)
 
     def stage(self, name: str):

@@ -72,6 +72,15 @@ def _stage_fn(name: str) -> Callable[[StageContext], dict]:
     if kind == "reward":
         from reward.stage import run_reward
         return run_reward
+    if kind == "rejection":
+        from align.rejection.stage import run_rejection
+        return run_rejection
+    if kind == "ppo":
+        from align.ppo.stage import run_ppo
+        return run_ppo
+    if kind == "gatt":
+        from align.gatt.stage import run_gatt
+        return run_gatt
     raise AlignError(f"stage kind {kind!r} has no runner")
 
 
@@ -162,7 +171,10 @@ def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
 
 
 def _num_processes(cfg: PipelineConfig, name: str) -> int:
-    train = getattr(cfg.stage(name), "train", None)
+    stage = cfg.stage(name)
+    if hasattr(stage, "num_processes"):
+        return stage.num_processes
+    train = getattr(stage, "train", None)
     return train.num_processes if train is not None else 1
 
 
@@ -196,7 +208,7 @@ def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int
     """Run the stage on n processes with accelerate + DeepSpeed ZeRO-3 (gloo on CPU)."""
     from align.launch import write_launch_files
 
-    acc_yaml = write_launch_files(ctx.work_dir / "launch", n, ctx.stage_cfg.train)
+    acc_yaml = write_launch_files(ctx.work_dir / "launch", n, getattr(ctx.stage_cfg, "train", None))
     name = ctx.name
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_yaml),
            "-m", "align.cli", "worker", name, str(config_path), *overrides]
