@@ -5,6 +5,8 @@
     align validate CONFIG [key.sub=value ...]   load and check a config without running anything
     align status RUN_DIR                        the state of every stage of a run
     align keys                                  every config key with its type, default and help
+    align rm train CONFIG [key.sub=value ...]   train only the reward-model stages of a config
+    align rm eval CHECKPOINT DATA --format FMT  evaluate a reward model on a preference file
 """
 from __future__ import annotations
 
@@ -34,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the state of a run directory")
     st.add_argument("run_dir")
     sub.add_parser("keys", help="every config key with its help text")
+    rm = sub.add_parser("rm", help="reward-model jobs").add_subparsers(dest="rm_cmd", required=True)
+    rt = rm.add_parser("train", help="train the reward-model stages of a config (rm_helpful, rm_safety)")
+    rt.add_argument("config")
+    rt.add_argument("overrides", nargs="*")
+    re_ = rm.add_parser("eval", help="evaluate a reward-model checkpoint on preference data")
+    re_.add_argument("checkpoint", help="a reward-model directory (from_pretrained)")
+    re_.add_argument("data", help="a preference file (any importer format)")
+    re_.add_argument("--format", default="trl_jsonl", help="importer: hh | oasst | sharegpt_dpo | trl_jsonl (default)")
+    re_.add_argument("--limit", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
+    re_.add_argument("--out", default="", help="directory for eval.json, eval.md and eval_gaps.png")
+    re_.add_argument("--max-length", type=int, default=1024, help="tokens per prompt+response")
+    re_.add_argument("--bad-rows", default="skip", choices=["fail", "skip"], help="a malformed row: fail or skip")
     return p
 
 
@@ -69,7 +83,20 @@ def _dispatch(args) -> int:
 
         print(status_table(load_run(args.run_dir)))
         return 0
+    if args.cmd == "rm" and args.rm_cmd == "eval":
+        return _rm_eval(args)
     cfg = load_config(args.config, args.overrides)
+    if args.cmd == "rm":
+        from align.config import STAGE_KINDS
+        from align.configlib import ConfigError
+        from align.pipeline import run_pipeline
+
+        names = [n for n in cfg.stages if STAGE_KINDS[n] == "reward"]
+        if not names:
+            raise ConfigError(f"{args.config}: lists no reward-model stage (rm_helpful, rm_safety) in stages")
+        for name in names:
+            run_pipeline(cfg, args.config, tuple(args.overrides), only=name)
+        return 0
     if args.cmd == "validate":
         print(f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(cfg.stages)}; run_dir {cfg.run_dir})")
         return 0
@@ -90,6 +117,31 @@ def _dispatch(args) -> int:
         pipeline.run_worker(cfg, args.name)
         return 0
     raise AssertionError(args.cmd)
+
+
+def _rm_eval(args) -> int:
+    from pathlib import Path
+
+    from align.config import DatasetSpec
+    from align.configlib import ConfigError, build
+    from align.data.load import load_records
+    from align.models import check_model_dir
+    from reward.evaluate import evaluate, markdown_report, write_eval
+    from reward.model import RewardScorer
+
+    check_model_dir(Path(args.checkpoint), "CHECKPOINT")
+    spec = build(DatasetSpec, {"format": args.format, "path": str(Path(args.data).resolve()), "limit": args.limit})
+    records, report = load_records(spec, "preference", ".", args.bad_rows)
+    if not records:
+        raise ConfigError(f"{args.data}: no preference pairs to evaluate")
+    results = evaluate(RewardScorer.from_pretrained(args.checkpoint, max_length=args.max_length), records)
+    print(markdown_report(results))
+    if report.n_skipped:
+        print(f"({report.n_skipped} bad rows skipped: {report.skipped})")
+    if args.out:
+        write_eval(results, args.out)
+        print(f"written to {args.out}/eval.json, eval.md, eval_gaps.png")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Reward-model training throughput: our loop vs TRL's RewardTrainer, same model, data and batch.
+
+    .venv/bin/python bench/reward.py [--train-pairs 400] [--test-pairs 150] [--max-length 512]
+
+SmolLM2-135M-Instruct, full fine-tuning, bf16 autocast, batch 8, one epoch over the same HH-RLHF
+harmless pairs (no margin: HH has no rating levels), cosine schedule at lr 1e-5. Both models are then
+scored by the same evaluation code on the same held-out pairs. Prints pairs/s of each, their ratio and
+both held-out accuracies; writes bench/out/reward.json. TRL drops pairs longer than max_length (its
+help says "truncated"); we truncate the prompt from the left instead, so both counts are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load_pairs(n_train: int, n_test: int, seed: int = 0):
+    from align.config import DatasetSpec
+    from align.data.load import load_records
+    from reward.mixture import holdout
+
+    data = ROOT.parent / "shared" / "data"
+    spec = DatasetSpec(format="hh", path="hh-rlhf/harmless-base-test.dev.jsonl.gz")
+    records, _ = load_records(spec, "preference", data, "skip", seed)
+    train, test = holdout(records, n_test, seed)
+    return train[:n_train], test
+
+
+def run_ours(model_dir, tok, train, test, args) -> dict:
+    from align.config import RewardConfig, TrainConfig, DatasetSpec
+    from reward.train import train_reward_model
+
+    cfg = RewardConfig(category="safety", primary=(DatasetSpec(format="synthetic_pref"),), margin="none",
+                       max_length=args.max_length, test_size=0,
+                       train=TrainConfig(lr=1e-5, min_lr_ratio=0.0, epochs=1.0, batch_size=args.batch,
+                                         micro_batch_size=args.batch, bf16=True, save_steps=10**6, warmup_ratio=0.0))
+    with tempfile.TemporaryDirectory() as out:
+        s = train_reward_model(model_dir, tok, train, test, cfg, out, seed=0)
+    return {"pairs_per_s": s["pairs_per_s"], "train_pairs": s["train_pairs"], "seconds": s["train_seconds"],
+            "heldout_accuracy": s["eval"]["rm/accuracy"], "truncated_pairs": s["truncated_pairs"]}
+
+
+def run_trl(model_dir, tok, train, test, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    from reward.evaluate import evaluate
+    from reward.model import RewardScorer
+
+    rows = [{"prompt": [{"role": m["role"], "content": m["content"]} for m in r["prompt"]],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in train]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    with tempfile.TemporaryDirectory() as out:
+        targs = TRLRewardConfig(output_dir=out, per_device_train_batch_size=args.batch, num_train_epochs=1,
+                                learning_rate=1e-5, lr_scheduler_type="cosine", bf16=True, use_cpu=True,
+                                max_length=args.max_length, report_to=[], save_strategy="no", logging_steps=10,
+                                seed=0, dataloader_num_workers=0, disable_tqdm=False)
+        trainer = RewardTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        kept = len(trainer.train_dataset)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    model.eval()
+    results = evaluate(RewardScorer(model, tok, max_length=args.max_length), test)
+    return {"pairs_per_s": kept / seconds, "train_pairs": kept, "seconds": seconds,
+            "heldout_accuracy": results["metrics"]["rm/accuracy"], "dropped_pairs": len(rows) - kept}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-pairs", type=int, default=400)
+    p.add_argument("--test-pairs", type=int, default=150)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--skip-trl", action="store_true", help="measure ours only")
+    args = p.parse_args()
+
+    import torch
+
+    from align.models import embedded_model_dir, load_tokenizer
+    from reward.evaluate import evaluate
+    from reward.model import RewardScorer
+
+    model_dir = embedded_model_dir()
+    tok = load_tokenizer(model_dir)
+    train, test = load_pairs(args.train_pairs, args.test_pairs)
+    print(f"SmolLM2-135M-Instruct, {len(train)} train / {len(test)} held-out HH harmless pairs, batch {args.batch}, "
+          f"max_length {args.max_length}, bf16 autocast, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    untrained = evaluate(RewardScorer.from_pretrained(model_dir, max_length=args.max_length), test)["metrics"]["rm/accuracy"]
+    ours = run_ours(model_dir, tok, train, test, args)
+    trl = None if args.skip_trl else run_trl(model_dir, tok, train, test, args)
+    print(f"\n| engine | pairs/s | train pairs | seconds | held-out accuracy |\n|---|---|---|---|---|")
+    print(f"| untrained | - | - | - | {untrained:.3f} |")
+    print(f"| ours | {ours['pairs_per_s']:.2f} | {ours['train_pairs']} | {ours['seconds']:.0f} | {ours['heldout_accuracy']:.3f} |")
+    if trl:
+        print(f"| TRL RewardTrainer | {trl['pairs_per_s']:.2f} | {trl['train_pairs']} (dropped {trl['dropped_pairs']}) | "
+              f"{trl['seconds']:.0f} | {trl['heldout_accuracy']:.3f} |")
+        print(f"\nratio ours / TRL pairs/s: {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x")
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reward.json").write_text(json.dumps({"args": vars(args), "untrained_accuracy": untrained, "ours": ours,
+                                                 "trl": trl}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
