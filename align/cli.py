@@ -4,6 +4,7 @@
     align stage NAME CONFIG [key.sub=value ...]  run one stage alone (its inputs must exist)
     align validate CONFIG [key.sub=value ...]   load and check a config without running anything
     align status RUN_DIR                        the state of every stage of a run
+    align report RUN_DIR                        (re)build RUN_DIR/report.html
     align keys                                  every config key with its type, default and help
     align rm train CONFIG [key.sub=value ...]   train only the reward-model stages of a config
     align rm eval CHECKPOINT DATA --format FMT  evaluate a reward model on a preference file
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*")
     st = sub.add_parser("status", help="the state of a run directory")
     st.add_argument("run_dir")
+    rp = sub.add_parser("report", help="(re)build RUN_DIR/report.html")
+    rp.add_argument("run_dir")
     sub.add_parser("keys", help="every config key with its help text")
     rm = sub.add_parser("rm", help="reward-model jobs").add_subparsers(dest="rm_cmd", required=True)
     rt = rm.add_parser("train", help="train the reward-model stages of a config (rm_helpful, rm_safety)")
@@ -77,6 +80,12 @@ def _dispatch(args) -> int:
         from align.configlib import help_lines
 
         print("\n".join(help_lines(PipelineConfig)))
+        return 0
+    if args.cmd == "report":
+        from align.pipeline import load_run
+        from align.report import build_report
+
+        print(build_report(args.run_dir, list(load_run(args.run_dir).stages)))
         return 0
     if args.cmd == "status":
         from align.pipeline import load_run, status_table

@@ -254,6 +254,10 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
             m = run_stage(cfg, name, config_path, overrides)
         manifests.append(m)
         print(f"[align] {name}: {one_line(m)}", flush=True)
+    if only is None:
+        from align.report import build_report
+
+        print(f"[align] report: {build_report(run_dir, list(cfg.stages))}", flush=True)
     return manifests
 
 
