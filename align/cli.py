@@ -5,6 +5,7 @@
     align validate CONFIG [key.sub=value ...]   load and check a config without running anything
     align status RUN_DIR                        the state of every stage of a run
     align report RUN_DIR                        (re)build RUN_DIR/report.html
+    align eval RUN_DIR [key.sub=value ...]      evaluate every policy checkpoint of a run (RUN_DIR/eval_adhoc/)
     align keys                                  every config key with its type, default and help
     align rm train CONFIG [key.sub=value ...]   train only the reward-model stages of a config
     align rm eval CHECKPOINT DATA --format FMT  evaluate a reward model on a preference file
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*")
     st = sub.add_parser("status", help="the state of a run directory")
     st.add_argument("run_dir")
+    ev = sub.add_parser("eval", help="evaluate every policy checkpoint of a run (needs an eval: section)")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="key.sub=value applied to the run's config")
     rp = sub.add_parser("report", help="(re)build RUN_DIR/report.html")
     rp.add_argument("run_dir")
     sub.add_parser("keys", help="every config key with its help text")
@@ -80,6 +84,24 @@ def _dispatch(args) -> int:
         from align.configlib import help_lines
 
         print("\n".join(help_lines(PipelineConfig)))
+        return 0
+    if args.cmd == "eval":
+        from pathlib import Path
+
+        from align.configlib import ConfigError, build, init_dict
+        from align.config import PipelineConfig
+        from align.configlib import apply_overrides
+        from align.evaluation import evaluate_run
+        from align.io import read_json
+
+        raw = apply_overrides(PipelineConfig, read_json(Path(args.run_dir) / "run.json")["config"], args.overrides)
+        cfg = build(PipelineConfig, raw)
+        if cfg.eval is None:
+            raise ConfigError(f"{args.run_dir}: its config has no eval: section; add one (see configs/default.yaml) "
+                              "or pass it as overrides, e.g. eval.prompts=[{format: oasst_prompts, path: ...}]")
+        out = Path(args.run_dir) / "eval_adhoc"
+        metrics = evaluate_run(cfg, Path(args.run_dir), out)
+        print((out / "eval.md").read_text())
         return 0
     if args.cmd == "report":
         from align.pipeline import load_run

@@ -144,6 +144,7 @@ class RolloutConfig:
     threads: int = option(0, help="CPU threads for the engine (0 = all cores)")
     max_model_len: int = option(1024, help="longest prompt + response the engine accepts")
     enable_prefix_caching: bool = option(True, help="share the prompt's KV blocks across the n samples")
+    compile: bool = option(False, help="vLLM: torch.compile the model (off = eager; see bench/rollout.py for the measured trade-off)")
 
     def __post_init__(self):
         check(self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
@@ -182,21 +183,26 @@ class RewardUseConfig:
 @dataclass(frozen=True)
 class RejectionConfig:
     init: str = option("sft", help="the policy fine-tuned on the kept samples: 'base' or an earlier stage")
-    sampler: str = option("", help="the model that samples: '' = the policy (init) itself; or 'base', an earlier stage, or a local HF dir (distillation from a larger teacher)")
+    sampler: str = option("", help="the model that samples: '' = the policy (init) itself; or 'base', an earlier stage, or a local HF dir (distillation from a larger teacher); a stage name wins over a directory of that name")
     prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets (oasst_prompts, xstest, hh, synthetic_prompts)")
     heldout_prompts: int = option(16, help="prompts held out to measure the policy's mean combined reward before and after")
     k: int = option(4, help="samples per prompt (the recipe's K)")
     rounds: int = option(1, help="rounds in this stage; round r keeps, per prompt, the best answer of all rounds <= r")
     sampling: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=1.2), help="sampling (recipe: T 1.2-1.3 for K of 10-100)")
     reward: RewardUseConfig = option(factory=RewardUseConfig, help="reward models and their combination")
+    prompts_per_batch: int = option(16, help="prompts sampled and scored per checkpointed batch (the resume unit of sampling)")
+    eval_samples: int = option(1, help="samples per held-out prompt for the before/after mean combined reward (fixed seed)")
     max_length: int = option(512, help="tokens per SFT sequence on the kept set")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, epochs=1.0), help="fine-tuning on the kept set")
 
     def requires(self) -> tuple[str, ...]:
-        return (self.reward.helpful_rm, self.reward.safety_rm)
+        teacher = (self.sampler,) if self.sampler in STAGE_KINDS else ()
+        return (self.reward.helpful_rm, self.reward.safety_rm) + teacher
 
     def __post_init__(self):
         check(self.k >= 1, "k", self.k, "must be >= 1")
+        check(self.prompts_per_batch >= 1, "prompts_per_batch", self.prompts_per_batch, "must be >= 1")
+        check(self.eval_samples >= 1, "eval_samples", self.eval_samples, "must be >= 1")
         check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
         check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
         check(self.heldout_prompts >= 0, "heldout_prompts", self.heldout_prompts, "must be >= 0")
@@ -273,12 +279,32 @@ class GAttConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="held-out helpfulness prompts (prompt datasets)")
+    num_prompts: int = option(32, help="prompts drawn from `prompts` (fixed by seed)")
+    xstest: tuple[DatasetSpec, ...] = option(factory=tuple, help="XSTest prompt file(s) (format xstest): refusal on unsafe and over-refusal on safe prompts")
+    xstest_per_label: int = option(25, help="XSTest prompts per label (safe, unsafe)")
+    checkpoints: tuple[str, ...] = option(factory=tuple, help="policy stages to evaluate besides the base model; () = every policy stage of the run")
+    reference: str = option("sft", help="win rates are measured against this checkpoint ('base' or a stage)")
+    sampling: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=128), help="decoding (temperature 0 = greedy)")
+    reward: RewardUseConfig = option(factory=RewardUseConfig, help="reward models used to score")
+
+    def requires(self) -> tuple[str, ...]:
+        return (self.reward.helpful_rm, self.reward.safety_rm)
+
+    def __post_init__(self):
+        check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
+        check(self.num_prompts > 0, "num_prompts", self.num_prompts, "must be > 0")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     bad_rows: Literal["fail", "skip"] = option("fail", help="a malformed data row: fail (name file and line) or skip it and count it")
 
 
 STAGE_KINDS = {"sft": "sft", "rm_helpful": "reward", "rm_safety": "reward",
-               "rejection_sampling": "rejection", "ppo": "ppo", "gatt": "gatt"}
+               "rejection_sampling": "rejection", "ppo": "ppo", "gatt": "gatt", "eval": "eval"}
+POLICY_KINDS = ("sft", "rejection", "ppo", "gatt")  # stages whose output is a policy checkpoint
 
 
 @dataclass(frozen=True)
@@ -297,6 +323,7 @@ class PipelineConfig:
     rejection_sampling: Optional[RejectionConfig] = option(None, help="rejection-sampling fine-tuning stage")
     ppo: Optional[PPOConfig] = option(None, help="PPO stage")
     gatt: Optional[GAttConfig] = option(None, help="Ghost Attention stage")
+    eval: Optional[EvalConfig] = option(None, help="evaluation of every policy checkpoint (RM scores, win rates, XSTest)")
 
     def __post_init__(self):
         seen = []

@@ -81,6 +81,9 @@ def _stage_fn(name: str) -> Callable[[StageContext], dict]:
     if kind == "gatt":
         from align.gatt.stage import run_gatt
         return run_gatt
+    if kind == "eval":
+        from align.evaluation import run_eval
+        return run_eval
     raise AlignError(f"stage kind {kind!r} has no runner")
 
 
