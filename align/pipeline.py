@@ -27,6 +27,7 @@ from typing import Callable
 
 from align.config import STAGE_KINDS, PipelineConfig
 from align.configlib import build, init_dict, to_dict
+from align.configlib import ConfigError
 from align.errors import AlignError
 from align.io import MetricsLogger, fsync_dir, read_json, read_metrics, write_json_atomic
 
@@ -236,10 +237,39 @@ def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int
                          f"Rerun `align run` to resume from the last checkpoint once the cause is fixed")
 
 
+# Which record kind each dataset field of a stage config holds, by stage kind.
+DATA_FIELDS = {
+    "sft": {"datasets": "conversation"},
+    "reward": {"primary": "preference", "secondary": "preference"},
+    "rejection": {"prompts": "prompt"},
+    "ppo": {"prompts": "prompt"},
+    "eval": {"prompts": "prompt", "xstest": "prompt"},
+}
+
+
+def preflight(cfg: PipelineConfig, names: list[str]) -> None:
+    """Check the inputs of the stages about to run before anything is written: the base model (weights,
+    chat template) and every dataset (file present, every row valid under data.bad_rows). A bad input
+    then fails in seconds with one message, not hours into a run, and leaves the run directory as it was.
+    """
+    from align.data.load import load_records
+    from align.models import load_tokenizer, resolve_model_dir
+
+    load_tokenizer(resolve_model_dir(cfg.model))
+    for name in names:
+        stage = cfg.stage(name)
+        for field_name, kind in DATA_FIELDS.get(STAGE_KINDS[name], {}).items():
+            for spec in getattr(stage, field_name):
+                load_records(spec, kind, Path(cfg.data_dir), cfg.data.bad_rows, cfg.seed)
+
+
 def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides: tuple = (),
                  only: str | None = None) -> list[dict]:
     """Run every stage in order, skipping finished ones; returns their manifests."""
     run_dir = Path(cfg.run_dir)
+    todo = [n for n in cfg.stages if (only is None or n == only) and stage_status(cfg, n, run_dir) != "done"]
+    preflight(cfg, todo)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "run.json", {"config": init_dict(cfg), "config_path": config_path,
                                              "overrides": list(overrides)})
@@ -254,7 +284,13 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
         else:
             verb = {"partial": "resuming", "stale": "config or inputs changed, rerunning"}.get(status, "starting")
             print(f"[align] {name}: {verb}", flush=True)
-            m = run_stage(cfg, name, config_path, overrides)
+            try:
+                m = run_stage(cfg, name, config_path, overrides)
+            except (AlignError, ConfigError):
+                _drop_if_nothing_to_resume(run_dir / ".work" / name)
+                if created and not any((run_dir / n / MANIFEST).is_file() for n in cfg.stages):
+                    shutil.rmtree(run_dir, ignore_errors=True)  # this call made it; leave no trace
+                raise
         manifests.append(m)
         print(f"[align] {name}: {one_line(m)}", flush=True)
     if only is None:
@@ -262,6 +298,16 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
 
         print(f"[align] report: {build_report(run_dir, list(cfg.stages))}", flush=True)
     return manifests
+
+
+def _drop_if_nothing_to_resume(work: Path) -> None:
+    """A stage that failed before its first checkpoint leaves nothing worth keeping."""
+    if not work.is_dir():
+        return
+    scratch = {"key", "out", "launch", "logs"}
+    resumable = [p for p in work.iterdir() if p.name not in scratch and (p.is_file() or any(p.iterdir()))]
+    if not resumable:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def one_line(m: dict) -> str:

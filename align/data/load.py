@@ -25,10 +25,10 @@ def resolve_path(spec: DatasetSpec, data_dir: str | Path) -> Optional[Path]:
     given = Path(spec.path).expanduser()
     path = given if given.is_absolute() else Path(data_dir) / given
     if not path.exists():
-        hint = ("" if given.is_absolute() else
+        hint = ("; check the dataset's path" if given.is_absolute() else
                 f" (path {spec.path!r} is relative to data_dir {str(data_dir)!r}: set the config's "
                 f"data_dir key to the folder that holds it, or give an absolute path)")
-        raise DataError(f"data file not found: {path}{hint}")
+        raise DataError(f"data file {path} does not exist{hint}")
     if not path.is_file():
         raise DataError(f"{path} is a directory, not a data file: point path at the file inside it")
     return path

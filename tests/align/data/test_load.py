@@ -69,10 +69,10 @@ def test_relative_paths_resolve_against_data_dir(tmp_path):
 
 
 def test_missing_file_names_the_path_and_data_dir(tmp_path):
-    with pytest.raises(DataError, match=rf"data file not found: {tmp_path}/nope.jsonl \(path 'nope.jsonl' is "
+    with pytest.raises(DataError, match=rf"data file {tmp_path}/nope.jsonl does not exist \(path 'nope.jsonl' is "
                                         rf"relative to data_dir '{tmp_path}': set the config's data_dir key"):
         load_records(DatasetSpec(format="hh", path="nope.jsonl"), "preference", tmp_path)
-    with pytest.raises(DataError, match=r"data file not found: /nonexistent/x.jsonl$"):
+    with pytest.raises(DataError, match=r"data file /nonexistent/x.jsonl does not exist; check"):
         load_records(DatasetSpec(format="hh", path="/nonexistent/x.jsonl"), "preference", tmp_path)
     with pytest.raises(DataError, match="is a directory"):
         load_records(DatasetSpec(format="hh", path="."), "preference", tmp_path)
