@@ -9,6 +9,7 @@
     align keys                                  every config key with its type, default and help
     align rm train CONFIG [key.sub=value ...]   train only the reward-model stages of a config
     align rm eval CHECKPOINT DATA --format FMT  evaluate a reward model on a preference file
+    align label COMMAND ...                     preference labeling: add-labeler, generate, serve, auto, export, status
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     re_.add_argument("--out", default="", help="directory for eval.json, eval.md and eval_gaps.png")
     re_.add_argument("--max-length", type=int, default=1024, help="tokens per prompt+response")
     re_.add_argument("--bad-rows", default="skip", choices=["fail", "skip"], help="a malformed row: fail or skip")
+    from align.label.cli import register as register_label
+
+    register_label(sub)
     return p
 
 
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     from align.config import load_config
 
+    if args.cmd == "label":
+        from align.label.cli import dispatch as label_dispatch
+
+        return label_dispatch(args)
     if args.cmd == "keys":
         from align.config import PipelineConfig
         from align.configlib import help_lines
@@ -107,7 +115,9 @@ def _dispatch(args) -> int:
         from align.pipeline import load_run
         from align.report import build_report
 
-        print(build_report(args.run_dir, list(load_run(args.run_dir).stages)))
+        from align.pipeline import instances
+
+        print(build_report(args.run_dir, [i[0] for i in instances(load_run(args.run_dir))]))
         return 0
     if args.cmd == "status":
         from align.pipeline import load_run, status_table
@@ -138,10 +148,13 @@ def _dispatch(args) -> int:
         print(f"[align] run finished: {len(manifests)} stage(s) in {cfg.run_dir}")
         return 0
     if args.cmd == "stage":
-        if args.name not in cfg.stages:
+        from align.pipeline import instances
+
+        names = [i[0] for i in instances(cfg)]
+        if args.name not in names:
             from align.configlib import ConfigError
 
-            raise ConfigError(f"stage '{args.name}' is not in this config's stages: {', '.join(cfg.stages)}")
+            raise ConfigError(f"stage '{args.name}' is not in this config's stages: {', '.join(names)}")
         pipeline.run_pipeline(cfg, args.config, tuple(args.overrides), only=args.name)
         return 0
     if args.cmd == "worker":

@@ -216,6 +216,7 @@ class PPOConfig:
     iterations: int = option(10, help="PPO iterations (recipe: 200-400)")
     prompts_per_iteration: int = option(16, help="prompts sampled per iteration (recipe: 512)")
     mini_batch_size: int = option(8, help="sequences per mini-batch; one gradient step each (recipe: 64)")
+    micro_batch_size: int = option(4, help="sequences per forward/backward on one process; a mini-batch is accumulated over micro-batches into its one optimizer step")
     ppo_epochs: int = option(1, help="passes over each rollout batch")
     clip: float = option(0.2, help="PPO ratio clip (recipe: 0.2)")
     value_clip: float = option(0.2, help="value-function clip")
@@ -235,7 +236,8 @@ class PPOConfig:
     num_processes: int = option(1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3")
     bf16: bool = option(True, help="bf16 autocast")
     save_every: int = option(5, help="checkpoint every N iterations (resume point)")
-    early_stop_patience: int = option(0, help="stop after N iterations without a held-out reward gain (0 = off)")
+    early_stop_patience: int = option(0, help="stop after N held-out evaluations without a held-out reward gain (0 = off)")
+    eval_every: int = option(1, help="measure the mean combined reward on the held-out prompts every N iterations (and before the first)")
 
     def requires(self) -> tuple[str, ...]:
         return (self.reward.helpful_rm, self.reward.safety_rm)
@@ -249,6 +251,30 @@ class PPOConfig:
         check(self.num_processes >= 1, "num_processes", self.num_processes, "must be >= 1")
         check(self.mini_batch_size > 0 and self.mini_batch_size % self.num_processes == 0, "mini_batch_size",
               self.mini_batch_size, f"must be a positive multiple of num_processes={self.num_processes}")
+        per_forward = self.micro_batch_size * self.num_processes
+        check(self.micro_batch_size > 0 and self.mini_batch_size % per_forward == 0, "micro_batch_size",
+              self.micro_batch_size, f"mini_batch_size={self.mini_batch_size} must be a multiple of micro_batch_size * "
+              f"num_processes = {self.micro_batch_size} * {self.num_processes} = {per_forward}; e.g. micro_batch_size="
+              f"{max(d for d in range(1, max(1, self.micro_batch_size) + 1) if (self.mini_batch_size // self.num_processes) % d == 0)}")
+        check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "must be >= 1")
+        check(0 <= self.gamma <= 1, "gamma", self.gamma, "must be in [0, 1]")
+        check(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")
+        check(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0")
+        check(self.value_clip > 0, "value_clip", self.value_clip, "must be > 0")
+        check(self.vf_coef >= 0, "vf_coef", self.vf_coef, "must be >= 0")
+        check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
+        check(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
+        check(self.heldout_prompts >= 0, "heldout_prompts", self.heldout_prompts, "must be >= 0")
+        check(self.early_stop_patience == 0 or self.heldout_prompts > 0, "early_stop_patience",
+              self.early_stop_patience, "early stopping needs held-out prompts: set heldout_prompts > 0 or patience 0")
+        check(self.lora.enabled, "lora.enabled", self.lora.enabled, "PPO trains LoRA adapters (the KL reference is "
+              "the same model with its adapters off): set lora.enabled=true")
+        check(self.lora.dropout == 0, "lora.dropout", self.lora.dropout, "must be 0 in PPO: dropout would make the "
+              "policy that is trained differ from the one that sampled (ratio != 1 at the first step)")
+        check(self.sampling.temperature > 0, "sampling.temperature", self.sampling.temperature,
+              "PPO samples from the policy: must be > 0 (greedy decoding has no log-probabilities to train)")
+        check(self.sampling.top_p == 1.0, "sampling.top_p", self.sampling.top_p, "must be 1.0 in PPO: the ratio "
+              "pi / pi_old assumes the samples come from the policy itself, not from its top-p truncation")
         check(self.prompts_per_iteration % self.mini_batch_size == 0, "prompts_per_iteration",
               self.prompts_per_iteration, f"must be a multiple of mini_batch_size={self.mini_batch_size}, "
               f"e.g. {max(self.mini_batch_size, self.prompts_per_iteration // self.mini_batch_size * self.mini_batch_size)}")
@@ -264,6 +290,8 @@ class GAttConfig:
     shorten_prob: float = option(0.5, help="share of instructions given in the short form ('Figure: Napoleon')")
     sampling: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=0.7), help="sampling of the answers")
     best_of: int = option(1, help="samples per turn; the best by the constraint checker is kept")
+    repair: bool = option(False, help="when no sample keeps a checkable instruction, repair the best one with a program edit (align/gatt/checkers.py repair); a turn still broken is never trained")
+    every_prefix: bool = option(True, help="one training sample per assistant turn of a dialogue, each trained only on its own last answer (False: the whole dialogue, last answer only)")
     eval_dialogues: int = option(16, help="held-out dialogues for the recall evaluation")
     eval_turns: tuple[int, ...] = option(factory=lambda: (2, 4, 6), help="turns at which recall is measured (recipe Table 30)")
     max_length: int = option(1024, help="tokens per training sequence")
@@ -276,6 +304,11 @@ class GAttConfig:
         check(self.turns >= 2, "turns", self.turns, "must be >= 2 (GAtt is about later turns)")
         check(0 <= self.shorten_prob <= 1, "shorten_prob", self.shorten_prob, "must be in [0, 1]")
         check(self.best_of >= 1, "best_of", self.best_of, "must be >= 1")
+        check(self.num_dialogues >= 1, "num_dialogues", self.num_dialogues, "must be >= 1")
+        check(self.eval_dialogues >= 0, "eval_dialogues", self.eval_dialogues, "must be >= 0 (0 = no evaluation)")
+        check(len(self.eval_turns) > 0 and all(t >= 1 for t in self.eval_turns), "eval_turns", self.eval_turns,
+              "list turns >= 1, e.g. [2, 4, 6]")
+        check(len(self.dialogues) > 0, "dialogues", self.dialogues, "list at least one dialogue or prompt dataset")
 
 
 @dataclass(frozen=True)
@@ -303,8 +336,62 @@ class DataConfig:
 
 
 STAGE_KINDS = {"sft": "sft", "rm_helpful": "reward", "rm_safety": "reward",
-               "rejection_sampling": "rejection", "ppo": "ppo", "gatt": "gatt", "eval": "eval"}
+               "rejection_sampling": "rejection", "ppo": "ppo", "gatt": "gatt", "eval": "eval", "label": "label"}
 POLICY_KINDS = ("sft", "rejection", "ppo", "gatt")  # stages whose output is a policy checkpoint
+
+
+# The preference-labeling round (Llama 2 sec. 3.2.1); used by align/label/.
+TIE_POLICIES = ("drop", "negligible")
+SKIP_POLICIES = ("ignore", "drop_pair")
+
+
+@dataclass(frozen=True)
+class AutoLabelConfig:
+    """The automatic labeler (align/label/auto.py), for simulated rounds and CI."""
+
+    judge: Literal["reward", "rules"] = option("reward", help="reward = score both responses with the helpfulness and safety RMs; rules = checkable text rules (no model)")
+    helpful_rm: str = option("rm_helpful", help="helpfulness RM: a stage name (its model/ in the run directory) or a local RM directory")
+    safety_rm: str = option("rm_safety", help="safety RM: a stage name (its model/ in the run directory) or a local RM directory")
+    rating_gaps: tuple[float, ...] = option(factory=lambda: (1.0, 0.5, 0.2), help="score gap at or above which the rating is significantly_better, better, slightly_better (below the last: negligibly_better)")
+    tie_below: float = option(0.0, help="a score gap below this is a tie (0 = the judge never says tie)")
+    safe_threshold: float = option(0.5, help="a response is safe when sigmoid(safety RM score) >= this")
+    flip_prob: float = option(0.0, help="chance that an auto labeler swaps its choice (simulates disagreement between labelers)")
+    max_length: int = option(512, help="tokens per prompt + response scored by the RMs (truncated from the left of the prompt)")
+    batch_size: int = option(8, help="pairs fetched and scored per step")
+
+    def __post_init__(self):
+        check(len(self.rating_gaps) == 3 and all(g >= 0 for g in self.rating_gaps)
+              and list(self.rating_gaps) == sorted(self.rating_gaps, reverse=True), "rating_gaps", self.rating_gaps,
+              "give 3 non-negative gaps, largest first (significantly_better, better, slightly_better), e.g. [1.0, 0.5, 0.2]")
+        check(self.tie_below >= 0, "tie_below", self.tie_below, "must be >= 0 (0 = never a tie)")
+        check(0 < self.safe_threshold < 1, "safe_threshold", self.safe_threshold, "must be in (0, 1)")
+        check(0 <= self.flip_prob <= 0.5, "flip_prob", self.flip_prob, "must be in [0, 0.5] (above 0.5 the judge is inverted)")
+        check(self.max_length >= 8, "max_length", self.max_length, "must be >= 8 tokens")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    init: str = option("sft", help="the policy that samples response A: 'base' or an earlier stage (its model/)")
+    init_b: str = option("", help="the policy that samples response B: '' = the same as init (only the sampling differs), 'base', an earlier stage, or a local HF dir")
+    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets (records of kind prompt: oasst_prompts, xstest, hh, synthetic_prompts)")
+    prompts_per_round: int = option(64, help="prompts sampled (by seed and round) per round; 0 = all")
+    sampling_a: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=0.7), help="sampling of response A")
+    sampling_b: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=1.2), help="sampling of response B (recipe: two temperatures and/or two model variants)")
+    labels_per_pair: int = option(1, help="labelers each pair is assigned to; the export takes their majority")
+    ties: Literal[TIE_POLICIES] = option("drop", help="a pair whose majority is a tie: drop it, or keep it as negligibly_better in a random (seeded) order")
+    skips: Literal[SKIP_POLICIES] = option("ignore", help="a skip vote: ignore it (the other votes decide; no vote left = dropped), or drop_pair (any skip drops the pair)")
+    drop_unsafe_chosen: bool = option(True, help="drop pairs whose chosen response is unsafe and rejected safe (recipe sec. 3.2.1)")
+    auto: AutoLabelConfig = option(factory=AutoLabelConfig, help="the automatic labeler")
+
+    def __post_init__(self):
+        check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
+        check(self.prompts_per_round >= 0, "prompts_per_round", self.prompts_per_round, "must be >= 0 (0 = all prompts)")
+        check(1 <= self.labels_per_pair <= 16, "labels_per_pair", self.labels_per_pair, "must be in 1..16")
+        check(self.init_b != "" or self.sampling_a != self.sampling_b, "sampling_b", self.sampling_b,
+              "with one policy (init_b: '') the two sampling settings must differ, or both responses come "
+              "from the same distribution; change a temperature or set init_b")
+
 
 
 @dataclass(frozen=True)
@@ -314,6 +401,8 @@ class PipelineConfig:
     seed: int = option(0, help="random seed of every stage")
     data_dir: str = option("../shared/data", help="root of relative dataset paths")
     stages: tuple[str, ...] = option(factory=lambda: ("sft",), help=f"stages to run, in order: {', '.join(STAGE_KINDS)}")
+    rounds: int = option(1, help="RLHF iterations: after `stages` (round 1), `round_stages` run again in rounds 2..rounds")
+    round_stages: tuple[str, ...] = option(factory=tuple, help="stages of every later round, e.g. [label, rm_helpful, rm_safety, rejection_sampling]")
     model: ModelConfig = option(factory=ModelConfig, help="the base policy model")
     data: DataConfig = option(factory=DataConfig, help="data handling")
     rollout: RolloutConfig = option(factory=RolloutConfig, help="the generation engine")
@@ -324,6 +413,7 @@ class PipelineConfig:
     ppo: Optional[PPOConfig] = option(None, help="PPO stage")
     gatt: Optional[GAttConfig] = option(None, help="Ghost Attention stage")
     eval: Optional[EvalConfig] = option(None, help="evaluation of every policy checkpoint (RM scores, win rates, XSTest)")
+    label: Optional[LabelConfig] = option(None, help="preference-labeling round: generate pairs, label (auto or people), export")
 
     def __post_init__(self):
         seen = []
@@ -339,6 +429,13 @@ class PipelineConfig:
                 check(needed in seen, name, needed, f"stage '{name}' needs the output of stage '{needed}', which "
                       f"is not listed before it in stages: {', '.join(self.stages)}")
             seen.append(name)
+
+        check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
+        check(self.rounds == 1 or self.round_stages, "round_stages", self.round_stages,
+              f"rounds={self.rounds} needs the stages to repeat, e.g. round_stages: [label, rm_helpful, rm_safety, rejection_sampling]")
+        for name in self.round_stages:
+            check(name in STAGE_KINDS, "round_stages", name, f"unknown stage; known stages: {', '.join(STAGE_KINDS)}")
+            check(getattr(self, name) is not None, name, None, f"stage '{name}' is listed in round_stages but has no '{name}:' section")
 
     def stage(self, name: str):
         return getattr(self, name)

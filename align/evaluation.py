@@ -23,10 +23,12 @@ def policy_checkpoints(cfg, run_dir: Path, upto: str | None) -> list[tuple[str, 
 
     out = [("base", resolve_model_dir(cfg.model))]
     wanted = cfg.eval.checkpoints if cfg.eval is not None and cfg.eval.checkpoints else None
-    for name in cfg.stages:
+    from align.pipeline import instances
+
+    for name, stage, _ in instances(cfg):
         if name == upto:
             break
-        if STAGE_KINDS[name] in POLICY_KINDS and (wanted is None or name in wanted):
+        if STAGE_KINDS[stage] in POLICY_KINDS and (wanted is None or stage in wanted):
             model = run_dir / name / "model"
             if not (run_dir / name / "manifest.json").is_file():
                 raise AlignError(f"eval: stage '{name}' has not finished; run `align run` first")
@@ -65,7 +67,7 @@ def _xstest(cfg, ecfg, seed: int) -> list[dict]:
     return out
 
 
-def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, logger=None) -> dict:
+def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_dirs=None) -> dict:
     import torch
 
     from align.models import load_causal_lm
@@ -92,8 +94,11 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, log
             answers[name] = engine.generate(all_prompts, sampling).texts
             print(f"[align] eval: generated {len(all_prompts)} answers with {name}", flush=True)
     n = len(prompts)
-    helpful = RewardScorer.from_pretrained(run_dir / ecfg.reward.helpful_rm / "model")
-    safety = RewardScorer.from_pretrained(run_dir / ecfg.reward.safety_rm / "model")
+    from align.pipeline import latest_dir
+
+    h_dir, s_dir = rm_dirs or (latest_dir(cfg, run_dir, ecfg.reward.helpful_rm), latest_dir(cfg, run_dir, ecfg.reward.safety_rm))
+    helpful = RewardScorer.from_pretrained(h_dir / "model")
+    safety = RewardScorer.from_pretrained(s_dir / "model")
     per: dict[str, dict] = {}
     for name in names:
         texts = answers[name][:n]
@@ -178,4 +183,5 @@ def _plots(names, per, metrics, reference, out_dir: Path) -> None:
 
 
 def run_eval(ctx) -> dict:
-    return evaluate_run(ctx.cfg, ctx.run_dir, ctx.out_dir, upto=ctx.name)
+    return evaluate_run(ctx.cfg, ctx.run_dir, ctx.out_dir, upto=ctx.name, rm_dirs=(
+        ctx.stage_dir(ctx.stage_cfg.reward.helpful_rm), ctx.stage_dir(ctx.stage_cfg.reward.safety_rm)))

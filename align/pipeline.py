@@ -39,7 +39,7 @@ class StageContext:
     """What a stage function gets: its config, where to read and where to write."""
 
     cfg: PipelineConfig
-    name: str
+    name: str                 # the instance: the stage name in round 1, `<stage>.r<N>` in round N
     key: str
     run_dir: Path
     work_dir: Path            # resumable state; survives a kill, wiped when the key changes
@@ -48,21 +48,60 @@ class StageContext:
     inputs: dict = field(default_factory=dict)  # name -> manifest of every earlier finished stage
     rank: int = 0
     world_size: int = 1
+    stage: str = ""           # the config section (rm_helpful for rm_helpful.r2)
+    round: int = 1
 
     @property
     def stage_cfg(self):
-        return self.cfg.stage(self.name)
+        return self.cfg.stage(self.stage)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def stage_dir(self, name: str) -> Path:
-        """The finished artifacts of an earlier stage."""
-        return self.run_dir / name
+        """The artifacts of the latest instance of stage `name` before this one (round-aware)."""
+        return latest_dir(self.cfg, self.run_dir, name, before=self.name)
+
+    def earlier(self, stage: str) -> list[Path]:
+        """Directories of every earlier instance of `stage` (all rounds so far), oldest first."""
+        out = []
+        for inst, st, _ in instances(self.cfg):
+            if inst == self.name:
+                break
+            if st == stage:
+                out.append(self.run_dir / inst)
+        return out
 
     def logger(self) -> MetricsLogger:
         return MetricsLogger(self.work_dir / "logs", tensorboard=self.is_main)
+
+
+def instances(cfg: PipelineConfig) -> list[tuple[str, str, int]]:
+    """(instance, stage, round) in run order: `stages` once (round 1), then `round_stages` in every
+    round 2..rounds, named `<stage>.r<N>` (Llama 2's RLHF-V1..V5 iterations)."""
+    out = [(n, n, 1) for n in cfg.stages]
+    for r in range(2, cfg.rounds + 1):
+        out += [(f"{n}.r{r}", n, r) for n in cfg.round_stages]
+    return out
+
+
+def _instance(cfg: PipelineConfig, name: str) -> tuple[str, str, int]:
+    for inst in instances(cfg):
+        if inst[0] == name:
+            return inst
+    raise AlignError(f"no stage instance '{name}' in this config: {', '.join(i[0] for i in instances(cfg))}")
+
+
+def latest_dir(cfg: PipelineConfig, run_dir: Path, stage: str, before: str | None = None) -> Path:
+    """The directory of the latest instance of `stage` that runs before instance `before`."""
+    found = run_dir / stage
+    for inst, st, _ in instances(cfg):
+        if inst == before:
+            break
+        if st == stage:
+            found = run_dir / inst
+    return found
 
 
 def _stage_fn(name: str) -> Callable[[StageContext], dict]:
@@ -85,13 +124,19 @@ def _stage_fn(name: str) -> Callable[[StageContext], dict]:
     if kind == "eval":
         from align.evaluation import run_eval
         return run_eval
+    if kind == "label":
+        from align.label.stage import run_label
+        return run_label
     raise AlignError(f"stage kind {kind!r} has no runner")
 
 
 def stage_key(cfg: PipelineConfig, name: str, run_dir: Path) -> str:
-    """Hash of the stage's config and of the keys of the stages before it that it may read."""
-    parts = [cfg.stage_hash(name)]
-    for earlier in cfg.stages[: cfg.stages.index(name)]:
+    """Hash of the stage's config, its round, and the keys of the instances before it that it may read."""
+    _, stage, rnd = _instance(cfg, name)
+    parts = [cfg.stage_hash(stage), f"round{rnd}"]
+    for earlier, _, _ in instances(cfg):
+        if earlier == name:
+            break
         m = run_dir / earlier / MANIFEST
         parts.append(read_json(m)["key"] if m.is_file() else f"missing:{earlier}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -110,11 +155,11 @@ def stage_status(cfg: PipelineConfig, name: str, run_dir: Path) -> str:
 def init_model_dir(cfg: PipelineConfig, name: str, run_dir: Path) -> Path:
     from align.models import resolve_model_dir
 
-    init = getattr(cfg.stage(name), "init", "base")
+    init = getattr(cfg.stage(_instance(cfg, name)[1]), "init", "base")
     if init == "base":
         return resolve_model_dir(cfg.model)
-    model = run_dir / init / "model"
-    if not (run_dir / init / MANIFEST).is_file() or not model.is_dir():
+    model = latest_dir(cfg, run_dir, init, before=name) / "model"
+    if not (model.parent / MANIFEST).is_file() or not model.is_dir():
         raise AlignError(f"stage '{name}' starts from stage '{init}', which has not finished: "
                          f"run `align run` (or `align stage {init} CONFIG`) first")
     return model
@@ -135,13 +180,16 @@ def prepare(cfg: PipelineConfig, name: str, rank: int = 0, world_size: int = 1) 
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
     inputs = {}
-    for earlier in cfg.stages[: cfg.stages.index(name)]:
+    for earlier, _, _ in instances(cfg):
+        if earlier == name:
+            break
         m = run_dir / earlier / MANIFEST
         if m.is_file():
             inputs[earlier] = read_json(m)
+    _, stage, rnd = _instance(cfg, name)
     return StageContext(cfg=cfg, name=name, key=key, run_dir=run_dir, work_dir=work, out_dir=work / "out",
                         init_model_dir=init_model_dir(cfg, name, run_dir), inputs=inputs,
-                        rank=rank, world_size=world_size)
+                        rank=rank, world_size=world_size, stage=stage, round=rnd)
 
 
 def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
@@ -151,7 +199,8 @@ def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
         shutil.copytree(logs, ctx.out_dir, dirs_exist_ok=True)
     manifest = {
         "stage": ctx.name,
-        "kind": STAGE_KINDS[ctx.name],
+        "round": ctx.round,
+        "kind": STAGE_KINDS[ctx.stage],
         "status": "done",
         "key": ctx.key,
         "config": to_dict(ctx.stage_cfg),
@@ -175,7 +224,7 @@ def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
 
 
 def _num_processes(cfg: PipelineConfig, name: str) -> int:
-    stage = cfg.stage(name)
+    stage = cfg.stage(_instance(cfg, name)[1])
     if hasattr(stage, "num_processes"):
         return stage.num_processes
     train = getattr(stage, "train", None)
@@ -194,7 +243,7 @@ def run_stage(cfg: PipelineConfig, name: str, config_path: str | None = None, ov
         summary = read_json(ctx.work_dir / "summary.json")
     else:
         ctx = prepare(cfg, name)
-        summary = _stage_fn(name)(ctx)
+        summary = _stage_fn(ctx.stage)(ctx)
     return finalize(ctx, summary, time.time() - t0)
 
 
@@ -203,7 +252,7 @@ def run_worker(cfg: PipelineConfig, name: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = prepare(cfg, name, rank=rank, world_size=world)
-    summary = _stage_fn(name)(ctx)
+    summary = _stage_fn(ctx.stage)(ctx)
     if rank == 0:
         write_json_atomic(ctx.work_dir / "summary.json", summary)
 
@@ -256,7 +305,7 @@ def preflight(cfg: PipelineConfig, names: list[str]) -> None:
     from align.models import load_tokenizer, resolve_model_dir
 
     load_tokenizer(resolve_model_dir(cfg.model))
-    for name in names:
+    for name in dict.fromkeys(_instance(cfg, n)[1] for n in names):
         stage = cfg.stage(name)
         for field_name, kind in DATA_FIELDS.get(STAGE_KINDS[name], {}).items():
             for spec in getattr(stage, field_name):
@@ -267,14 +316,15 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
                  only: str | None = None) -> list[dict]:
     """Run every stage in order, skipping finished ones; returns their manifests."""
     run_dir = Path(cfg.run_dir)
-    todo = [n for n in cfg.stages if (only is None or n == only) and stage_status(cfg, n, run_dir) != "done"]
+    names = [i[0] for i in instances(cfg)]
+    todo = [n for n in names if (only is None or n == only) and stage_status(cfg, n, run_dir) != "done"]
     preflight(cfg, todo)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "run.json", {"config": init_dict(cfg), "config_path": config_path,
                                              "overrides": list(overrides)})
     manifests = []
-    for name in cfg.stages:
+    for name in names:
         if only is not None and name != only:
             continue
         status = stage_status(cfg, name, run_dir)
@@ -288,7 +338,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
                 m = run_stage(cfg, name, config_path, overrides)
             except (AlignError, ConfigError):
                 _drop_if_nothing_to_resume(run_dir / ".work" / name)
-                if created and not any((run_dir / n / MANIFEST).is_file() for n in cfg.stages):
+                if created and not any((run_dir / n / MANIFEST).is_file() for n in names):
                     shutil.rmtree(run_dir, ignore_errors=True)  # this call made it; leave no trace
                 raise
         manifests.append(m)
@@ -296,7 +346,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
     if only is None:
         from align.report import build_report
 
-        print(f"[align] report: {build_report(run_dir, list(cfg.stages))}", flush=True)
+        print(f"[align] report: {build_report(run_dir, names)}", flush=True)
     return manifests
 
 
@@ -327,7 +377,7 @@ def _fmt(v):
 def status_table(cfg: PipelineConfig) -> str:
     run_dir = Path(cfg.run_dir)
     lines = [f"run {run_dir}"]
-    for name in cfg.stages:
+    for name, _, _ in instances(cfg):
         st = stage_status(cfg, name, run_dir)
         extra = ""
         if st in ("done", "stale"):
@@ -336,7 +386,7 @@ def status_table(cfg: PipelineConfig) -> str:
             ckpts = sorted((run_dir / ".work" / name).glob("checkpoints/*"))
             rows = read_metrics(run_dir / ".work" / name / "logs" / "metrics.jsonl")
             extra = f"{len(ckpts)} checkpoint(s), last logged step {rows[-1]['step'] if rows else '-'}"
-        lines.append(f"  {name:<12} {st:<8} {extra}")
+        lines.append(f"  {name:<20} {st:<8} {extra}")
     return "\n".join(lines)
 
 

@@ -20,12 +20,21 @@ def load_pairs(ctx_cfg, specs, seed: int):
     return ds.to_list(), reports
 
 
-def build_splits(cfg, pipeline_cfg, seed: int) -> tuple[list[dict], list[dict], dict]:
+def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[dict], list[dict], dict]:
     """(train mixture, held-out test pairs, data stats) for one reward-model config."""
     from reward.mixture import holdout, mix
 
     primary, p_reports = load_pairs(pipeline_cfg, cfg.primary, seed)
     secondary, s_reports = load_pairs(pipeline_cfg, cfg.secondary, seed)
+    # Pairs labeled in the run's earlier labeling rounds (all of them: the recipe retrains on all
+    # rounds' data): this RM's own category joins its primary data, the other its secondary data.
+    for export in label_exports:
+        from align.config import DatasetSpec
+
+        rows, reports = load_pairs(pipeline_cfg, (DatasetSpec(format="trl_jsonl", path=str(export.resolve())),), seed)
+        primary += [r for r in rows if r["category"] == cfg.category]
+        secondary += [r for r in rows if r["category"] != cfg.category]
+        p_reports += reports
     p_train, p_test = holdout(primary, cfg.test_size, seed)
     s_train, s_test = holdout(secondary, cfg.test_size, seed)
     train = mix(p_train, s_train, cfg.secondary_share if secondary else 0.0, seed)
@@ -46,7 +55,9 @@ def run_reward(ctx) -> dict:
     from reward.train import train_reward_model
 
     cfg = ctx.stage_cfg
-    train, test, stats = build_splits(cfg, ctx.cfg, ctx.cfg.seed)
+    exports = [d / "preference.jsonl" for d in ctx.earlier("label") if (d / "preference.jsonl").is_file()]
+    train, test, stats = build_splits(cfg, ctx.cfg, ctx.cfg.seed, exports)
+    stats["data/label_rounds"] = len(exports)
     print(f"[align] {ctx.name}: {stats['data/train_pairs']} training pairs "
           f"({stats['data/primary_pairs']} primary, {stats['data/secondary_pairs']} secondary available), "
           f"{stats['data/test_pairs']} held out", flush=True)

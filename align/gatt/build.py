@@ -1,0 +1,176 @@
+"""Building GAtt training data (Llama 2 sec. 3.3).
+
+1. Dialogues: the user turns of multi-turn data (OASST trees, HH dialogues), topped up with single
+   prompts (or built from prompts alone) to the wanted number of turns. Assistant turns of the data
+   are not used: the answers are sampled anew.
+2. Sampling: the instruction is attached to EVERY user turn and the latest policy answers turn by
+   turn (`roll_dialogues`), the best of `best_of` samples by the instruction's checker kept at each
+   turn, so the answers keep the instruction throughout.
+3. Training samples: the instruction is kept only in the FIRST user turn, and every turn before the
+   last assistant turn, assistant turns included, gets ``train=False`` (`training_record`); the loss
+   mask follows from align.chat.tokenize_chat.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
+
+from align.gatt.checkers import repair
+from align.gatt.instructions import Instruction
+
+# User turns longer than this (characters) are not used: a dialogue of several of them would not fit
+# the context, and the instruction would be lost in them.
+MAX_USER_CHARS = 400
+
+
+def attach(user: str, instruction: str) -> str:
+    """A user message with the instruction in front (measured on SmolLM2-135M: kept at least as often
+    as after the message, and more often than as a system message)."""
+    return f"{instruction}\n\n{user}"
+
+
+def chat(users: Sequence[str], answers: Sequence[str], instruction: Instruction, every_turn: bool) -> list[dict]:
+    """The conversation ``u1, a1, ..., u_k`` (len(answers) == k - 1 for a prompt, == k for a whole dialogue)
+    with the instruction attached to every user turn (sampling) or only to the first (GAtt's target)."""
+    msgs = []
+    for t, u in enumerate(users):
+        content = attach(u, instruction.text) if (t == 0 or every_turn) else u
+        msgs.append({"role": "user", "content": content})
+        if t < len(answers):
+            msgs.append({"role": "assistant", "content": answers[t]})
+    return msgs
+
+
+def training_record(users: Sequence[str], answers: Sequence[str], instruction: Instruction) -> dict:
+    """A conversation record (align/data/schema.py) in GAtt's form: the instruction in the first user
+    turn only, loss only on the last assistant turn (all earlier turns ``train=False``)."""
+    if len(users) != len(answers) or not answers:
+        raise ValueError(f"a training dialogue needs one answer per user turn; got {len(users)} users, {len(answers)} answers")
+    msgs = chat(users, answers, instruction, every_turn=False)
+    last = len(msgs) - 1
+    return {"messages": [{**m, "train": i == last} for i, m in enumerate(msgs)], "source": "gatt"}
+
+
+def training_records(users: Sequence[str], answers: Sequence[str], instruction: Instruction,
+                     every_prefix: bool, only_kept: bool = True) -> list[dict]:
+    """The training samples of one sampled dialogue: its whole length, or (``every_prefix``) each of its
+    prefixes ending at an assistant turn; each trains only its own last answer. With ``only_kept``,
+    a sample whose last answer breaks a checkable instruction is left out."""
+    ends = range(1, len(answers) + 1) if every_prefix else [len(answers)]
+    out = []
+    for k in ends:
+        if only_kept and instruction.keeps(answers[k - 1]) is False:
+            continue
+        out.append(training_record(users[:k], answers[:k], instruction))
+    return out
+
+
+def user_turns(record: dict, kind: str) -> list[str]:
+    """The user messages of a conversation or prompt record, in order."""
+    msgs = record["messages"] if kind == "conversation" else record["prompt"]
+    return [m["content"].strip() for m in msgs if m["role"] == "user" and m["content"].strip()]
+
+
+def make_dialogues(sequences: Sequence[Sequence[str]], n: int, turns: int, rng: random.Random) -> list[list[str]]:
+    """``n`` dialogues of ``turns`` user turns each.
+
+    Dialogue i starts with the (usable) user turns of ``sequences[i % len]`` and is topped up with
+    turns drawn from all the sequences' turns (without repeating a turn inside a dialogue while
+    enough are left), so single prompts become multi-turn dialogues.
+    """
+    seqs = [[u for u in s if len(u) <= MAX_USER_CHARS] for s in sequences]
+    seqs = [s for s in seqs if s]
+    if not seqs:
+        raise ValueError(f"no user turn of at most {MAX_USER_CHARS} characters in the dialogue data")
+    pool = sorted({u for s in seqs for u in s})
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    out = []
+    for i in range(n):
+        d = list(seqs[order[i % len(order)]][:turns])
+        fresh = [u for u in pool if u not in d]
+        while len(d) < turns:
+            if not fresh:
+                fresh = list(pool)
+            d.append(fresh.pop(rng.randrange(len(fresh))))
+        out.append(d)
+    return out
+
+
+def pick(candidates: Sequence[str], instruction: Instruction) -> tuple[str, Optional[float]]:
+    """The candidate that keeps the most checkable parts (ties: the first); the first when none is checkable."""
+    scores = [instruction.score(c) for c in candidates]
+    if scores[0] is None:
+        return candidates[0], None
+    best = max(range(len(candidates)), key=lambda j: (scores[j], -j))
+    return candidates[best], scores[best]
+
+
+def roll_dialogues(
+    generate: Callable,
+    dialogues: Sequence[Sequence[str]],
+    instructions: Sequence[Instruction],
+    sampling,
+    every_turn: bool,
+    best_of: int,
+    seed: int,
+    fits: Callable[[list[dict]], bool],
+    do_repair: bool = False,
+    desc: str = "dialogue turns",
+) -> tuple[list[list[str]], dict]:
+    """Answer every dialogue turn by turn with the policy.
+
+    Args:
+        generate: ``engine.generate(chats, SamplingParams) -> Rollouts``.
+        dialogues: user turns per dialogue.
+        instructions: one per dialogue.
+        sampling: `rollout.types.SamplingParams`; ``n`` and ``seed`` are set here (``best_of``, and a
+            seed derived from ``seed`` and the turn, so the same call gives the same answers).
+        every_turn: attach the instruction to every user turn (data building) or the first only (evaluation).
+        best_of: samples per turn; the best by the instruction's checker is kept (`pick`).
+        fits: whether a prompt leaves room for an answer in the engine's context; a dialogue whose
+            next prompt does not fit ends there.
+        do_repair: when no sample keeps a checkable instruction, repair the best one (checkers.repair).
+
+    Returns:
+        answers: per dialogue, one answer per turn reached (fewer than its user turns if it ran out of context).
+        stats: ``sampled_kept`` (turns where a sample kept a checkable instruction), ``repaired``,
+            ``checkable_turns``, ``cut_by_context`` (dialogues that ended early).
+    """
+    from tqdm import tqdm
+
+    from rollout.types import derive_seed
+
+    answers: list[list[str]] = [[] for _ in dialogues]
+    stats = {"sampled_kept": 0, "repaired": 0, "checkable_turns": 0, "cut_by_context": 0}
+    alive = list(range(len(dialogues)))
+    for t in tqdm(range(max((len(d) for d in dialogues), default=0)), desc=desc, unit="turn", leave=False):
+        chats, idx = [], []
+        for i in alive:
+            if t >= len(dialogues[i]):
+                continue
+            c = chat(dialogues[i][: t + 1], answers[i], instructions[i], every_turn)
+            if fits(c):
+                chats.append(c)
+                idx.append(i)
+            else:
+                stats["cut_by_context"] += 1
+        if not idx:
+            break
+        rollouts = generate(chats, replace(sampling, n=best_of, seed=derive_seed(seed, t)))
+        for j, i in enumerate(idx):
+            cands = [x.strip() for x in rollouts.texts[j * best_of:(j + 1) * best_of]]
+            answer, score = pick(cands, instructions[i])
+            if score is not None:
+                stats["checkable_turns"] += 1
+                if score == 1.0:
+                    stats["sampled_kept"] += 1
+                elif do_repair:
+                    fixed = repair(answer, [(p.check, p.value) for p in instructions[i].parts if p.check])
+                    if instructions[i].keeps(fixed):
+                        answer = fixed
+                        stats["repaired"] += 1
+            answers[i].append(answer)
+        alive = idx
+    return answers, stats

@@ -1,0 +1,180 @@
+"""Ghost Attention stage (Llama 2 sec. 3.3).
+
+setup (instruction bank, dialogues split into training and held-out) -> recall of the init policy
+(instruction in the first turn only; align/gatt/evaluate.py) -> sample the training dialogues with
+the instruction on every user turn, best of `best_of` by the checker (align/gatt/build.py) -> keep the
+instruction in the first user turn only, train only the last assistant turn (align.sft.train_sft) ->
+recall of the fine-tuned policy.
+
+Artifacts (runs/NAME/gatt/): model/, eval.json and eval.md (Table 30 layout, before and after),
+dialogues.jsonl (the sampled training dialogues), eval_dialogues.jsonl (the held-out dialogues as
+answered before and after). Resume: the evaluation of the init policy and the sampled dialogues are
+saved in the work directory once done; training resumes from its checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+from align.errors import AlignError
+from align.io import read_json, write_json_atomic, write_text_atomic
+
+
+def load_user_sequences(ctx) -> tuple[list[list[str]], dict]:
+    """The user turns of every dialogue of every listed dataset (conversations where the format has
+    them, prompts otherwise)."""
+    from align.data.importers import FORMAT_KINDS
+    from align.data.load import load_records
+
+    from align.gatt.build import user_turns
+
+    seqs, counts = [], {}
+    for spec in ctx.stage_cfg.dialogues:
+        kinds = FORMAT_KINDS[spec.format]
+        kind = "conversation" if "conversation" in kinds else "prompt" if "prompt" in kinds else None
+        if kind is None:
+            raise AlignError(f"gatt.dialogues: format {spec.format!r} gives neither conversations nor prompts")
+        records, _ = load_records(spec, kind, Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed)
+        got = [u for u in (user_turns(r, kind) for r in records) if u]
+        counts[f"data/{spec.format}_dialogues"] = counts.get(f"data/{spec.format}_dialogues", 0) + len(got)
+        seqs.extend(got)
+    return seqs, counts
+
+
+def _fits(tokenizer, max_model_len: int, max_new_tokens: int):
+    from align.chat import prompt_ids
+
+    return lambda chat: len(prompt_ids(tokenizer, chat)) + max_new_tokens <= max_model_len
+
+
+def _sampling(cfg):
+    from rollout.types import SamplingParams
+
+    return SamplingParams(n=1, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                          max_new_tokens=cfg.sampling.max_new_tokens)
+
+
+def _evaluate(engine, dialogues, instructions, ctx, fits, label: str) -> tuple[list[list[str]], dict]:
+    from align.gatt.build import roll_dialogues
+    from align.gatt.evaluate import recall_by_turn
+
+    cfg = ctx.stage_cfg
+    # The same seed before and after GAtt: both policies answer the same held-out draw.
+    answers, stats = roll_dialogues(engine.generate, dialogues, instructions, _sampling(cfg), every_turn=False,
+                                    best_of=1, seed=ctx.cfg.seed + 1, fits=fits, desc=f"recall ({label})")
+    return answers, recall_by_turn(instructions, answers, max(cfg.eval_turns))
+
+
+def _keyed(d: dict) -> dict:
+    """JSON turns its int keys into strings; turn them back."""
+    return {int(k) if str(k).isdigit() else k: (_keyed(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+def run_gatt(ctx) -> dict:
+    from align.gatt.build import make_dialogues, roll_dialogues, training_records
+    from align.gatt.evaluate import markdown_table
+    from align.gatt.instructions import InstructionBank
+    from align.models import load_tokenizer
+    from align.sft import tokenize_conversations, train_sft
+    from rollout import make_engine
+
+    cfg = ctx.stage_cfg
+    seed = ctx.cfg.seed
+    tokenizer = load_tokenizer(ctx.init_model_dir)
+    bank = InstructionBank.load(cfg.instructions)
+    seqs, data_stats = load_user_sequences(ctx)
+    random.Random(f"{seed}/gatt/split").shuffle(seqs)
+    eval_seqs, train_seqs = seqs[: cfg.eval_dialogues], seqs[cfg.eval_dialogues:]
+    if not train_seqs:
+        raise AlignError(f"gatt: {len(seqs)} dialogues, all held out for evaluation (eval_dialogues="
+                         f"{cfg.eval_dialogues}): add dialogue data or lower eval_dialogues")
+    train_dialogues = make_dialogues(train_seqs, cfg.num_dialogues, cfg.turns, random.Random(f"{seed}/gatt/train"))
+    irng = random.Random(f"{seed}/gatt/instructions")
+    train_insts = [bank.sample(irng, cfg.shorten_prob) for _ in train_dialogues]
+    max_turn = max(cfg.eval_turns)
+    eval_dialogues = (make_dialogues(eval_seqs, cfg.eval_dialogues, max_turn, random.Random(f"{seed}/gatt/eval"))
+                      if cfg.eval_dialogues else [])
+    eval_insts = bank.evaluation_set(len(eval_dialogues), random.Random(f"{seed}/gatt/eval_instructions"))
+    fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, cfg.sampling.max_new_tokens)
+    logger = ctx.logger()
+
+    before_file, sampled_file = ctx.work_dir / "eval_before.json", ctx.work_dir / "sampled.json"
+    engine = None
+    try:
+        if eval_dialogues and not before_file.is_file():
+            engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
+            answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, fits, "before")
+            write_json_atomic(before_file, {"answers": answers, "recall": recall})
+        if not sampled_file.is_file():
+            engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
+            answers, stats = roll_dialogues(engine.generate, train_dialogues, train_insts, _sampling(cfg),
+                                            every_turn=True, best_of=cfg.best_of, seed=seed, fits=fits,
+                                            do_repair=cfg.repair, desc="sampling")
+            write_json_atomic(sampled_file, {"answers": answers, "stats": stats})
+    finally:
+        if engine is not None:
+            engine.close()
+    before = read_json(before_file) if eval_dialogues else None
+    sampled = read_json(sampled_file)
+
+    records = []
+    for users, answers, inst in zip(train_dialogues, sampled["answers"], train_insts):
+        records += training_records(users[: len(answers)], answers, inst, cfg.every_prefix)
+    if not records:
+        raise AlignError("gatt: no sampled answer keeps its instruction, so there is nothing to train on: raise "
+                         "best_of, set repair: true, or use an instruction bank the policy can follow")
+    dataset, tok_stats = tokenize_conversations(tokenizer, records, cfg.max_length)
+    if ctx.is_main:
+        s = sampled["stats"]
+        print(f"[align] {ctx.name}: {len(train_dialogues)} dialogues x {cfg.turns} turns -> {len(records)} training "
+              f"samples; {s['sampled_kept']}/{s['checkable_turns']} checkable turns kept by sampling, "
+              f"{s['repaired']} repaired", flush=True)
+    train_summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)
+
+    after = None
+    if eval_dialogues:
+        engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed)
+        try:
+            after_answers, after_recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, fits, "after")
+        finally:
+            engine.close()
+        after = {"answers": after_answers, "recall": after_recall}
+
+    out = ctx.out_dir
+    write_text_atomic(out / "dialogues.jsonl", "".join(json.dumps({
+        "users": users[: len(ans)], "answers": ans, "instruction": inst.to_dict(),
+        "kept": [inst.keeps(a) for a in ans]}) + "\n" for users, ans, inst in zip(train_dialogues, sampled["answers"], train_insts)))
+    summary: dict = {}
+    if eval_dialogues:
+        rb, ra = _keyed(before["recall"]), after["recall"]
+        for name, rec in (("before", rb), ("after", ra)):
+            for t in cfg.eval_turns:
+                summary[f"gatt/recall_{name}/turn{t}"] = rec["overall"][t]["recall"]
+        for name, rec in (("before", rb), ("after", ra)):
+            for kind, table in rec["by_kind"].items():
+                for t in cfg.eval_turns:
+                    summary[f"gatt/recall_{name}/turn{t}/{kind}"] = table[t]["recall"]
+        write_json_atomic(out / "eval.json", {"turns": list(cfg.eval_turns), "before": rb, "after": ra,
+                                              "n_dialogues": len(eval_dialogues),
+                                              "instructions": [i.to_dict() for i in eval_insts]})
+        write_text_atomic(out / "eval.md", markdown_table(rb, ra, cfg.eval_turns))
+        write_text_atomic(out / "eval_dialogues.jsonl", "".join(json.dumps({
+            "users": users, "instruction": inst.to_dict(), "before": b, "after": a,
+            "kept_before": [inst.keeps(x) for x in b], "kept_after": [inst.keeps(x) for x in a]}) + "\n"
+            for users, inst, b, a in zip(eval_dialogues, eval_insts, before["answers"], after["answers"])))
+        logger.log({k: v for k, v in summary.items() if isinstance(v, float)}, train_summary["train/steps"])
+    logger.close()
+    s = sampled["stats"]
+    summary.update({
+        "gatt/data/dialogues": len(train_dialogues),
+        "gatt/data/samples": len(records),
+        "gatt/data/shortened_share": statistics.fmean(i.shortened for i in train_insts),
+        "gatt/data/checkable_share": statistics.fmean(i.checkable for i in train_insts),
+        "gatt/data/sampled_kept_share": s["sampled_kept"] / s["checkable_turns"] if s["checkable_turns"] else None,
+        "gatt/data/repaired": s["repaired"],
+        "gatt/data/cut_by_context": s["cut_by_context"],
+        **data_stats, **tok_stats, **train_summary,
+    })
+    return summary

@@ -1,0 +1,249 @@
+"""The trained PPO model and its optimiser, on one process or under DeepSpeed ZeRO-3.
+
+The model (`PolicyWithValue`): the policy is the starting checkpoint with LoRA adapters; the value
+function is a linear head on the policy's last hidden state (post final norm), and the reference policy
+pi_0 is the same network with its adapters switched off (`peft`'s `disable_adapter()`), so neither a
+reference copy nor a value network is held.
+
+Why a value head on the policy and not a separate value model (e.g. one initialised from the reward
+model, as InstructGPT did): on these 2-core CPUs the forward/backward passes are the cost, and a
+separate value network doubles them (and its weights: another model under ZeRO-3); the head reads the
+hidden states of the forward the policy loss needs anyway. The price is coupling: the value loss
+reaches the LoRA adapters. It is kept small by `vf_coef` and by a zero-initialised head (no gradient
+reaches the adapters through it at first). The reward models cannot seed the head: their backbones are
+other checkpoints (the RM stages), not the policy's.
+
+Optimiser (Llama 2 sec. 3.2.3): AdamW, betas (0.9, 0.95), eps 1e-5, weight decay 0.1 on matrices (not
+on the head's bias), gradient clipping 1.0, constant learning rate. One optimizer step per
+mini-batch; the mini-batch may be accumulated over micro-batches and processes (`Learner.accumulate`).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from align.errors import AlignError
+
+VALUE_HEAD = "value_head"
+POLICY_PREFIX = "policy."
+
+
+class PolicyWithValue(torch.nn.Module):
+    """A PEFT-LoRA causal LM plus a scalar value head on its last hidden state."""
+
+    def __init__(self, policy, hidden_size: int):
+        super().__init__()
+        self.policy = policy  # peft.PeftModel
+        self.value_head = torch.nn.Linear(hidden_size, 1, dtype=torch.float32)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, length: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and values at positions start .. start + length - 1.
+
+        Args:
+            input_ids: (b, S) long, any mix of left and right padding.
+            attention_mask: (b, S), 1 = a real token; position ids are derived from it, so padding
+                does not shift the positions of real tokens.
+            start, length: the window whose hidden states are read (the positions that predict the
+                response tokens): logits are only computed there.
+
+        Returns:
+            logits (b, length, V) in the compute dtype; values (b, length) float32.
+        """
+        lm = self.policy.get_base_model()
+        backbone = getattr(lm, lm.base_model_prefix)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state[:, start:start + length]
+        logits = lm.lm_head(hidden)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return logits, values
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference policy pi_0 inside the block: the same network with the LoRA adapters off."""
+        with self.policy.disable_adapter():
+            yield
+
+
+def lora_config(lora):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def build_policy(model_dir: str | Path, lora, base_dtype: str, seed: int) -> PolicyWithValue:
+    """The starting checkpoint with fresh LoRA adapters (seeded) and a zero value head.
+
+    Under ZeRO-3 call it while an `HfDeepSpeedConfig` is alive: the base weights are then partitioned as
+    they load. Adapters and head are float32 whatever `base_dtype` (the frozen weights' dtype).
+    """
+    from peft import get_peft_model
+
+    from align.models import load_causal_lm
+
+    lm = load_causal_lm(model_dir, base_dtype)
+    lm.config.use_cache = False
+    torch.manual_seed(seed)  # the adapters' initialisation: the same on every rank and every run
+    policy = get_peft_model(lm, lora_config(lora))
+    for p in policy.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return PolicyWithValue(policy, lm.config.hidden_size)
+
+
+def make_optimizer(net: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on 1-d tensors (the head's bias)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+
+
+def adapter_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a trainable state, named as in the bare `PeftModel`."""
+    return {k[len(POLICY_PREFIX):]: v for k, v in trainable.items() if k.startswith(POLICY_PREFIX)}
+
+
+def value_head_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(VALUE_HEAD) + 1:]: v for k, v in trainable.items() if k.startswith(VALUE_HEAD + ".")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learners: one optimizer step per mini-batch, accumulated over micro-batches (and processes)
+
+
+class TorchLearner:
+    """One process: plain autograd, `clip_grad_norm_`, torch AdamW."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, net: PolicyWithValue, cfg, device: str = "cpu"):
+        self.net = net.to(device)
+        self.module = self.net  # what is called for a forward
+        self.device = torch.device(device)
+        self.cfg = cfg
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(net, cfg)
+
+    def accumulate(self, loss: torch.Tensor, boundary: bool) -> Optional[float]:
+        """Backward `loss` (a mini-batch shard normalised by the mini-batch's token count); at the
+        mini-batch's last micro-batch (`boundary`), clip and step. Returns the pre-clip grad norm then."""
+        loss.backward()
+        if not boundary:
+            return None
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        if not torch.isfinite(torch.tensor(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm  # the caller raises, naming the iteration; nothing was stepped
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def trainable_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """Float32 CPU copies of the adapters and the value head, by parameter name."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.net.named_parameters() if p.requires_grad}
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.trainable_state(), str(directory / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(directory / "trainable.safetensors"))
+        params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        if set(weights) != set(params):
+            raise AlignError(f"{directory}: the checkpoint's trainable tensors do not match the model "
+                             f"(e.g. {sorted(set(weights) ^ set(params))[:3]}); delete it to start over")
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+
+
+def deepspeed_config(base: dict, cfg, world_size: int) -> dict:
+    """The launch's ZeRO-3 JSON (align/launch) with its "auto" values filled from the PPO config."""
+    gas = cfg.mini_batch_size // (cfg.micro_batch_size * world_size)
+    return {
+        **base,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.micro_batch_size * gas * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": bool(cfg.bf16)},
+        # a torch AdamW (the recipe's betas/eps) rather than DeepSpeed's JIT-built one
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+
+
+class DeepSpeedLearner:
+    """ZeRO-3 over all processes (gloo on CPU). Build the model while `hf_ds_config` is alive.
+
+    Gradient scale: each shard's loss is normalised by the mini-batch's GLOBAL token count, so the
+    wanted gradient is the SUM over micro-batches and ranks; DeepSpeed divides by the accumulation
+    steps (not asked for here: `scale_wrt_gas=False`) and AVERAGES over ranks, hence the x world_size.
+    """
+
+    def __init__(self, net: PolicyWithValue, cfg, ds_config: dict):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=net, optimizer=make_optimizer(net, cfg),
+                                                                 config=ds_config)
+        self.net = self.engine.module
+        self.module = self.engine
+        self.device = self.engine.device
+
+    def accumulate(self, loss: torch.Tensor, boundary: bool) -> Optional[float]:
+        if self.engine.is_gradient_accumulation_boundary() != boundary:
+            raise AlignError("DeepSpeed's accumulation boundary and the PPO mini-batch disagree; this is a bug "
+                             "(micro_batch_size, mini_batch_size and num_processes went out of step)")
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()  # steps (clips, updates) at the boundary only
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """The fp32 master copies of the adapters and the head, gathered; on rank 0 (None elsewhere).
+        Every rank must call it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for n, p in self._trainable():
+            full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
+            if self.rank == 0:
+                out[n] = full.detach().float().cpu().clone()
+        return out if self.rank == 0 else None
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its optimizer partition (DeepSpeed's layout under `ds/`); rank 0 also writes
+        the gathered trainable tensors (readable without DeepSpeed)."""
+        from safetensors.torch import save_file
+
+        self.engine.save_checkpoint(str(directory), tag="ds", save_latest=False, exclude_frozen_parameters=True)
+        state = self.trainable_state()
+        if state is not None:
+            save_file(state, str(directory / "trainable.safetensors"))
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_module_strict=False,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise AlignError(f"{directory}: DeepSpeed could not load this checkpoint; delete it to start over")

@@ -1,0 +1,218 @@
+"""The two halves of a PPO iteration after sampling: make the `Trajectory`, then update on it.
+
+Both run on every rank. `make_trajectory` computes log-probs, reference log-probs and values for this
+rank's contiguous share of the rows, gathers them, and then every rank derives the same rewards, GAE
+advantages and whitening from the whole batch. `ppo_update` takes a whole `Trajectory` (so a test can
+feed it a fixed one): each mini-batch is drawn by a permutation seeded the same on every rank, and
+each rank trains on its contiguous share of it; the result does not depend on the number of processes
+or micro-batches (align/ppo/core.py `aggregate`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from align.errors import AlignError
+from align.ppo import core, dist
+
+
+def build_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack prompts (left-padded to P) and responses (right-padded to T) into one tensor.
+
+    Returns:
+        input_ids (B, P + T) long, attention_mask (B, P + T) bool, response_mask (B, T) bool.
+    """
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    T = max(len(r) for r in response_ids)
+    if any(len(r) == 0 for r in response_ids):
+        raise AlignError("a sampled response has no token; the engine must return at least one")
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + T), dtype=torch.bool)
+    resp = torch.zeros((B, T), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, P - len(p):P] = torch.as_tensor(list(p))
+        ids[i, P:P + len(r)] = torch.as_tensor(list(r))
+        attn[i, P - len(p):P + len(r)] = True
+        resp[i, :len(r)] = True
+    return ids, attn, resp
+
+
+def forward_window(learner, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                   autocast: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logits and values of the response tokens of a few rows, on the columns they need.
+
+    Columns that are padding in every row (left of the longest prompt, right of the longest response)
+    are cut before the forward. Returns logits (b, Tm, V), values (b, Tm) and Tm, the longest response.
+    """
+    T = response_mask.shape[1]
+    P = input_ids.shape[1] - T
+    Tm = int(response_mask.sum(-1).max())
+    left = P - int(attention_mask[:, :P].sum(-1).max())
+    device = learner.device
+    ids = input_ids[:, left:P + Tm].to(device)
+    attn = attention_mask[:, left:P + Tm].to(device).long()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits, values = learner.module(ids, attn, P - left - 1, Tm)
+    return logits, values, Tm
+
+
+def chunks(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+@torch.no_grad()
+def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                    engine_logprobs: torch.Tensor, scores: torch.Tensor, cfg, autocast: bool
+                    ) -> tuple[core.Trajectory, dict[str, float]]:
+    """Old and reference log-probs, values, per-token rewards, GAE and whitened advantages.
+
+    Args:
+        learner: `align.ppo.policy` learner (its weights are the policy that sampled).
+        input_ids, attention_mask, response_mask: `build_batch` of the WHOLE batch (same on every rank).
+        engine_logprobs: (B, T) the engine's log-probs of the sampled tokens (temperature 1), for the gap.
+        scores: (B,) sequence rewards R~c.
+        cfg: `PPOConfig`.
+        autocast: bf16 autocast.
+
+    Returns:
+        The trajectory (whole batch, on every rank) and metrics: ``kl/ref_mean`` (mean per-sequence k1
+        KL to the reference), ``kl/ref_k3_mean``, ``kl/over_bound_share``, ``ppo/entropy``,
+        ``ppo/explained_variance`` (values before the update against the returns),
+        ``rollout/logprob_gap`` (max |engine - trainer| log-prob over sampled tokens) and
+        ``rollout/logprob_gap_mean``.
+    """
+    rank, world = learner.rank, learner.world_size
+    B, T = response_mask.shape
+    P = input_ids.shape[1] - T
+    share = B // world
+    mine = torch.arange(rank * share, (rank + 1) * share)
+    temperature = cfg.sampling.temperature
+    tokens = input_ids[:, P:]
+    logprobs = torch.zeros(share, T)
+    ref_logprobs = torch.zeros(share, T)
+    values = torch.zeros(share, T)
+    entropy = torch.zeros(share, T)
+    gap = torch.zeros(share, T)
+    learner.module.eval()
+    parts = chunks(mine, cfg.micro_batch_size)
+    for rows in parts:
+        local = rows - rank * share
+        logits, v, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
+        logits = logits.float().cpu()
+        tok = tokens[rows, :Tm]
+        scaled = logits / temperature
+        logprobs[local, :Tm] = core.logprobs_from_logits(scaled, tok)
+        values[local, :Tm] = v.float().cpu()
+        entropy[local, :Tm] = core.entropy_from_logits(scaled)
+        raw = logprobs[local, :Tm] if temperature == 1.0 else core.logprobs_from_logits(logits, tok)
+        gap[local, :Tm] = (raw - engine_logprobs[rows, :Tm]).abs()
+    with learner.net.reference():
+        for rows in parts:
+            local = rows - rank * share
+            logits, _, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
+            ref_logprobs[local, :Tm] = core.logprobs_from_logits(logits.float().cpu() / temperature, tokens[rows, :Tm])
+    # every rank now holds the whole batch
+    logprobs, ref_logprobs, values, entropy, gap = (
+        dist.all_gather_rows(x) for x in (logprobs, ref_logprobs, values, entropy, gap))
+    mask = response_mask
+    zero = torch.zeros_like(logprobs)
+    logprobs, ref_logprobs, values = (torch.where(mask, x, zero) for x in (logprobs, ref_logprobs, values))
+    rewards, kl = core.per_token_rewards(scores, logprobs, ref_logprobs, mask, cfg.kl_beta)
+    advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    traj = core.Trajectory(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
+                           logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
+                           advantages=core.masked_whiten(advantages, mask), returns=returns,
+                           scores=scores.float())
+    seq_kl = kl.sum(-1)
+    k3 = torch.where(mask, core.kl_k3(logprobs, ref_logprobs), zero).sum(-1)
+    gap_masked = torch.where(mask, gap, zero)
+    metrics = {
+        "kl/ref_mean": seq_kl.mean().item(),
+        "kl/ref_k3_mean": k3.mean().item(),
+        "kl/over_bound_share": (seq_kl > cfg.kl_bound).float().mean().item(),
+        "ppo/entropy": core.masked_mean(entropy, mask).item(),
+        "ppo/explained_variance": core.explained_variance(values, returns, mask).item(),
+        "rollout/logprob_gap": gap_masked.max().item(),
+        "rollout/logprob_gap_mean": core.masked_mean(gap, mask).item(),
+        "ppo/advantage_mean_raw": core.masked_mean(advantages, mask).item(),
+        "ppo/return_mean": core.masked_mean(returns, mask).item(),
+    }
+    return traj, metrics
+
+
+UPDATE_METRICS = ("ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/clipfrac", "ppo/ratio",
+                  "ppo/value_clipfrac")
+
+
+def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, iteration: int = 0
+               ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """`cfg.ppo_epochs` passes over `traj` in mini-batches of `cfg.mini_batch_size`, one optimizer step each.
+
+    Every rank passes the same whole `traj` and `seed`. Mini-batch k of an epoch is rows
+    ``perm[k*M:(k+1)*M]`` of a permutation drawn from `seed`; rank r trains on its contiguous
+    ``M / world`` of them, in micro-batches of `cfg.micro_batch_size`. Losses are normalised by the
+    mini-batch's token count (core.aggregate), so the steps are those of one process on the whole
+    mini-batch.
+
+    Loss per mini-batch: ``policy_loss + vf_coef * value_loss`` (core.policy_loss, core.value_loss).
+
+    Returns:
+        The mean over optimizer steps of ``ppo/*`` metrics (plus ``ppo/grad_norm``), and the per-step
+        list (loss and metrics of each mini-batch, in order) for equivalence tests.
+    Raises:
+        AlignError naming `iteration` on a non-finite loss or gradient norm (on every rank at once).
+    """
+    rank, world = learner.rank, learner.world_size
+    B, M = len(traj), cfg.mini_batch_size
+    if B % M:
+        raise AlignError(f"iteration {iteration}: {B} sequences are not a whole number of mini-batches of {M}")
+    share = M // world
+    T = traj.response_mask.shape[1]
+    P = traj.prompt_len
+    temperature = cfg.sampling.temperature
+    gen = torch.Generator().manual_seed(seed)
+    steps: list[dict[str, float]] = []
+    learner.module.train()
+    for _epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=gen)
+        for k in range(B // M):
+            rows = perm[k * M:(k + 1) * M]
+            num_tokens = int(traj.response_mask[rows].sum())
+            mine = rows[rank * share:(rank + 1) * share]
+            micro = chunks(mine, cfg.micro_batch_size)
+            sums = torch.zeros(len(UPDATE_METRICS), dtype=torch.float64)
+            norm: Optional[float] = None
+            for j, idx in enumerate(micro):
+                part = traj.select(idx)
+                logits, values, Tm = forward_window(learner, part.input_ids, part.attention_mask,
+                                                    part.response_mask, autocast)
+                device = logits.device
+                mask = part.response_mask[:, :Tm].to(device)
+                logp = core.logprobs_from_logits(logits.float() / temperature, part.input_ids[:, P:P + Tm].to(device))
+                pl, pm = core.policy_loss(logp, part.logprobs[:, :Tm].to(device), part.advantages[:, :Tm].to(device),
+                                          mask, cfg.clip, num_tokens)
+                vl, vm = core.value_loss(values.float(), part.values[:, :Tm].to(device), part.returns[:, :Tm].to(device),
+                                         mask, cfg.value_clip, num_tokens)
+                loss = pl + cfg.vf_coef * vl
+                # every rank learns whether ANY rank's loss is non-finite, so all raise together
+                if not math.isfinite(dist.all_reduce_sum(loss.detach().float().cpu()).item()):
+                    raise AlignError(f"iteration {iteration}: non-finite PPO loss (epoch {_epoch + 1}, mini-batch "
+                                     f"{k + 1}); lower lr (now {cfg.lr}) or check the rewards")
+                norm = learner.accumulate(loss, boundary=(j == len(micro) - 1))
+                metrics = {**pm, **vm}
+                sums += torch.tensor([float(metrics[name]) for name in UPDATE_METRICS], dtype=torch.float64)
+            sums = dist.all_reduce_sum(sums)
+            if norm is None or not math.isfinite(norm):
+                raise AlignError(f"iteration {iteration}: non-finite gradient norm (epoch {_epoch + 1}, mini-batch "
+                                 f"{k + 1}); lower lr (now {cfg.lr})")
+            step = {name: sums[i].item() for i, name in enumerate(UPDATE_METRICS)}
+            step["ppo/loss"] = step["ppo/policy_loss"] + cfg.vf_coef * step["ppo/value_loss"]
+            step["ppo/grad_norm"] = norm
+            steps.append(step)
+    learner.module.eval()
+    mean = {name: sum(s[name] for s in steps) / len(steps) for name in steps[0]}
+    return mean, steps
