@@ -64,6 +64,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from align.faults import fault
+
+    fault("atomic_dir")  # everything written, nothing renamed yet
     old = final.with_name(f".{final.name}.old{os.getpid()}")
     if final.exists():
         os.replace(final, old)

@@ -29,6 +29,7 @@ from align.config import STAGE_KINDS, PipelineConfig
 from align.configlib import build, init_dict, to_dict
 from align.configlib import ConfigError
 from align.errors import AlignError
+from align.faults import fault
 from align.io import MetricsLogger, fsync_dir, read_json, read_metrics, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -176,6 +177,9 @@ def prepare(cfg: PipelineConfig, name: str, rank: int = 0, world_size: int = 1) 
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         key_file.write_text(key + "\n")
+        # Temporary siblings of atomic writes cut short by a kill: never complete, never resumed from.
+        for tmp in list(work.glob(".*.tmp*")) + list(work.glob("*/.*.tmp*")):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
@@ -211,6 +215,7 @@ def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json_atomic(ctx.out_dir / MANIFEST, manifest)
+    fault("finalize")  # artifacts and manifest written, not yet moved into place
     final = ctx.run_dir / ctx.name
     old = ctx.run_dir / f".{ctx.name}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -343,6 +348,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
                 raise
         manifests.append(m)
         print(f"[align] {name}: {one_line(m)}", flush=True)
+        fault("between_stages")
     if only is None:
         from align.report import build_report
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from align.errors import AlignError
+from align.faults import fault
 
 
 def tokenize_conversations(tokenizer, records: list[dict], max_length: int):
@@ -61,6 +62,7 @@ def _metrics_callback(logger):
         """Mirrors Trainer logs into metrics.jsonl under `train/` names; stops on a non-finite loss."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            fault("sft_step")
             logs = logs or {}
             for k in ("loss", "grad_norm"):
                 if k in logs and not math.isfinite(float(logs[k])):

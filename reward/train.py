@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from align.configlib import to_dict
 from align.errors import AlignError
+from align.faults import fault
 from align.io import atomic_dir, read_json, write_json_atomic
 from reward.losses import RATING_LEVELS, accuracy_by_level, margin_table, ranking_loss, safety_aux_loss
 from reward.model import RewardScorer, format_pair, load_reward_model, pad_batch, save_reward_model, sequence_scores
@@ -369,6 +370,7 @@ def train_reward_model(
     while step < steps:
         micro = [[pairs[i] for i in next(stream)] for _ in range(tc.grad_accum)]
         metrics = train_step(model, micro, cfg, step + 1, pad_id)
+        fault("rm_step")
         lr_now = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
