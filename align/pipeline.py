@@ -341,8 +341,11 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
             print(f"[align] {name}: {verb}", flush=True)
             try:
                 m = run_stage(cfg, name, config_path, overrides)
-            except (AlignError, ConfigError):
-                _drop_if_nothing_to_resume(run_dir / ".work" / name)
+            except (AlignError, ConfigError) as e:
+                work = run_dir / ".work" / name
+                if work.is_dir():  # kept for `align status` and the next run
+                    write_json_atomic(work / "failed.json", {"error": str(e), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                _drop_if_nothing_to_resume(work)
                 if created and not any((run_dir / n / MANIFEST).is_file() for n in names):
                     shutil.rmtree(run_dir, ignore_errors=True)  # this call made it; leave no trace
                 raise
@@ -360,7 +363,7 @@ def _drop_if_nothing_to_resume(work: Path) -> None:
     """A stage that failed before its first checkpoint leaves nothing worth keeping."""
     if not work.is_dir():
         return
-    scratch = {"key", "out", "launch", "logs"}
+    scratch = {"key", "out", "launch", "logs", "failed.json"}
     resumable = [p for p in work.iterdir() if p.name not in scratch and (p.is_file() or any(p.iterdir()))]
     if not resumable:
         shutil.rmtree(work, ignore_errors=True)
@@ -392,6 +395,9 @@ def status_table(cfg: PipelineConfig) -> str:
             ckpts = sorted((run_dir / ".work" / name).glob("checkpoints/*"))
             rows = read_metrics(run_dir / ".work" / name / "logs" / "metrics.jsonl")
             extra = f"{len(ckpts)} checkpoint(s), last logged step {rows[-1]['step'] if rows else '-'}"
+            failed = run_dir / ".work" / name / "failed.json"
+            if failed.is_file():
+                extra += f"; last attempt failed: {read_json(failed)['error']}"
         lines.append(f"  {name:<20} {st:<8} {extra}")
     return "\n".join(lines)
 
