@@ -144,7 +144,7 @@ class RolloutConfig:
     threads: int = option(0, help="CPU threads for the engine (0 = all cores)")
     max_model_len: int = option(1024, help="longest prompt + response the engine accepts")
     enable_prefix_caching: bool = option(True, help="share the prompt's KV blocks across the n samples")
-    compile: bool = option(False, help="vLLM: torch.compile the model (off = eager; see bench/rollout.py for the measured trade-off)")
+    enforce_eager: bool = option(True, help="vLLM: run the model eagerly, no torch.compile (nor CUDA graphs on GPUs: set false there); on 2 CPU cores compiling costs ~75 s of start-up (bench/rollout.py)")
 
     def __post_init__(self):
         check(self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
@@ -233,8 +233,8 @@ class PPOConfig:
     adam_eps: float = option(1e-5, help="AdamW eps (recipe: 1e-5)")
     max_grad_norm: float = option(1.0, help="gradient clipping (recipe: 1.0)")
     lora: LoraConfig = option(factory=lambda: LoraConfig(enabled=True), help="LoRA adapters on the policy")
-    num_processes: int = option(1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3")
-    bf16: bool = option(True, help="bf16 autocast")
+    num_processes: int = option(1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3 (needs rollout.in_process: false)")
+    bf16: bool = option(True, help="bf16 compute: autocast on one process, DeepSpeed bf16 under ZeRO-3")
     save_every: int = option(5, help="checkpoint every N iterations (resume point)")
     early_stop_patience: int = option(0, help="stop after N held-out evaluations without a held-out reward gain (0 = off)")
     eval_every: int = option(1, help="measure the mean combined reward on the held-out prompts every N iterations (and before the first)")

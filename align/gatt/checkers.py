@@ -80,10 +80,24 @@ def _drop_letter(text: str, letter: str) -> str:
     return " ".join(kept)
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def complete_sentences(text: str) -> str:
+    """``text`` without a trailing unfinished sentence (an answer cut at max_new_tokens), if it has a
+    finished one; otherwise unchanged."""
+    text = text.rstrip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends and ends[-1] < len(text) else text
+
+
 def repair(text: str, constraints: list[tuple[str, Optional[str]]]) -> str:
     """Edit ``text`` so it keeps every (kind, value) constraint where a small edit can: cut to the word
     limit (one word short when a last word must be appended), drop words with a banned letter,
-    upper-case, append the required last word, append the required emoji. The caller checks the result."""
+    upper-case, append the required last word, append the required emoji. Before appending, an
+    unfinished last sentence is dropped, so the word follows a whole sentence and a repaired answer is
+    no longer than the sample (a policy trained on it ends within the same token budget). The caller
+    checks the result."""
     kinds = {k for k, _ in constraints}
     out = text.strip()
     for kind, value in sorted(constraints, key=lambda kv: REPAIR_ORDER.index(kv[0])):
@@ -97,9 +111,13 @@ def repair(text: str, constraints: list[tuple[str, Optional[str]]]) -> str:
             out = out.upper()
         elif kind == "end_with":
             word = value.upper() if "capitals" in kinds else value
-            out = f"{out.rstrip()} {word}." if out else f"{word}."
+            out = complete_sentences(out)
+            if not out or _SENTENCE_END.search(out[-3:]):
+                word = word[:1].upper() + word[1:]  # it starts a sentence of its own
+            out = f"{out} {word}." if out else f"{word}."
         elif kind == "include":
-            out = f"{out.rstrip()} {value}" if out else str(value)
+            out = complete_sentences(out)
+            out = f"{out} {value}" if out else str(value)
     return out
 
 

@@ -96,7 +96,8 @@ def run_gatt(ctx) -> dict:
     max_turn = max(cfg.eval_turns)
     eval_dialogues = (make_dialogues(eval_seqs, cfg.eval_dialogues, max_turn, random.Random(f"{seed}/gatt/eval"))
                       if cfg.eval_dialogues else [])
-    eval_insts = bank.evaluation_set(len(eval_dialogues), random.Random(f"{seed}/gatt/eval_instructions"))
+    eval_insts = (bank.evaluation_set(len(eval_dialogues), random.Random(f"{seed}/gatt/eval_instructions"))
+                  if eval_dialogues else [])
     fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, cfg.sampling.max_new_tokens)
     logger = ctx.logger()
 

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 import torch
 
 from align.errors import AlignError
+from align.faults import fault
 from align.io import fsync_dir, read_json, read_metrics, write_json_atomic
 from align.ppo import dist
 
@@ -149,6 +150,7 @@ def save_checkpoint(root: Path, learner, state: dict, is_main: bool, rank: int) 
     dist.barrier()
     if is_main:
         write_json_atomic(tmp / "state.json", state)
+        fault("ppo_checkpoint")  # everything written, nothing renamed yet
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -242,7 +244,8 @@ def setup(ctx) -> Run:
             print(f"[align] {ctx.name}: resuming from {ckpts[-1]} (iteration {state['iteration']})", flush=True)
     logger = None
     if ctx.is_main:
-        _truncate_metrics(ctx.work_dir / "logs" / "metrics.jsonl", state["iteration"])
+        # rows logged after the checkpoint are logged again; without a checkpoint, every row is
+        _truncate_metrics(ctx.work_dir / "logs" / "metrics.jsonl", state["iteration"] if ckpts else -1)
         logger = ctx.logger()
     run = Run(learner=learner, engine=engine, rewards=rewards, tokenizer=tokenizer, pool=pool, heldout=heldout,
               moments=moments, state=state, logger=logger, autocast=cfg.bf16, hf_ds_config=hf_ds)
@@ -256,7 +259,7 @@ def setup(ctx) -> Run:
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they are logged again)."""
+    """Drop the rows logged after step `iteration` (-1: all of them)."""
     import json
 
     rows = read_metrics(path)
@@ -400,6 +403,7 @@ def train(ctx, run: Run) -> None:
         })
         if run.logger:
             run.logger.log(row, it)
+        fault("ppo_iteration")  # an iteration logged, its checkpoint (if due) not yet written
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/combined_mean']:.3f}", kl=f"{row['kl/ref_mean']:.3f}",
                         heldout=f"{row.get('eval/reward_heldout', float('nan')):.3f}")

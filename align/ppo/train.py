@@ -64,6 +64,13 @@ def chunks(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
+def by_length(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`rows` longest first, so the micro-batches cut from them pad little (`forward_window` trims the
+    columns that are padding in every row). Which rows share a micro-batch changes no result here."""
+    order = torch.argsort(attention_mask[rows].sum(-1), descending=True, stable=True)
+    return rows[order]
+
+
 @torch.no_grad()
 def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                     engine_logprobs: torch.Tensor, scores: torch.Tensor, cfg, autocast: bool
@@ -89,7 +96,7 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
     B, T = response_mask.shape
     P = input_ids.shape[1] - T
     share = B // world
-    mine = torch.arange(rank * share, (rank + 1) * share)
+    mine = by_length(torch.arange(rank * share, (rank + 1) * share), attention_mask)
     temperature = cfg.sampling.temperature
     tokens = input_ids[:, P:]
     logprobs = torch.zeros(share, T)
@@ -154,7 +161,7 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
 
     Every rank passes the same whole `traj` and `seed`. Mini-batch k of an epoch is rows
     ``perm[k*M:(k+1)*M]`` of a permutation drawn from `seed`; rank r trains on its contiguous
-    ``M / world`` of them, in micro-batches of `cfg.micro_batch_size`. Losses are normalised by the
+    ``M / world`` of them, longest first, in micro-batches of `cfg.micro_batch_size`. Losses are normalised by the
     mini-batch's token count (core.aggregate), so the steps are those of one process on the whole
     mini-batch.
 
@@ -182,7 +189,7 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
         for k in range(B // M):
             rows = perm[k * M:(k + 1) * M]
             num_tokens = int(traj.response_mask[rows].sum())
-            mine = rows[rank * share:(rank + 1) * share]
+            mine = by_length(rows[rank * share:(rank + 1) * share], traj.attention_mask)
             micro = chunks(mine, cfg.micro_batch_size)
             sums = torch.zeros(len(UPDATE_METRICS), dtype=torch.float64)
             norm: Optional[float] = None

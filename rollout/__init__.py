@@ -1,0 +1,50 @@
+"""Generation engines (vLLM, transformers) behind one interface, and weight sync from training.
+
+    from rollout import SamplingParams, make_engine
+
+    with make_engine(cfg.rollout, model_dir, seed=cfg.seed) as engine:
+        rollouts = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=128, seed=0))
+        seconds = engine.update_weights(policy_model)
+
+Importing this package loads neither vLLM nor transformers; `make_engine` loads the one it builds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rollout.base import Engine, Prompt
+from rollout.types import Rollouts, SamplingParams, Timing
+
+__all__ = ["Engine", "Prompt", "Rollouts", "SamplingParams", "Timing", "make_engine", "push_weights"]
+
+
+def make_engine(cfg, model_dir: str | Path, seed: int = 0) -> Engine:
+    """The engine `cfg.engine` names (a `RolloutConfig`), loaded from the HF directory `model_dir`.
+
+    vLLM start-up spawns processes (spawn start method): call it under
+    `if __name__ == "__main__":` in scripts."""
+    if cfg.engine == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg, model_dir, seed)
+    if cfg.engine == "transformers":
+        from rollout.hf_engine import HFEngine
+
+        return HFEngine(cfg, model_dir, seed)
+    raise ValueError(f"rollout.engine={cfg.engine!r}: must be 'vllm' or 'transformers'")
+
+
+def push_weights(engine: Engine | None, model) -> float:
+    """Push `model`'s weights into `engine`; returns seconds.
+
+    Under DeepSpeed ZeRO-3 every rank must call this (the gather is collective): the rank that owns the
+    engine passes it, the others pass None and only take part in the gather."""
+    if engine is not None:
+        return engine.update_weights(model)
+    import time
+
+    from rollout.weights import hf_state_dict
+
+    start = time.perf_counter()
+    hf_state_dict(model, keep=False)
+    return time.perf_counter() - start

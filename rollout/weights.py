@@ -1,0 +1,148 @@
+"""Export a training model's weights as a plain HF state dict, the form every engine loads.
+
+Handles a plain HF model, a PEFT LoRA model (adapters merged into the pushed tensors; the training
+model is not modified) and a model sharded by DeepSpeed ZeRO-3 (gathered one module at a time, so
+peak extra memory is one module's full weights, not the model's). Names come out as HF checkpoint names
+(`model.layers.0.self_attn.q_proj.weight`): PEFT prefixes `base_model.model.` and `.base_layer` are
+stripped and `lora_*` tensors dropped after merging.
+
+LoRA route, chosen by measurement (bench/rollout.py `--lora-bench`, SmolLM2-135M, r=16, all 7 linear
+projections, 2 CPU cores): merging per layer with peft's own `get_delta_weight` (W + scale * B @ A in
+fp32, then cast) takes about as long as exporting the plain model, while `merge_and_unload` on a
+deep copy costs a full model copy more and cannot work on ZeRO-3 shards; see the report numbers in
+`hf_state_dict`'s callers.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from align.errors import AlignError
+
+PEFT_PREFIX = "base_model.model."
+
+
+def unwrap(model):
+    """The user module inside DeepSpeed / DDP / accelerate wrappers."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def is_zero3(model) -> bool:
+    """True if DeepSpeed ZeRO-3 partitions the model's parameters."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _gathered(params: list, zero3: bool):
+    """Full parameters inside the block on every rank (ZeRO-3), read-only; a no-op otherwise.
+    Every rank must enter it with the same parameters in the same order."""
+    if not zero3 or not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None)
+
+
+def _clean(name: str) -> str:
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    return name.replace(".base_layer", "")
+
+
+def _peft_classes():
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+    except ImportError:  # peft absent: no model can be a PEFT model
+        return (), (), (), ()
+    return LoraLayer, BaseTunerLayer, ModulesToSaveWrapper, AuxiliaryTrainingWrapper
+
+
+def _merged_lora_weight(layer, name: str) -> torch.Tensor:
+    """W + sum over active adapters of scale * B @ A (peft's own delta: handles fan_in_fan_out,
+    rsLoRA scaling and embeddings), in fp32. Reads the layer; never merges it in place."""
+    weight = layer.get_base_layer().weight.detach().float()
+    if layer.merged or layer.disable_adapters:
+        # merged: the base weight already holds the adapters; disabled: the policy runs without them.
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
+            continue
+        if getattr(layer, "use_dora", {}).get(adapter, False):
+            raise AlignError(f"{name}: DoRA adapters are not supported by the weight push; use plain LoRA")
+        weight = weight + layer.get_delta_weight(adapter).detach().float()
+    return weight
+
+
+def hf_state_dict(model, dtype: Optional[torch.dtype] = None, device: Optional[str | torch.device] = "cpu",
+                  keep: bool = True) -> Optional[dict[str, torch.Tensor]]:
+    """The model's full weights as {HF name: tensor}, LoRA merged, cast to `dtype` (None = keep) and
+    copied to `device` (None = the parameter's device); fresh tensors that alias no parameter.
+
+    Under ZeRO-3 every rank must call this, in step (the gathers are collective); ranks that do not
+    push (no engine) pass `keep=False`: they only take part in the gathers and get None. Tied
+    parameters appear once (under the first name, e.g. `model.embed_tokens.weight`, not
+    `lm_head.weight`), as in an HF checkpoint.
+    """
+    model = unwrap(model)
+    zero3 = is_zero3(model)
+    LoraLayer, BaseTunerLayer, ModulesToSave, AuxWrapper = _peft_classes()
+
+    def emit(name: str, tensor: torch.Tensor) -> None:
+        out[name] = tensor.detach().to(device=device or tensor.device, dtype=dtype or tensor.dtype, copy=True)
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    handled: list[str] = []  # module prefixes whose parameters were exported as a whole
+    for mname, module in model.named_modules():
+        if any(mname.startswith(p + ".") for p in handled):
+            continue
+        if LoraLayer and isinstance(module, LoraLayer):
+            params = list(module.parameters())
+            with _gathered(params, zero3):
+                if keep:
+                    base = module.get_base_layer()
+                    emit(_clean(mname) + ".weight", _merged_lora_weight(module, mname))
+                    if getattr(base, "bias", None) is not None:
+                        emit(_clean(mname) + ".bias", base.bias)
+            seen.update(id(p) for p in params)
+            handled.append(mname)
+        elif ModulesToSave and isinstance(module, ModulesToSave):
+            active = module.active_adapters
+            src = (module.original_module if module.disable_adapters or not active
+                   else module.modules_to_save[active[0]])
+            named = [(pn, p) for pn, p in src.named_parameters() if id(p) not in seen]
+            with _gathered([p for _, p in named], zero3):
+                if keep:
+                    for pn, p in named:
+                        emit(_clean(f"{mname}.{pn}"), p)
+            seen.update(id(p) for p in module.parameters())
+            handled.append(mname)
+        elif (AuxWrapper and isinstance(module, AuxWrapper)) or (BaseTunerLayer and isinstance(module, BaseTunerLayer)):
+            raise AlignError(f"{mname}: {type(module).__name__} is not supported by the weight push "
+                             "(supported: LoRA layers and modules_to_save)")
+        else:
+            named = [(pn, p) for pn, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            if not named:
+                continue
+            with _gathered([p for _, p in named], zero3):
+                if keep:
+                    for pn, p in named:
+                        emit(_clean(f"{mname}.{pn}" if mname else pn), p)
+            seen.update(id(p) for _, p in named)
+    if not keep:
+        return None
+    leftover = [k for k in out if "lora_" in k or "modules_to_save" in k or "original_module" in k]
+    if leftover:
+        raise AlignError(f"weight export left adapter tensors unmerged: {leftover[:4]}")
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in out:
+        # The engine ties lm_head to the embeddings and ignores lm_head.weight: refuse rather than
+        # push weights that would be silently dropped (e.g. LoRA on a tied lm_head).
+        raise AlignError("the model ties lm_head to embed_tokens but exports a separate lm_head.weight "
+                         "(LoRA on lm_head?); drop lm_head from lora.target_modules")
+    return out

@@ -1,0 +1,117 @@
+"""GAtt data: the loss mask of a built sample token by token on real chat templates, the instruction
+only once, turn-by-turn sampling with best-of by the checker (a fake engine), dialogues from data."""
+import random
+
+import pytest
+
+from align.chat import tokenize_chat
+from align.gatt.build import chat, make_dialogues, roll_dialogues, training_record, training_records
+from align.gatt.instructions import Instruction, Part
+from rollout.types import Rollouts, SamplingParams
+
+END = Part("end_with", "banana", 'End every answer with the word "banana".', "Last word: banana", "end_with")
+FIGURE = Part("figure", "Napoleon", "Act as Napoleon.", "Figure: Napoleon", None)
+USERS = ["What is the capital of France?", "And of Italy?", "Which one is bigger?"]
+ANSWERS = ["Paris, banana.", "Rome, banana.", "Paris is bigger than Rome, banana."]
+
+
+@pytest.fixture(params=["tiny", "smollm2"])
+def tokenizer(request):
+    from align.models import embedded_model_dir, load_tokenizer, tiny_model_dir
+
+    return load_tokenizer(tiny_model_dir() if request.param == "tiny" else embedded_model_dir())
+
+
+@pytest.mark.parametrize("shortened", [False, True])
+def test_loss_mask_is_zero_on_every_earlier_turn_token_by_token(tokenizer, shortened):
+    inst = Instruction((END, FIGURE), shortened)
+    rec = training_record(USERS, ANSWERS, inst)
+    msgs = rec["messages"]
+    assert [m["train"] for m in msgs] == [False] * 5 + [True]
+    t = tokenize_chat(tokenizer, msgs, 4096)
+
+    # Independently: the prompt up to the last answer (generation prompt included) is untrained, the
+    # answer and its end-of-turn token are trained, the template's trailing newline is not.
+    plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    head = tokenizer.apply_chat_template(plain[:-1], tokenize=False, add_generation_prompt=True)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(ANSWERS[-1] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert t.input_ids[: len(head_ids)] == head_ids
+    assert t.input_ids[len(head_ids): len(head_ids) + len(answer_ids)] == answer_ids
+    expected = [False] * len(head_ids) + [True] * len(answer_ids)
+    expected += [False] * (len(t.input_ids) - len(expected))
+    assert t.loss_mask == expected
+    assert tokenizer.decode([i for i, m in zip(t.input_ids, t.loss_mask) if m]) == ANSWERS[-1] + "<|im_end|>"
+    # Nothing of the last user turn, nor of the earlier answers, is trained.
+    untrained = tokenizer.decode([i for i, m in zip(t.input_ids, t.loss_mask) if not m])
+    assert USERS[-1] in untrained and ANSWERS[0] in untrained and ANSWERS[1] in untrained
+
+    # The instruction appears once, in the first user turn; while sampling it is on every user turn.
+    text = tokenizer.decode(t.input_ids)
+    assert text.count(inst.text) == 1 and msgs[0]["content"].startswith(inst.text)
+    assert all(inst.text not in m["content"] for m in msgs[1:])
+    sampling_prompt = chat(USERS, ANSWERS[:2], inst, every_turn=True)
+    assert sum(inst.text in m["content"] for m in sampling_prompt) == 3
+
+
+def test_every_prefix_gives_one_sample_per_turn_each_training_its_last_answer():
+    inst = Instruction((END,), False)
+    answers = ["Paris, banana.", "Rome.", "Paris, banana."]  # turn 2 breaks the instruction
+    recs = training_records(USERS, answers, inst, every_prefix=True)
+    assert [len(r["messages"]) for r in recs] == [2, 6]  # the broken turn-2 sample is left out
+    for r in recs:
+        assert [m["train"] for m in r["messages"]] == [False] * (len(r["messages"]) - 1) + [True]
+    assert len(training_records(USERS, answers, inst, every_prefix=False)) == 1
+    # An instruction with nothing to check keeps every turn.
+    assert len(training_records(USERS, answers, Instruction((FIGURE,), False), every_prefix=True)) == 3
+
+
+class ScriptedEngine:
+    """Answers turn t of a prompt with candidates 'plain t.j' except candidate 1, which keeps the rule."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, chats, sampling):
+        self.prompts.append(chats)
+        n, texts = sampling.n, []
+        for c in chats:
+            turn = sum(m["role"] == "user" for m in c)
+            texts += [f"answer {turn} banana" if j == 1 else f" plain {turn}.{j} " for j in range(n)]
+        return Rollouts(prompt_ids=[[1]] * len(texts), response_ids=[[5]] * len(texts), logprobs=[[0.0]] * len(texts),
+                        finish_reasons=["stop"] * len(texts), prompt_index=[r // n for r in range(len(texts))],
+                        texts=texts, n=n)
+
+
+def test_roll_dialogues_samples_turn_by_turn_and_keeps_the_best_by_the_checker():
+    eng = ScriptedEngine()
+    insts = [Instruction((END,), False), Instruction((FIGURE,), True)]
+    answers, stats = roll_dialogues(eng.generate, [USERS, USERS[:2]], insts, SamplingParams(max_new_tokens=8),
+                                    every_turn=True, best_of=3, seed=0, fits=lambda c: True)
+    assert answers[0] == ["answer 1 banana", "answer 2 banana", "answer 3 banana"]
+    assert answers[1] == ["plain 1.0", "plain 2.0"]  # nothing to check: the first sample, stripped
+    assert len(eng.prompts) == 3 and len(eng.prompts[2]) == 1  # the 2-turn dialogue is done after turn 2
+    # Turn 3's prompt carries the earlier chosen answers and the instruction on every user turn.
+    last = eng.prompts[2][0]
+    assert [m["content"] for m in last if m["role"] == "assistant"] == answers[0][:2]
+    assert all(m["content"].startswith(insts[0].text) for m in last if m["role"] == "user")
+    assert stats == {"sampled_kept": 3, "repaired": 0, "checkable_turns": 3, "cut_by_context": 0}
+
+
+def test_roll_dialogues_repairs_when_no_sample_keeps_the_instruction_and_stops_at_the_context():
+    eng = ScriptedEngine()
+    insts = [Instruction((END,), False)]
+    answers, stats = roll_dialogues(eng.generate, [USERS], insts, SamplingParams(max_new_tokens=8), every_turn=False,
+                                    best_of=1, seed=0, fits=lambda c: len(c) < 4, do_repair=True)
+    assert answers == [["plain 1.0 banana.", "plain 2.0 banana."]]  # the third prompt does not fit
+    assert stats["repaired"] == 2 and stats["cut_by_context"] == 1
+    second_prompt = eng.prompts[1][0]  # u1 + instruction, a1, u2: the instruction in the first turn only
+    assert second_prompt[0]["content"].startswith(insts[0].text) and second_prompt[2]["content"] == USERS[1]
+
+
+def test_make_dialogues_tops_up_single_prompts_without_repeats():
+    seqs = [["a1", "a2"], ["b1"], ["c1"], ["d1"], ["x" * 1000]]
+    ds = make_dialogues(seqs, 6, 3, random.Random(0))
+    assert len(ds) == 6 and all(len(d) == 3 and len(set(d)) == 3 for d in ds)
+    assert ["a1", "a2"] in [d[:2] for d in ds]  # a real multi-turn dialogue keeps its order
+    assert all("x" * 1000 not in d for d in ds)  # too-long user turns are not used

@@ -1,0 +1,177 @@
+"""Resumable sampling (a fake engine counts what it is asked) and the stage end to end on the tiny config."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from align.rejection.sample import batch_path, sample_and_score
+from rollout.types import Rollouts, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class FakeEngine:
+    """Answers deterministically from (sampling seed, prompt text, sample index); records every call."""
+
+    def __init__(self, fail_on_call=None):
+        self.calls: list[list[str]] = []
+        self.fail_on_call = fail_on_call
+
+    def generate(self, prompts, sampling):
+        self.calls.append([p[-1]["content"] for p in prompts])
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt("killed mid-round")
+        n = sampling.n
+        texts = [f"{prompts[r // n][-1]['content']} #{r % n} {random.Random(f'{sampling.seed}/{r}').random():.6f}"
+                 for r in range(len(prompts) * n)]
+        return Rollouts(prompt_ids=[[1]] * len(texts), response_ids=[[7, 8]] * len(texts),
+                        logprobs=[[-0.1, -0.2]] * len(texts), finish_reasons=["stop"] * len(texts),
+                        prompt_index=[r // n for r in range(len(texts))], texts=texts, n=n)
+
+
+class FakeScorer:
+    def __init__(self):
+        self.scored = 0
+
+    def __call__(self, prompts, responses, is_safety):
+        self.scored += len(responses)
+        h = [float(len(r) % 7) for r in responses]
+        return {"score": h, "helpful_score": h, "safety_score": [0.0] * len(h), "safety_rm_used": list(is_safety)}
+
+
+def _prompts(n):
+    return [{"prompt_id": i, "prompt": [{"role": "user", "content": f"question {i}"}], "safety": i % 3 == 0,
+             "source": "test"} for i in range(n)]
+
+
+def test_interrupted_sampling_resumes_without_asking_the_engine_again(tmp_path):
+    prompts, params = _prompts(10), SamplingParams(n=3, temperature=1.0, max_new_tokens=8)
+    args = dict(sampling=params, batch_size=4, round_=1, seed=0)
+
+    # Uninterrupted reference run.
+    ref = sample_and_score(prompts, FakeEngine, FakeScorer, state_dir=tmp_path / "ref", **args)
+    assert len(ref) == 30 and [r["prompt_id"] for r in ref[::3]] == list(range(10))
+
+    # Killed during the second batch (prompts 4-7): only the first batch is on disk.
+    state = tmp_path / "state"
+    first = FakeEngine(fail_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        sample_and_score(prompts, lambda: first, FakeScorer, state_dir=state, **args)
+    assert batch_path(state, 0).is_file() and not batch_path(state, 1).exists()
+    assert not list(state.glob(".*tmp*"))  # no half-written batch file left behind
+
+    # The restart asks the engine for the unfinished prompts only, and gets the same samples.
+    second, scorer = FakeEngine(), FakeScorer()
+    got = sample_and_score(prompts, lambda: second, lambda: scorer, state_dir=state, **args)
+    assert second.calls == [[f"question {i}" for i in range(4, 8)], ["question 8", "question 9"]]
+    assert scorer.scored == 6 * 3
+    assert got == ref
+
+    # A third run finds every batch done and builds neither engine nor scorer.
+    def boom():
+        raise AssertionError("engine built although every batch is on disk")
+
+    assert sample_and_score(prompts, boom, boom, state_dir=state, **args) == ref
+
+
+def test_batch_seeds_differ_by_round_and_batch(tmp_path):
+    from align.rejection.sample import batch_seed
+
+    seeds = {batch_seed(0, r, b) for r in range(3) for b in range(5)}
+    assert len(seeds) == 15
+    assert batch_seed(0, 1, 2) == batch_seed(0, 1, 2) != batch_seed(1, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from align.config import load_config
+    from align.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("rs") / "run"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={run_dir}", "stages=[sft,rm_helpful,rm_safety,rejection_sampling]", "sft.train.max_steps=2",
+        "rm_helpful.train.max_steps=3", "rm_safety.train.max_steps=3"])
+    manifests = {m["stage"]: m for m in run_pipeline(cfg)}
+    return cfg, run_dir, manifests
+
+
+@pytest.mark.slow
+def test_tiny_rejection_sampling_pools_trains_and_reports(tiny_run):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+
+    cfg, run_dir, manifests = tiny_run
+    rs = cfg.rejection_sampling
+    d = run_dir / "rejection_sampling"
+    s = manifests["rejection_sampling"]["summary"]
+    n_prompts = 20 - rs.heldout_prompts
+    assert s["data/prompts"] == n_prompts
+
+    samples = load_dataset("json", data_files=str(d / "samples.jsonl"), split="train")
+    assert len(samples) == rs.rounds * rs.k * n_prompts  # K samples of every prompt in every round
+    for col in ("round", "score", "helpful_score", "safety_score", "response", "prompt"):
+        assert col in samples.column_names
+    pool = load_dataset("json", data_files=str(d / "pool.jsonl"), split="train")
+    assert sorted(pool["prompt_id"]) == sorted(set(samples["prompt_id"]))  # one kept answer per prompt
+    # Every kept answer is the best of all samples of its prompt, over both rounds.
+    best = {}
+    for pid, sc in zip(samples["prompt_id"], samples["score"]):
+        best[pid] = max(best.get(pid, -1e9), sc)
+    assert all(sc == pytest.approx(best[pid]) for pid, sc in zip(pool["prompt_id"], pool["score"]))
+    assert set(pool["round"]) <= {1, 2}
+    assert (d / "pool_round1.jsonl").is_file()
+
+    # Best-of-N curves: K points per round, max rising with N, max >= median.
+    for r in (1, 2):
+        mx, md = s[f"rejection/round{r}/best_of_n_max"], s[f"rejection/round{r}/best_of_n_median"]
+        assert len(mx) == rs.k and all(a <= b + 1e-9 for a, b in zip(mx, mx[1:]))
+        assert all(a >= b - 1e-9 for a, b in zip(mx, md))
+        assert mx[0] == pytest.approx(s[f"rejection/round{r}/sample_reward"])
+    assert (d / "best_of_n.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((d / "best_of_n.json").read_text())["rounds"]["2"]["max"] == pytest.approx(mx)
+
+    # Held-out reward before and after, on the same prompts and seed.
+    held = load_dataset("json", data_files=str(d / "heldout.jsonl"), split="train")
+    assert held["policy"].count("before") == held["policy"].count("after") == rs.heldout_prompts * rs.eval_samples
+    for key in ("rejection/reward_before", "rejection/reward_after"):
+        assert isinstance(s[key], float) and s[key] == s[key]
+
+    # A loadable fine-tuned checkpoint that differs from the init policy.
+    assert s["model_dir"] == str(d / "model") and s["train/steps"] == rs.train.max_steps
+    model = AutoModelForCausalLM.from_pretrained(d / "model")
+    init = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
+    moved = [n for (n, p), (_, q) in zip(model.named_parameters(), init.named_parameters()) if not p.equal(q)]
+    assert moved
+
+
+def test_sampler_resolves_policy_base_stage_and_directory(tmp_path):
+    from types import SimpleNamespace
+
+    from align.config import load_config
+    from align.errors import AlignError
+    from align.models import tiny_model_dir
+    from align.rejection.stage import resolve_sampler
+
+    def ctx(sampler):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", f"rejection_sampling.sampler={sampler}"])
+        return SimpleNamespace(cfg=cfg, stage_cfg=cfg.rejection_sampling, init_model_dir=tmp_path / "sft" / "model",
+                               stage_dir=lambda name: tmp_path / name)
+
+    assert resolve_sampler(ctx("")) == tmp_path / "sft" / "model"
+    assert resolve_sampler(ctx("base")) == tiny_model_dir()
+    with pytest.raises(AlignError, match="has not finished"):
+        resolve_sampler(ctx("sft"))
+    (tmp_path / "sft" / "model").mkdir(parents=True)
+    assert resolve_sampler(ctx("sft")) == tmp_path / "sft" / "model"
+    assert resolve_sampler(ctx(str(tiny_model_dir()))) == tiny_model_dir()  # a teacher directory
+    with pytest.raises(AlignError, match="no such directory"):
+        resolve_sampler(ctx(str(tmp_path / "nowhere")))
+
+
+def test_a_teacher_stage_must_run_before_rejection_sampling():
+    from align.config import load_config
+    from align.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the output of stage 'gatt'"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["rejection_sampling.sampler=gatt"])
