@@ -25,7 +25,7 @@ CONFIG_CASES = [
     ("micro-batch-zero", ["sft.train.micro_batch_size=0"], "micro_batch_size=0"),
     ("warmup-ratio-too-big", ["sft.train.warmup_ratio=1.5"], "warmup_ratio=1.5"),
     ("input-no-stage-makes", ["stages=[rm_helpful]"], "no earlier stage makes 'sft'"),
-    ("stage-without-section", ["stages=[sft,ppo]"], "has no 'ppo:' section"),
+    ("stage-without-section", ["stages=[sft,eval]"], "has no 'eval:' section"),
     ("stage-twice", ["stages=[sft,sft]"], "listed twice"),
     ("rm-stage-not-listed", ["stages=[sft,rm_helpful]",
                              "rejection_sampling={prompts: [{format: synthetic_prompts}]}",
