@@ -189,7 +189,7 @@ class RejectionConfig:
     k: int = option(4, help="samples per prompt (the recipe's K)")
     rounds: int = option(1, help="rounds in this stage; round r keeps, per prompt, the best answer of all rounds <= r")
     sampling: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=1.2), help="sampling (recipe: T 1.2-1.3 for K of 10-100)")
-    reward: RewardUseConfig = option(factory=RewardUseConfig, help="reward models and their combination")
+    reward: RewardUseConfig = option(factory=RewardUseConfig, help="reward models and their combination; samples are ranked by LOGIT(Rc), the combined reward before whitening (reward.whiten is not used here)")
     prompts_per_batch: int = option(16, help="prompts sampled and scored per checkpointed batch (the resume unit of sampling)")
     eval_samples: int = option(1, help="samples per held-out prompt for the before/after mean combined reward (fixed seed)")
     max_length: int = option(512, help="tokens per SFT sequence on the kept set")

