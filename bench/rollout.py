@@ -115,18 +115,26 @@ def time_lora_routes(model_dir, dtype_name: str) -> dict:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
+
+    def best_of_3(fn):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - t)
+        return min(times), result
+
+    def via_copy():
+        merged = copy.deepcopy(model).merge_and_unload()
+        return {k: v.detach().to(dtype, copy=True) for k, v in merged.state_dict().items() if k != "lm_head.weight"}
+
     out = {}
-    t = time.perf_counter()
-    hf_state_dict(model.get_base_model(), dtype=dtype)  # base weights only: the cost of any export
-    out["export_plain_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    per_layer = hf_state_dict(model, dtype=dtype)
-    out["lora_per_layer_delta_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    merged = copy.deepcopy(model).merge_and_unload()
-    via_copy = {k: v.detach().to(dtype, copy=True) for k, v in merged.state_dict().items() if k != "lm_head.weight"}
-    out["lora_deepcopy_merge_and_unload_s"] = time.perf_counter() - t
-    out["lora_routes_max_abs_diff"] = max((per_layer[k].float() - via_copy[k].float()).abs().max().item() for k in per_layer)
+    plain = load_causal_lm(model_dir, dtype_name)  # what any export costs, no adapters
+    out["export_plain_s"], _ = best_of_3(lambda: hf_state_dict(plain, dtype=dtype))
+    del plain
+    out["lora_per_layer_delta_s"], per_layer = best_of_3(lambda: hf_state_dict(model, dtype=dtype))
+    out["lora_deepcopy_merge_and_unload_s"], copied = best_of_3(via_copy)
+    out["lora_routes_max_abs_diff"] = max((per_layer[k].float() - copied[k].float()).abs().max().item() for k in per_layer)
     return out, model
 
 

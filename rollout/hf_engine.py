@@ -3,8 +3,8 @@
 Sampling is done by one logits processor (`_Sampler`) that sees the raw logits of every step: it
 records log p(token) of the token chosen at the previous step under the unmodified distribution
 (the same quantity vLLM returns with `logprobs_mode="raw_logprobs"`), then picks the next token itself
-(argmax, or temperature + top-p + a draw from per-row seeded generators) and hands `generate` a mask
-that leaves only that token. `generate` therefore runs greedy over the mask and draws no random numbers
+(argmax, or temperature + top-p + an inverse-CDF draw from per-row seeded generators) and hands
+`generate` a mask that leaves only that token. `generate` therefore runs greedy over the mask and draws no random numbers
 of its own, so a row's sample depends only on (seed, prompt index, sample index), not on the batch.
 """
 from __future__ import annotations
@@ -40,17 +40,29 @@ class _Sampler:
         if self.sampling.greedy:
             choice = logits.argmax(dim=-1)
         else:
-            z = logits / self.sampling.temperature
-            if self.top_p is not None:
-                z = self.top_p(input_ids, z)
-            probs = torch.softmax(z, dim=-1)
-            if self.generators is None:
-                choice = torch.multinomial(probs, 1).squeeze(1)
+            if self.sampling.temperature == 1 and self.top_p is None:
+                probs = self.prev.exp()
             else:
-                choice = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)])
+                z = logits / self.sampling.temperature
+                if self.top_p is not None:
+                    z = self.top_p(input_ids, z)
+                probs = torch.softmax(z, dim=-1)
+            choice = self._draw(probs)
         masked = torch.full_like(scores, float("-inf"))
         masked.scatter_(1, choice.unsqueeze(1), 0.0)
         return masked
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row from `probs` (B, V) by inverting the CDF at a uniform draw: exact, and on
+        CPU ~10x cheaper than torch.multinomial over a 49k vocabulary (measured: 256 rows, 1 thread,
+        ~300 ms per step for multinomial). Zero-probability tokens (top-p) have empty intervals."""
+        cdf = probs.double().cumsum_(dim=-1)
+        if self.generators is None:
+            u = torch.rand(probs.shape[0], 1, dtype=torch.float64)
+        else:
+            u = torch.cat([torch.rand(1, 1, dtype=torch.float64, generator=g) for g in self.generators])
+        choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        return choice.clamp_(max=probs.shape[1] - 1)
 
     def logprobs(self, generated: torch.LongTensor) -> torch.Tensor:
         """(B, T) logprobs of `generated` (the (B, T) new tokens) once generation has finished."""
