@@ -80,6 +80,11 @@ class TrainConfig:
     save_total_limit: int = option(2, help="keep the last N checkpoints")
     logging_steps: int = option(1, help="log metrics every N optimizer steps")
     bf16: bool = option(True, help="bf16 autocast (these CPUs run bf16 matmuls ~4x faster than fp32)")
+    gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass: less memory, "
+                                          "~1/3 more compute (TRL's SFT default is on; off here, see README)")
+    nonfinite: Literal["stop", "skip"] = option("stop", help="a NaN/inf loss or gradient: 'stop' the stage before "
+                                                "the bad update (the last checkpoint is kept), or 'skip' that "
+                                                "optimizer step and count it (train/skipped_steps); skip needs one process")
     lora: LoraConfig = option(factory=LoraConfig, help="LoRA adapters")
     grad_accum: int = field(init=False, default=1, metadata={"help": "derived: batch_size / (micro_batch_size * num_processes)"})
 
@@ -96,6 +101,9 @@ class TrainConfig:
               f"must be a positive multiple of micro_batch_size * num_processes = {self.micro_batch_size} * "
               f"{self.num_processes} = {per_step}; e.g. batch_size={max(per_step, (self.batch_size // per_step) * per_step)}")
         check(self.save_steps > 0, "save_steps", self.save_steps, "must be > 0")
+        check(self.nonfinite == "stop" or self.num_processes == 1, "nonfinite", self.nonfinite,
+              "'skip' runs on one process only (under ZeRO-3 the gradients are sharded): set nonfinite=stop "
+              "or num_processes=1")
         derive(self, "grad_accum", self.batch_size // per_step)
 
 
@@ -236,6 +244,9 @@ class PPOConfig:
     num_processes: int = option(1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3 (needs rollout.in_process: false)")
     bf16: bool = option(True, help="bf16 compute: autocast on one process, DeepSpeed bf16 under ZeRO-3")
     save_every: int = option(5, help="checkpoint every N iterations (resume point)")
+    nonfinite: Literal["stop", "skip"] = option("stop", help="a NaN/inf PPO loss or gradient: 'stop' before the bad "
+                                                "update, or 'skip' that mini-batch's step and count it "
+                                                "(ppo/skipped_steps); skip needs one process")
     early_stop_patience: int = option(0, help="stop after N held-out evaluations without a held-out reward gain (0 = off)")
     eval_every: int = option(1, help="measure the mean combined reward on the held-out prompts every N iterations (and before the first)")
 
@@ -264,6 +275,8 @@ class PPOConfig:
         check(self.vf_coef >= 0, "vf_coef", self.vf_coef, "must be >= 0")
         check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
         check(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
+        check(self.nonfinite == "stop" or self.num_processes == 1, "nonfinite", self.nonfinite,
+              "'skip' runs on one process only: set nonfinite=stop or num_processes=1")
         check(self.heldout_prompts >= 0, "heldout_prompts", self.heldout_prompts, "must be >= 0")
         check(self.early_stop_patience == 0 or self.heldout_prompts > 0, "early_stop_patience",
               self.early_stop_patience, "early stopping needs held-out prompts: set heldout_prompts > 0 or patience 0")

@@ -346,8 +346,8 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
                 if work.is_dir():  # kept for `align status` and the next run
                     write_json_atomic(work / "failed.json", {"error": str(e), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 _drop_if_nothing_to_resume(work)
-                if created and not any((run_dir / n / MANIFEST).is_file() for n in names):
-                    shutil.rmtree(run_dir, ignore_errors=True)  # this call made it; leave no trace
+                if created and not work.is_dir() and not any((run_dir / n / MANIFEST).is_file() for n in names):
+                    shutil.rmtree(run_dir, ignore_errors=True)  # this call made it, nothing to resume: no trace
                 raise
         manifests.append(m)
         print(f"[align] {name}: {one_line(m)}", flush=True)

@@ -55,23 +55,69 @@ def _lora_peft_config(lora, task_type="CAUSAL_LM"):
                           target_modules=list(lora.target_modules), task_type=task_type)
 
 
-def _metrics_callback(logger):
+def grads_finite(params) -> bool:
+    """True when every gradient of `params` is finite (parameters without a gradient count as finite)."""
+    import torch
+
+    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+
+
+class FiniteStepGuard:
+    """Wraps an optimizer's `step`: non-finite gradients either stop the stage BEFORE the update
+    (mode 'stop'; the last checkpoint on disk is the last good state) or skip that step (mode 'skip';
+    gradients dropped, weights and optimizer moments untouched) and count it in `skipped`.
+
+    The Trainer clips first; a NaN/inf gradient makes the clipped gradients non-finite too, so one
+    check covers both a non-finite loss and a non-finite gradient."""
+
+    def __init__(self, optimizer, mode: str, step_of):
+        self.optimizer, self.mode, self.step_of = optimizer, mode, step_of
+        self.skipped = 0
+        self._step = optimizer.step
+        optimizer.step = self.step
+
+    def step(self, *args, **kwargs):
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if grads_finite(params):
+            return self._step(*args, **kwargs)
+        step = self.step_of() + 1
+        if self.mode == "stop":
+            raise AlignError(f"non-finite loss or gradient at step {step}: the stage stopped before applying it "
+                             f"and the last good checkpoint is kept; lower the learning rate or check the data "
+                             f"(or set train.nonfinite=skip to skip such steps)")
+        self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        print(f"[align] step {step}: non-finite gradient, optimizer step skipped ({self.skipped} so far)", flush=True)
+        return None
+
+
+def _metrics_callback(logger, nonfinite: str = "stop"):
     from transformers import TrainerCallback
 
     class ToMetrics(TrainerCallback):
-        """Mirrors Trainer logs into metrics.jsonl under `train/` names; stops on a non-finite loss."""
+        """Mirrors Trainer logs into metrics.jsonl under `train/` names; guards the optimizer step
+        against non-finite gradients (one process; under ZeRO-3 a non-finite logged loss stops the stage)."""
+
+        guard = None
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None and args.deepspeed is None:
+                self.guard = FiniteStepGuard(getattr(optimizer, "optimizer", optimizer), nonfinite,
+                                             lambda: state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             fault("sft_step")
             logs = logs or {}
             for k in ("loss", "grad_norm"):
-                if k in logs and not math.isfinite(float(logs[k])):
+                if k in logs and not math.isfinite(float(logs[k])) and nonfinite == "stop":
                     raise AlignError(f"non-finite {k} ({logs[k]}) at step {state.global_step}: lower the "
                                      f"learning rate or check the data; the last good checkpoint is kept")
+            if self.guard is not None:
+                logs = {**logs, "skipped_steps": self.guard.skipped}
             if state.is_world_process_zero:
                 names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
                          "entropy": "train/entropy", "mean_token_accuracy": "train/token_accuracy",
-                         "num_tokens": "train/num_tokens"}
+                         "num_tokens": "train/num_tokens", "skipped_steps": "train/skipped_steps"}
                 row = {names[k]: v for k, v in logs.items() if k in names and isinstance(v, (int, float))}
                 if row:
                     logger.log(row, state.global_step)
@@ -114,6 +160,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         max_steps=tcfg.max_steps,
         max_grad_norm=tcfg.max_grad_norm,
         bf16=tcfg.bf16,
+        gradient_checkpointing=tcfg.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         save_strategy="steps",
         save_steps=tcfg.save_steps,
@@ -140,7 +187,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=_lora_peft_config(tcfg.lora) if tcfg.lora.enabled else None,
-        callbacks=[_metrics_callback(logger)],
+        callbacks=[_metrics_callback(logger, tcfg.nonfinite)],
     )
     resume = latest_checkpoint(ckpt_dir)
     if resume and ctx.is_main:

@@ -146,6 +146,10 @@ class TorchLearner:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def discard(self) -> None:
+        """Drop the gradients accumulated so far (a skipped mini-batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def trainable_state(self) -> Optional[dict[str, torch.Tensor]]:
         """Float32 CPU copies of the adapters and the value head, by parameter name."""
         return {n: p.detach().float().cpu().clone() for n, p in self.net.named_parameters() if p.requires_grad}

@@ -171,7 +171,9 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
         The mean over optimizer steps of ``ppo/*`` metrics (plus ``ppo/grad_norm``), and the per-step
         list (loss and metrics of each mini-batch, in order) for equivalence tests.
     Raises:
-        AlignError naming `iteration` on a non-finite loss or gradient norm (on every rank at once).
+        AlignError naming `iteration` on a non-finite loss or gradient norm (on every rank at once);
+        with ``cfg.nonfinite == "skip"`` (one process) such a mini-batch's step is skipped instead and
+        counted in ``ppo/skipped_steps``.
     """
     rank, world = learner.rank, learner.world_size
     B, M = len(traj), cfg.mini_batch_size
@@ -183,6 +185,7 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
     temperature = cfg.sampling.temperature
     gen = torch.Generator().manual_seed(seed)
     steps: list[dict[str, float]] = []
+    skipped = 0
     learner.module.train()
     for _epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
@@ -193,6 +196,7 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
             micro = chunks(mine, cfg.micro_batch_size)
             sums = torch.zeros(len(UPDATE_METRICS), dtype=torch.float64)
             norm: Optional[float] = None
+            bad = False
             for j, idx in enumerate(micro):
                 part = traj.select(idx)
                 logits, values, Tm = forward_window(learner, part.input_ids, part.attention_mask,
@@ -207,12 +211,19 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
                 loss = pl + cfg.vf_coef * vl
                 # every rank learns whether ANY rank's loss is non-finite, so all raise together
                 if not math.isfinite(dist.all_reduce_sum(loss.detach().float().cpu()).item()):
+                    if cfg.nonfinite == "skip":  # one process (config check): drop this mini-batch's step
+                        bad = True
+                        learner.discard()
+                        break
                     raise AlignError(f"iteration {iteration}: non-finite PPO loss (epoch {_epoch + 1}, mini-batch "
                                      f"{k + 1}); lower lr (now {cfg.lr}) or check the rewards")
                 norm = learner.accumulate(loss, boundary=(j == len(micro) - 1))
                 metrics = {**pm, **vm}
                 sums += torch.tensor([float(metrics[name]) for name in UPDATE_METRICS], dtype=torch.float64)
             sums = dist.all_reduce_sum(sums)
+            if cfg.nonfinite == "skip" and (bad or norm is None or not math.isfinite(norm)):
+                skipped += 1  # nothing was stepped: the learner drops non-finite gradients itself
+                continue
             if norm is None or not math.isfinite(norm):
                 raise AlignError(f"iteration {iteration}: non-finite gradient norm (epoch {_epoch + 1}, mini-batch "
                                  f"{k + 1}); lower lr (now {cfg.lr})")
@@ -221,5 +232,9 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
             step["ppo/grad_norm"] = norm
             steps.append(step)
     learner.module.eval()
+    if not steps:
+        raise AlignError(f"iteration {iteration}: every PPO step was non-finite and skipped; lower lr (now "
+                         f"{cfg.lr}) or check the rewards")
     mean = {name: sum(s[name] for s in steps) / len(steps) for name in steps[0]}
+    mean["ppo/skipped_steps"] = float(skipped)
     return mean, steps

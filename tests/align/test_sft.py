@@ -99,6 +99,65 @@ def test_tiny_sft_run_learns_and_saves_a_loadable_checkpoint(tmp_path, tiny_dir)
     assert not (Path(cfg.run_dir) / ".work").exists() or not any((Path(cfg.run_dir) / ".work").iterdir())
 
 
+def test_finite_step_guard_stops_or_skips_before_the_update():
+    from align.errors import AlignError
+    from align.sft import FiniteStepGuard
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    for mode in ("stop", "skip"):
+        guard = FiniteStepGuard(opt, mode, step_of=lambda: 4)
+        (w * float("nan")).sum().backward()
+        if mode == "stop":
+            with pytest.raises(AlignError, match="non-finite loss or gradient at step 5"):
+                opt.step()
+        else:
+            opt.step()
+            assert guard.skipped == 1 and w.grad is None and not opt.state  # no moment was created
+        assert torch.equal(w.detach(), torch.ones(3))
+        opt.zero_grad()
+        opt.step = guard._step  # unwrap for the next mode
+    (w * 2).sum().backward()
+    FiniteStepGuard(opt, "skip", step_of=lambda: 0).optimizer.step()
+    assert not torch.equal(w.detach(), torch.ones(3))  # a finite step goes through
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_loss_in_sft_stops_keeping_the_checkpoint_or_is_skipped(tmp_path, tiny_dir, monkeypatch, mode):
+    from trl import SFTTrainer
+
+    from align.errors import AlignError
+    from align.pipeline import run_pipeline
+
+    real = SFTTrainer.compute_loss
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.state.global_step == 2:  # the third optimizer step
+            return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+        return out
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
+    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=4",
+                             "sft.train.save_steps=2", f"sft.train.nonfinite={mode}"])
+    if mode == "stop":
+        with pytest.raises(AlignError, match="non-finite loss or gradient at step 3"):
+            run_pipeline(cfg)
+        ckpts = sorted(p.name for p in (Path(cfg.run_dir) / ".work" / "sft" / "checkpoints").glob("checkpoint-*"))
+        assert ckpts == ["checkpoint-2"]  # the last good state; no half-trained model marked done
+        assert not (Path(cfg.run_dir) / "sft").exists()
+        monkeypatch.setattr(SFTTrainer, "compute_loss", real)  # the cause fixed: the rerun resumes at step 2
+        (m,) = run_pipeline(cfg)
+        assert m["status"] == "done" and m["summary"]["train/steps"] == 4
+    else:
+        (m,) = run_pipeline(cfg)
+        assert m["status"] == "done" and m["summary"]["train/steps"] == 4
+        rows = [json.loads(x) for x in (Path(cfg.run_dir) / "sft" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["train/skipped_steps"] for r in rows if "train/loss" in r] == [0, 0, 1, 1]
+        weights = _weights(Path(cfg.run_dir) / "sft" / "model")
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 @pytest.mark.slow
 def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "run"

@@ -319,3 +319,58 @@ def test_two_process_update_equals_one_process_update(tmp_path, tiny_dir):
     assert set(state_2) == set(state_1)
     for n in state_1:
         assert torch.allclose(state_2[n], state_1[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_non_finite_mini_batch_stops_or_is_skipped_without_touching_the_weights(tmp_path, tiny_dir, mode):
+    from align.config import PPOConfig
+    from align.configlib import build
+    from align.errors import AlignError
+    from align.ppo.policy import TorchLearner, build_policy
+    from align.ppo.train import ppo_update
+
+    cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
+                            "mini_batch_size": 4, "micro_batch_size": 2, "bf16": False, "lr": 1e-2,
+                            "lora": {"enabled": True, "r": 4, "alpha": 8}, "nonfinite": mode})
+    traj = _fixed_trajectory(tiny_dir, cfg)
+    traj.advantages[:] = float("nan")  # every mini-batch's policy loss is NaN
+    learner = TorchLearner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
+    before = learner.trainable_state()
+    if mode == "stop":
+        with pytest.raises(AlignError, match="iteration 7: non-finite PPO loss"):
+            ppo_update(learner, traj, cfg, seed=1, autocast=False, iteration=7)
+    else:
+        with pytest.raises(AlignError, match="iteration 7: every PPO step was non-finite and skipped"):
+            ppo_update(learner, traj, cfg, seed=1, autocast=False, iteration=7)
+    after = learner.trainable_state()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(p.grad is None for p in learner.params)
+
+
+def test_skip_counts_the_non_finite_mini_batch_and_trains_on_the_rest(tiny_dir):
+    from align.config import PPOConfig
+    from align.configlib import build
+    from align.ppo.policy import TorchLearner, build_policy
+    from align.ppo.train import ppo_update
+
+    cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
+                            "mini_batch_size": 4, "micro_batch_size": 2, "bf16": False, "lr": 1e-2,
+                            "lora": {"enabled": True, "r": 4, "alpha": 8}, "nonfinite": "skip"})
+    traj = _fixed_trajectory(tiny_dir, cfg)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    traj.advantages[perm[0]] = float("nan")  # poisons the first mini-batch only
+    learner = TorchLearner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
+    before = learner.trainable_state()
+    mean, steps = ppo_update(learner, traj, cfg, seed=1, autocast=False, iteration=1)
+    assert mean["ppo/skipped_steps"] == 1.0 and len(steps) == 1
+    assert all(map(lambda s: all(v == v for v in s.values()), steps))  # the kept step is finite
+    after = learner.trainable_state()
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_skip_needs_one_process():
+    from align.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match="'skip' runs on one process only"):
+        load_config(TINY, [PPO_STAGES, "ppo.nonfinite=skip", "ppo.num_processes=2", "ppo.mini_batch_size=4",
+                           "ppo.micro_batch_size=2"])
