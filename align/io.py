@@ -1,6 +1,7 @@
 """Crash-safe file I/O shared by every stage: a half-written artifact is never taken for a finished one."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,12 +25,32 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
     fsync_dir(path.parent)
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# how torch.save and safetensors report a failed write (they do not always raise an OSError)
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "file write failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write that failed because the disk (or quota) is full, whichever library raised it."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -14,6 +14,7 @@ everything after it. A stage is resumed from `.work/<stage>/` when that holds st
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -240,26 +241,47 @@ def run_stage(cfg: PipelineConfig, name: str, config_path: str | None = None, ov
     """Run one stage to completion (resuming if it can) and return its manifest."""
     t0 = time.time()
     n = _num_processes(cfg, name)
-    if n > 1:
-        if config_path is None:
-            raise AlignError(f"stage '{name}' runs on {n} processes and needs its config file path")
-        ctx = prepare(cfg, name)
-        launch_workers(ctx, config_path, overrides, n)
-        summary = read_json(ctx.work_dir / "summary.json")
-    else:
-        ctx = prepare(cfg, name)
-        summary = _stage_fn(ctx.stage)(ctx)
-    return finalize(ctx, summary, time.time() - t0)
+    with disk_full_as_error(name, Path(cfg.run_dir)):
+        if n > 1:
+            if config_path is None:
+                raise AlignError(f"stage '{name}' runs on {n} processes and needs its config file path")
+            ctx = prepare(cfg, name)
+            launch_workers(ctx, config_path, overrides, n)
+            summary = read_json(ctx.work_dir / "summary.json")
+        else:
+            ctx = prepare(cfg, name)
+            summary = _stage_fn(ctx.stage)(ctx)
+        return finalize(ctx, summary, time.time() - t0)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(name: str, run_dir: Path):
+    """A write that fails on a full disk becomes one AlignError that says what to do. Nothing half
+    written is taken for finished: artifacts and checkpoints are renamed into place only once complete."""
+    from align.io import is_disk_full
+
+    try:
+        yield
+    except AlignError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise AlignError(f"disk full while stage '{name}' was writing under {run_dir} ({type(e).__name__}: {e}). "
+                         f"Free space there (check with `df -h {run_dir}`; old runs and .work/*/checkpoints are the "
+                         f"big items) or move the run with run_dir=PATH, then rerun the same command: finished "
+                         f"stages and complete checkpoints are kept, the partial write was discarded") from e
 
 
 def run_worker(cfg: PipelineConfig, name: str) -> None:
     """Body of one rank under `accelerate launch`: run the stage; rank 0 leaves the summary for the parent."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = prepare(cfg, name, rank=rank, world_size=world)
-    summary = _stage_fn(ctx.stage)(ctx)
-    if rank == 0:
-        write_json_atomic(ctx.work_dir / "summary.json", summary)
+    with disk_full_as_error(name, Path(cfg.run_dir)):
+        ctx = prepare(cfg, name, rank=rank, world_size=world)
+        summary = _stage_fn(ctx.stage)(ctx)
+        if rank == 0:
+            write_json_atomic(ctx.work_dir / "summary.json", summary)
 
 
 def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int) -> None:

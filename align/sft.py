@@ -48,6 +48,14 @@ def latest_checkpoint(directory: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
 
 
+def _finished(checkpoint: str) -> bool:
+    """True when a Trainer checkpoint holds the run's last step."""
+    import json
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", -1)
+
+
 def _lora_peft_config(lora, task_type="CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig
 
@@ -192,7 +200,16 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
     resume = latest_checkpoint(ckpt_dir)
     if resume and ctx.is_main:
         print(f"[align] {ctx.name}: resuming from {resume}", flush=True)
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and _finished(resume) and not deepspeed:  # (under ZeRO-3 the engine must load it)
+        # transformers 5 trains one step past max_steps when resumed from the final checkpoint (measured:
+        # max_steps=2, resumed from checkpoint-2 -> global_step 3), so a finished run is loaded, not resumed
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        runtime = 0.0
+    else:
+        runtime = float(trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0))
     logger.close()
     save_policy(trainer, tokenizer, ctx, tcfg.lora.enabled)
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -200,7 +217,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         "train/loss_first": float(history[0]["loss"]) if history else float("nan"),
         "train/loss_last": float(history[-1]["loss"]) if history else float("nan"),
         "train/steps": int(trainer.state.global_step),
-        "train/runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "train/runtime_s": runtime,
         "model_dir": str(ctx.run_dir / ctx.name / "model"),
     }
 

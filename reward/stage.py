@@ -2,6 +2,7 @@
 
 setup (data: held-out split per source, then the recipe's mixture) -> train (reward/train.py,
 resumable from the stage's work directory) -> save (model/, eval.json, eval.md, eval_gaps.png).
+With `train.num_processes` N > 1 the pipeline runs this on N ranks under DeepSpeed ZeRO-3 (reward/train.py).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[d
 
 
 def run_reward(ctx) -> dict:
+    """The stage on this rank (every rank of a multi-process stage runs it); the summary on rank 0, {} elsewhere."""
+    from align.io import read_json
     from align.models import load_tokenizer
     from reward.train import train_reward_model
 
@@ -58,14 +61,20 @@ def run_reward(ctx) -> dict:
     exports = [d / "preference.jsonl" for d in ctx.earlier("label") if (d / "preference.jsonl").is_file()]
     train, test, stats = build_splits(cfg, ctx.cfg, ctx.cfg.seed, exports)
     stats["data/label_rounds"] = len(exports)
-    print(f"[align] {ctx.name}: {stats['data/train_pairs']} training pairs "
-          f"({stats['data/primary_pairs']} primary, {stats['data/secondary_pairs']} secondary available), "
-          f"{stats['data/test_pairs']} held out", flush=True)
+    if ctx.is_main:
+        print(f"[align] {ctx.name}: {stats['data/train_pairs']} training pairs "
+              f"({stats['data/primary_pairs']} primary, {stats['data/secondary_pairs']} secondary available), "
+              f"{stats['data/test_pairs']} held out", flush=True)
     tokenizer = load_tokenizer(ctx.init_model_dir)
-    logger = ctx.logger()
+    logger = ctx.logger() if ctx.is_main else None
+    # written by the pipeline's launcher (align/launch) for a stage on several processes
+    ds_config = read_json(ctx.work_dir / "launch" / "ds_zero3.json") if ctx.world_size > 1 else None
     # Checkpoints live in the work directory so a killed stage resumes; finished outputs move to out_dir.
     summary = train_reward_model(ctx.init_model_dir, tokenizer, train, test, cfg, ctx.work_dir, ctx.cfg.seed,
-                                 logger=logger, base_dtype=ctx.cfg.model.dtype if cfg.train.lora.enabled else "float32")
+                                 logger=logger, base_dtype=ctx.cfg.model.dtype if cfg.train.lora.enabled else "float32",
+                                 ds_config=ds_config)
+    if not ctx.is_main:
+        return {}
     logger.close()
     for name in ("model", "eval.json", "eval.md", "eval_gaps.png", "train_summary.json"):
         src = ctx.work_dir / name

@@ -17,12 +17,27 @@ Levers for speed on a CPU with bf16 matrix units (PLATFORM.md): bf16 autocast (`
 optionally bf16 frozen base weights with LoRA (`base_dtype`); chosen and rejected in ONE forward per
 micro-batch; micro-batches grouped by length.
 
+Processes: with `train.num_processes` N > 1 the stage runs on N ranks under `accelerate launch` (the
+pipeline starts them: `align rm train CONFIG rm_helpful.train.num_processes=2`), the model sharded by
+DeepSpeed ZeRO-3 (gloo on CPU, NCCL on GPUs; align/launch/zero3.py). Every rank draws the same stream
+of micro-batches; an optimizer step's `batch_size / micro_batch_size` micro-batches are dealt out in
+turn, so each rank forwards `grad_accum` of them: a disjoint share of the step's pairs. The losses are
+divided by the pair count of the WHOLE step, so the gradient summed over micro-batches and ranks, and
+the step, are those of one process on the same pairs (tests/reward/test_train.py). Metrics are
+gathered: rank 0 logs the step's global loss and accuracies. A non-finite loss stops every rank at
+once (its check is all-reduced before the backward). Rank 0 alone writes the model (gathered to full
+weights: it loads with `from_pretrained` like the one-process model), the evaluation and the summary.
+Under ZeRO-3, `train.bf16` is DeepSpeed's bf16 mode (bf16 weights, fp32 master copies) as in PPO and
+SFT, rather than autocast over fp32 weights.
+
 Resumable: every `train.save_steps` optimizer steps, `out_dir/checkpoints/step-N/` is written
-atomically with the trainable weights, optimizer, scheduler, RNG state and data position; a restart
-continues from the newest checkpoint and reproduces the uninterrupted run.
+atomically with the trainable weights (under ZeRO-3: DeepSpeed's partitioned checkpoint, every rank
+writing its part), optimizer, scheduler, RNG state and data position; a restart continues from the
+newest checkpoint and reproduces the uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,6 +56,8 @@ from align.configlib import to_dict
 from align.errors import AlignError
 from align.faults import fault
 from align.io import atomic_dir, read_json, write_json_atomic
+from align.launch import dist
+from align.launch.zero3 import param_ndim
 from reward.losses import RATING_LEVELS, accuracy_by_level, margin_table, ranking_loss, safety_aux_loss
 from reward.model import RewardScorer, format_pair, load_reward_model, pad_batch, save_reward_model, sequence_scores
 
@@ -149,20 +166,25 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def micro_batches_per_step(train_cfg: "TrainConfig") -> int:
+    """Micro-batches of one optimizer step over all processes: batch_size / micro_batch_size."""
+    return train_cfg.grad_accum * train_cfg.num_processes
+
+
 def total_steps(n_pairs: int, train_cfg: "TrainConfig") -> int:
     """Optimizer steps of a run: ``max_steps``, or enough micro-batches for ``epochs`` passes."""
     if train_cfg.max_steps > 0:
         return train_cfg.max_steps
     per_epoch = math.ceil(n_pairs / train_cfg.micro_batch_size)
-    return max(1, math.ceil(train_cfg.epochs * per_epoch / train_cfg.grad_accum))
+    return max(1, math.ceil(train_cfg.epochs * per_epoch / micro_batches_per_step(train_cfg)))
 
 
 def make_optimizer(model, train_cfg: "TrainConfig") -> torch.optim.AdamW:
     # No weight decay on norms and biases (1-d tensors): decaying a norm's gain towards 0 is not
     # regularisation.
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if param_ndim(p) >= 2]
+    no_decay = [p for p in params if param_ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
@@ -176,20 +198,81 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write ``ckpt_root/step-N`` atomically, then keep only the newest ``keep`` checkpoints."""
+def load_trainable(model, weights: dict[str, torch.Tensor], where: Path, hint: str = "") -> None:
+    """Copy trainable tensors saved by name (`trainable_state`) into ``model``."""
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise AlignError(f"{where}: weights {missing[:3]} do not match the model{hint}")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+
+
+class LocalLearner:
+    """One process: plain autograd, `clip_grad_norm_`, the torch AdamW. The interface of
+    `align.launch.zero3.DeepSpeedLearner`, which takes its place on N > 1 processes."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+        self.net = self.module = model
+        self.device = next(model.parameters()).device
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def accumulate(self, loss: torch.Tensor, boundary: bool) -> Optional[float]:
+        """Backward ``loss``; at the step's last micro-batch (``boundary``) clip and step, unless the
+        gradient norm is non-finite (the caller raises). Returns the pre-clip norm then."""
+        loss.backward()
+        if not boundary:
+            return None
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.net)
+
+    def save(self, directory: Path) -> None:
+        save_file(trainable_state(self.net), str(directory / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        load_trainable(self.net, load_file(str(directory / "trainable.safetensors")), directory,
+                       hint="; delete the checkpoints directory to start over")
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, learner, scheduler, state: dict, keep: int) -> Path:
+    """Write ``ckpt_root/step-N`` atomically, then keep only the newest ``keep`` checkpoints.
+
+    Every rank writes its part (its optimizer partition under ZeRO-3) into rank 0's temporary
+    directory, which rank 0 renames once all parts are in. Every rank must call it.
+    """
     final = ckpt_root / f"step-{step}"
-    with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    main = learner.rank == 0
+    with (atomic_dir(final) if main else contextlib.nullcontext()) as tmp:
+        tmp = dist.broadcast_object(tmp)
+        if isinstance(learner, LocalLearner):
+            learner.save(tmp)
+        else:  # DeepSpeed's checkpoint is the resume state; the final model is gathered at the end
+            learner.save(tmp, gathered=False)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        write_json_atomic(tmp / "state.json", state)
-    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        torch.save(rng, tmp / f"rng_rank{learner.rank}.pt")
+        dist.barrier()  # every part written before rank 0 renames
+        if main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            write_json_atomic(tmp / "state.json", state)
+    if main:
+        for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -205,19 +288,13 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise AlignError(f"{path}: checkpoint weights {missing[:3]} do not match the model; "
-                         "delete the checkpoints directory to start over")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+def load_checkpoint(path: Path, learner, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns the loop state."""
+    learner.load(path)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the step's lr, whether or not the optimizer's own state carried it
+    rng = torch.load(path / f"rng_rank{learner.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -242,31 +319,38 @@ def _safety_labels(pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Te
     return (torch.tensor([bool(x) for x in labels]), torch.tensor([x is not None for x in labels]))
 
 
-def train_step(model, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig", step: int, pad_id: int) -> dict:
-    """Forward/backward of one optimizer step's micro-batches, then gradient clipping.
+def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig", step: int, pad_id: int) -> dict:
+    """Forward/backward of this rank's share of one optimizer step, then the (clipped) step.
+
+    Args:
+        learner: `LocalLearner` or `align.launch.zero3.DeepSpeedLearner`.
+        micro: ALL micro-batches of the step, the same on every rank; rank r forwards ``micro[r::N]``
+            (N processes).
 
     The losses are normalised by the pairs (and safety labels) of the WHOLE step, so accumulation
-    over micro-batches gives the gradient of the full batch. Leaves the gradients for
-    ``optimizer.step()``; raises AlignError naming ``step`` (1-based) on a non-finite loss or norm.
+    over micro-batches and ranks gives the gradient of the full batch. Raises AlignError naming
+    ``step`` (1-based) on a non-finite loss (before its backward) or gradient norm, on every rank at once;
+    with ``train.nonfinite: skip`` (one process) the step is not taken and ``{"rm/skipped": 1.0}`` returned.
 
     Returns:
-        The step's metrics: ``rm/loss`` and the ranking metrics over all its pairs.
+        The step's metrics over all its pairs, on every rank: ``rm/loss``, the ranking metrics,
+        ``rm/grad_norm`` and ``rm/pad_share``.
     """
     tc = cfg.train
-    device = next(model.parameters()).device
     use_aux = cfg.safety_aux_weight > 0
     n_pairs = sum(len(mb) for mb in micro)
     n_labels = sum(int(_safety_labels(mb)[1].sum()) for mb in micro) if use_aux else 0
+    mine = micro[learner.rank::learner.world_size]
     loss_total, aux_total, real_tokens, all_tokens = 0.0, 0.0, 0, 0
     r_c_all, r_r_all, m_all, lvl_all = [], [], [], []
-    model.zero_grad(set_to_none=True)
-    for batch in micro:
+    grad_norm = None
+    for j, batch in enumerate(mine):
         b = len(batch)
         # chosen and rejected in ONE forward: (2B, T), chosen rows first
         ids, mask = pad_batch([p.chosen_ids for p in batch] + [p.rejected_ids for p in batch], pad_id)
         real_tokens, all_tokens = real_tokens + int(mask.sum()), all_tokens + mask.numel()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            scores = sequence_scores(model, ids.to(device), mask.to(device)).cpu()  # (2B,) float32
+        with torch.autocast(learner.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+            scores = sequence_scores(learner.module, ids.to(learner.device), mask.to(learner.device)).cpu()  # (2B,)
         r_c, r_r = scores[:b], scores[b:]
         margin = torch.tensor([p.margin for p in batch], dtype=torch.float32)
         loss, _ = ranking_loss(r_c, r_r, margin, denom=n_pairs)
@@ -275,27 +359,86 @@ def train_step(model, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig
             aux, _ = safety_aux_loss(scores, is_safe, labelled, denom=n_labels)
             aux_total += aux.item()
             loss = loss + cfg.safety_aux_weight * aux
-        if not torch.isfinite(loss):
-            raise AlignError(f"reward model: non-finite loss ({loss.item()}) at step {step}; lower "
+        # every rank learns whether ANY rank's loss is non-finite, so all raise together
+        checked = dist.all_reduce_sum(loss.detach().float())
+        if not torch.isfinite(checked) and tc.nonfinite == "skip":  # one process (config check)
+            learner.optimizer.zero_grad(set_to_none=True)
+            return {"rm/skipped": 1.0}
+        if not torch.isfinite(checked):
+            raise AlignError(f"reward model: non-finite loss ({checked.item()}) at step {step}; lower "
                              f"train.lr (now {tc.lr}) or check the data")
-        loss.backward()
+        grad_norm = learner.accumulate(loss, boundary=(j == len(mine) - 1))
         loss_total += loss.item()
         r_c_all.append(r_c.detach())
         r_r_all.append(r_r.detach())
         m_all.append(margin)
         lvl_all.append(torch.tensor([p.rating_idx for p in batch]))
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
-    if not torch.isfinite(grad_norm):
+    if (grad_norm is None or not math.isfinite(grad_norm)) and tc.nonfinite == "skip":
+        return {"rm/skipped": 1.0}  # the learner stepped nothing and dropped the gradients
+    if grad_norm is None or not math.isfinite(grad_norm):  # the global norm: the same on every rank
         raise AlignError(f"reward model: non-finite gradient norm at step {step}; lower train.lr (now {tc.lr})")
-    r_c, r_r = torch.cat(r_c_all), torch.cat(r_r_all)
-    _, rank_metrics = ranking_loss(r_c, r_r, torch.cat(m_all))
-    by_level = accuracy_by_level(r_c, r_r, torch.cat(lvl_all))
-    metrics = {"rm/loss": loss_total, **rank_metrics,
+    # the whole step's numbers on every rank (rank order; the metrics do not depend on it)
+    parts = dist.all_gather_object((torch.cat(r_c_all), torch.cat(r_r_all), torch.cat(m_all), torch.cat(lvl_all),
+                                    loss_total, aux_total, real_tokens, all_tokens))
+    r_c, r_r, margins, levels = (torch.cat([p[i] for p in parts]) for i in range(4))
+    _, rank_metrics = ranking_loss(r_c, r_r, margins)
+    by_level = accuracy_by_level(r_c, r_r, levels)
+    real_tokens, all_tokens = sum(p[6] for p in parts), sum(p[7] for p in parts)
+    metrics = {"rm/loss": sum(p[4] for p in parts), **rank_metrics,
                **{k: v for k, v in by_level.items() if not k.startswith("rm/count/")},
-               "rm/grad_norm": float(grad_norm), "rm/pad_share": 1.0 - real_tokens / max(all_tokens, 1)}
+               "rm/grad_norm": grad_norm, "rm/pad_share": 1.0 - real_tokens / max(all_tokens, 1)}
     if use_aux:
-        metrics["rm/safety_aux_loss"] = aux_total
+        metrics["rm/safety_aux_loss"] = sum(p[5] for p in parts)
     return metrics
+
+
+def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype: str, ds_config: Optional[dict]):
+    """(learner, optimizer, hf_ds_config): the model, its AdamW and, on N > 1 processes, the ZeRO-3 engine.
+
+    Under ZeRO-3 the model loads while an `HfDeepSpeedConfig` is alive, so `from_pretrained` partitions
+    it; keep the returned config alive while training. The new score head is initialised from
+    ``seed`` identically on any number of processes.
+    """
+    world = tc.num_processes
+    hf_ds = ds = None
+    if world > 1:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from align.launch import init_distributed
+        from align.launch.zero3 import resolve_config
+
+        if ds_config is None:
+            raise AlignError(f"rm train.num_processes={world}: run the stage through `align rm train`, `align stage` "
+                             "or `align run`, which launch the processes")
+        init_distributed()  # before the model is built: ZeRO-3 partitions it over the ranks
+        if dist.world_size() != world:
+            raise AlignError(f"rm train.num_processes={world}, but this process is one of {dist.world_size()}; "
+                             "run it through `align rm train`, `align stage` or `align run`")
+        ds = resolve_config(ds_config, tc.micro_batch_size, tc.grad_accum, world, tc.max_grad_norm, tc.bf16)
+        hf_ds = HfDeepSpeedConfig(ds)
+    torch.manual_seed(seed)  # the new score head's initialisation
+    model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype)
+    model.train()
+    if world == 1:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    optimizer = make_optimizer(model, tc)
+    if world == 1:
+        return LocalLearner(model, optimizer, tc.max_grad_norm), optimizer, None
+    from align.launch.zero3 import DeepSpeedLearner
+
+    return DeepSpeedLearner(model, optimizer, ds), optimizer, hf_ds
+
+
+def gathered_model(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype: str,
+                   trainable: dict[str, torch.Tensor]):
+    """Rank 0 after ZeRO-3 training: an unsharded model with the gathered trainable weights."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # this model is loaded whole, on rank 0 alone
+    torch.manual_seed(seed)  # LoRA: the frozen copy of the head, as in one process
+    model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype)
+    load_trainable(model, trainable, Path(model_dir))
+    return model
 
 
 def train_reward_model(
@@ -308,8 +451,12 @@ def train_reward_model(
     seed: int,
     logger=None,
     base_dtype: str = "float32",
+    ds_config: Optional[dict] = None,
 ) -> dict:
     """Train a reward model on preference pairs; resume from ``out_dir/checkpoints`` if present.
+
+    With ``cfg.train.num_processes`` N > 1, every one of the N ranks (under `accelerate launch`)
+    calls it with the same arguments (``logger`` on rank 0 only).
 
     Args:
         model_dir: backbone directory (chat/SFT causal LM, or a saved RM).
@@ -322,17 +469,16 @@ def train_reward_model(
         seed: seeds the head's initialisation and the data order.
         logger: anything with ``log(metrics: dict, step: int)`` (`align.io.MetricsLogger`), or None.
         base_dtype: ``bfloat16`` keeps LoRA's frozen base weights in bf16 (LoRA only).
+        ds_config: N > 1: the launch's ZeRO-3 JSON (align/launch, ``work_dir/launch/ds_zero3.json``).
 
     Returns:
-        Summary: steps, pairs seen, truncations, timings, final train metrics and eval metrics.
+        Summary (rank 0; {} on the other ranks): steps, pairs seen, truncations, timings, final train
+        metrics and eval metrics.
     """
     from reward.evaluate import evaluate, write_eval
 
     tc = cfg.train
     out_dir = Path(out_dir)
-    if tc.num_processes != 1:
-        raise AlignError(f"rm train.num_processes={tc.num_processes}: the reward-model loop runs in one process; "
-                         "set train.num_processes=1")
     # ---- setup
     pairs = encode_pairs(tokenizer, train_records, cfg)
     if not pairs:
@@ -344,35 +490,41 @@ def train_reward_model(
                          "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data")
     steps = total_steps(len(pairs), tc)
     warmup = math.ceil(tc.warmup_ratio * steps)
-    torch.manual_seed(seed)  # the new score head's initialisation
-    model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").train()
-    optimizer = make_optimizer(model, tc)
+    learner, optimizer, _hf_ds = build_learner(model_dir, tokenizer, tc, seed, base_dtype, ds_config)  # kept alive
+    main = learner.rank == 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, steps, tc.min_lr_ratio))
-    initial = trainable_state(model)
+    initial = learner.trainable_state()  # every rank: ZeRO-3 gathers; None off rank 0
     fingerprint = run_fingerprint(cfg, seed, pairs)
     ckpt_root = out_dir / CHECKPOINTS_SUBDIR
     step, consumed, pairs_seen = 0, 0, 0
     existing = list_checkpoints(ckpt_root)
     if existing:
-        state = load_checkpoint(existing[-1], model, optimizer, scheduler)
-        if state["fingerprint"] != fingerprint:
+        if read_json(existing[-1] / "state.json")["fingerprint"] != fingerprint:
             raise AlignError(f"{existing[-1]}: checkpoint of a different config, seed or data; "
                              f"delete {ckpt_root} to start over")
+        state = load_checkpoint(existing[-1], learner, scheduler)
         step, consumed, pairs_seen = state["step"], state["micro_batches"], state["pairs_seen"]
     stream = micro_batch_stream([p.length for p in pairs], tc.micro_batch_size, tc.batch_size, seed, consumed)
     pad_id = tokenizer.pad_token_id
+    per_step = micro_batches_per_step(tc)
 
     # ---- train
     t0, pairs_at_start, metrics = time.perf_counter(), pairs_seen, {}
-    bar = tqdm(total=steps, initial=step, desc="reward model", unit="step", dynamic_ncols=True)
+    skipped, last_metrics = state.get("skipped_steps", 0) if existing else 0, {"rm/loss": float("nan"), "rm/accuracy": float("nan")}
+    bar = tqdm(total=steps, initial=step, desc="reward model", unit="step", dynamic_ncols=True, disable=not main)
     while step < steps:
-        micro = [[pairs[i] for i in next(stream)] for _ in range(tc.grad_accum)]
-        metrics = train_step(model, micro, cfg, step + 1, pad_id)
+        micro = [[pairs[i] for i in next(stream)] for _ in range(per_step)]
+        metrics = train_step(learner, micro, cfg, step + 1, pad_id)
+        if metrics.pop("rm/skipped", 0.0):
+            skipped += 1
+            print(f"[align] reward model: non-finite loss or gradient at step {step + 1}, step skipped "
+                  f"({skipped} so far)", flush=True)
+            metrics = {**last_metrics}
+        last_metrics = metrics
+        metrics["rm/skipped_steps"] = float(skipped)
         fault("rm_step")
         lr_now = scheduler.get_last_lr()[0]
-        optimizer.step()
         scheduler.step()
         step, consumed = step + 1, consumed + len(micro)
         pairs_seen += sum(len(mb) for mb in micro)
@@ -386,36 +538,43 @@ def train_reward_model(
         if logger is not None and (step % tc.logging_steps == 0 or step == steps):
             logger.log(metrics, step)
         if step % tc.save_steps == 0 and step < steps:
-            save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+            save_checkpoint(ckpt_root, step, learner, scheduler,
                             {"step": step, "micro_batches": consumed, "pairs_seen": pairs_seen,
-                             "fingerprint": fingerprint}, tc.save_total_limit)
+                             "skipped_steps": skipped, "fingerprint": fingerprint}, tc.save_total_limit)
     bar.close()
     seconds = time.perf_counter() - t0
 
-    # ---- save
-    model.eval()
-    moved = sum(not torch.equal(initial[n], p.detach().cpu()) for n, p in model.named_parameters() if n in initial)
-    with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:
-        save_reward_model(model, tokenizer, tmp)
-    summary = {
-        "steps": steps,
-        "warmup_steps": warmup,
-        "train_pairs": len(pairs),
-        "pairs_seen": pairs_seen,
-        "truncated_pairs": n_truncated,
-        "train_seconds": seconds,
-        "pairs_per_s": (pairs_seen - pairs_at_start) / max(seconds, 1e-9),
-        "params_moved": moved,
-        "params_trainable": len(initial),
-        "model_dir": str(out_dir / MODEL_SUBDIR),
-        "final_train_metrics": metrics,
-    }
-    if eval_records:
-        scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=tc.bf16)
-        results = evaluate(scorer, eval_records, batch_size=2 * tc.micro_batch_size)
-        write_eval(results, out_dir)
-        summary["eval"] = results["metrics"]
-        if logger is not None:  # under eval/: the train loop logs rm/accuracy too
-            logger.log({f"eval/{k}": v for k, v in results["metrics"].items()}, step)
-    write_json_atomic(out_dir / "train_summary.json", summary)
+    # ---- save (rank 0; the others only take part in the gathers)
+    final = learner.trainable_state()
+    summary: dict = {}
+    if main:
+        model = learner.net if learner.world_size == 1 else gathered_model(model_dir, tokenizer, tc, seed,
+                                                                           base_dtype, final)
+        model.eval()
+        with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:
+            save_reward_model(model, tokenizer, tmp)
+        summary = {
+            "steps": steps,
+            "warmup_steps": warmup,
+            "train_pairs": len(pairs),
+            "pairs_seen": pairs_seen,
+            "skipped_steps": skipped,
+            "truncated_pairs": n_truncated,
+            "train_seconds": seconds,
+            "pairs_per_s": (pairs_seen - pairs_at_start) / max(seconds, 1e-9),
+            "params_moved": sum(not torch.equal(initial[n], final[n]) for n in initial),
+            "params_trainable": len(initial),
+            "processes": tc.num_processes,
+            "model_dir": str(out_dir / MODEL_SUBDIR),
+            "final_train_metrics": metrics,
+        }
+        if eval_records:
+            scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=tc.bf16)
+            results = evaluate(scorer, eval_records, batch_size=2 * tc.micro_batch_size)
+            write_eval(results, out_dir)
+            summary["eval"] = results["metrics"]
+            if logger is not None:  # under eval/: the train loop logs rm/accuracy too
+                logger.log({f"eval/{k}": v for k, v in results["metrics"].items()}, step)
+        write_json_atomic(out_dir / "train_summary.json", summary)
+    dist.barrier()  # the other ranks wait for rank 0's save and evaluation
     return summary

@@ -15,7 +15,8 @@ other checkpoints (the RM stages), not the policy's.
 
 Optimiser (Llama 2 sec. 3.2.3): AdamW, betas (0.9, 0.95), eps 1e-5, weight decay 0.1 on matrices (not
 on the head's bias), gradient clipping 1.0, constant learning rate. One optimizer step per
-mini-batch; the mini-batch may be accumulated over micro-batches and processes (`Learner.accumulate`).
+mini-batch; the mini-batch may be accumulated over micro-batches (`TorchLearner.accumulate`) and
+processes (`align.launch.zero3.DeepSpeedLearner`, shared with the reward-model loop).
 """
 from __future__ import annotations
 
@@ -176,78 +177,7 @@ class TorchLearner:
 
 def deepspeed_config(base: dict, cfg, world_size: int) -> dict:
     """The launch's ZeRO-3 JSON (align/launch) with its "auto" values filled from the PPO config."""
+    from align.launch.zero3 import resolve_config
+
     gas = cfg.mini_batch_size // (cfg.micro_batch_size * world_size)
-    return {
-        **base,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": cfg.micro_batch_size * gas * world_size,
-        "gradient_clipping": cfg.max_grad_norm,
-        "bf16": {"enabled": bool(cfg.bf16)},
-        # a torch AdamW (the recipe's betas/eps) rather than DeepSpeed's JIT-built one
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-    }
-
-
-class DeepSpeedLearner:
-    """ZeRO-3 over all processes (gloo on CPU). Build the model while `hf_ds_config` is alive.
-
-    Gradient scale: each shard's loss is normalised by the mini-batch's GLOBAL token count, so the
-    wanted gradient is the SUM over micro-batches and ranks; DeepSpeed divides by the accumulation
-    steps (not asked for here: `scale_wrt_gas=False`) and AVERAGES over ranks, hence the x world_size.
-    """
-
-    def __init__(self, net: PolicyWithValue, cfg, ds_config: dict):
-        import deepspeed
-        import torch.distributed as dist
-
-        self.cfg = cfg
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=net, optimizer=make_optimizer(net, cfg),
-                                                                 config=ds_config)
-        self.net = self.engine.module
-        self.module = self.engine
-        self.device = self.engine.device
-
-    def accumulate(self, loss: torch.Tensor, boundary: bool) -> Optional[float]:
-        if self.engine.is_gradient_accumulation_boundary() != boundary:
-            raise AlignError("DeepSpeed's accumulation boundary and the PPO mini-batch disagree; this is a bug "
-                             "(micro_batch_size, mini_batch_size and num_processes went out of step)")
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        self.engine.step()  # steps (clips, updates) at the boundary only
-        if not boundary:
-            return None
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
-
-    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-
-    def trainable_state(self) -> Optional[dict[str, torch.Tensor]]:
-        """The fp32 master copies of the adapters and the head, gathered; on rank 0 (None elsewhere).
-        Every rank must call it."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        out = {}
-        for n, p in self._trainable():
-            full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
-            if self.rank == 0:
-                out[n] = full.detach().float().cpu().clone()
-        return out if self.rank == 0 else None
-
-    def save(self, directory: Path) -> None:
-        """Every rank writes its optimizer partition (DeepSpeed's layout under `ds/`); rank 0 also writes
-        the gathered trainable tensors (readable without DeepSpeed)."""
-        from safetensors.torch import save_file
-
-        self.engine.save_checkpoint(str(directory), tag="ds", save_latest=False, exclude_frozen_parameters=True)
-        state = self.trainable_state()
-        if state is not None:
-            save_file(state, str(directory / "trainable.safetensors"))
-
-    def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_module_strict=False,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise AlignError(f"{directory}: DeepSpeed could not load this checkpoint; delete it to start over")
+    return resolve_config(base, cfg.micro_batch_size, gas, world_size, cfg.max_grad_norm, cfg.bf16)

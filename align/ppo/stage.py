@@ -44,7 +44,7 @@ import torch
 from align.errors import AlignError
 from align.faults import fault
 from align.io import fsync_dir, read_json, read_metrics, write_json_atomic
-from align.ppo import dist
+from align.launch import dist
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -198,7 +198,8 @@ class Run:
 def setup(ctx) -> Run:
     from align.data.load import load_datasets
     from align.models import load_tokenizer
-    from align.ppo.policy import DeepSpeedLearner, TorchLearner, build_policy, deepspeed_config
+    from align.launch.zero3 import DeepSpeedLearner
+    from align.ppo.policy import TorchLearner, build_policy, deepspeed_config, make_optimizer
     from reward.combined import RunningMoments
     from rollout import make_engine
 
@@ -229,7 +230,8 @@ def setup(ctx) -> Run:
 
         ds = deepspeed_config(read_json(ctx.work_dir / "launch" / "ds_zero3.json"), cfg, ctx.world_size)
         hf_ds = HfDeepSpeedConfig(ds)
-        learner = DeepSpeedLearner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, ds)
+        net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed)
+        learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         learner = TorchLearner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)

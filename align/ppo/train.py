@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from align.errors import AlignError
-from align.ppo import core, dist
+from align.launch import dist
+from align.ppo import core
 
 
 def build_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int

@@ -201,3 +201,27 @@ def test_two_process_zero3_sft_trains(tmp_path, tiny_dir):
     before, after = _weights(tiny_dir), _weights(run_dir / "sft" / "model")
     assert all(before[k].shape == after[k].shape for k in before)  # gathered, not ZeRO-3 shards
     assert sum(not torch.equal(before[k], after[k]) for k in before) == len(before)
+
+
+def test_a_full_disk_gives_one_clear_error_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """A real ENOSPC from the kernel (a write to /dev/full) while the final model is written."""
+    import align.sft as sft_mod
+    from align.errors import AlignError
+    from align.pipeline import run_pipeline
+
+    real = sft_mod.save_policy
+
+    def full_disk(*args, **kwargs):
+        with open("/dev/full", "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+
+    monkeypatch.setattr(sft_mod, "save_policy", full_disk)
+    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=2",
+                             "sft.train.save_steps=2"])
+    with pytest.raises(AlignError, match=r"disk full while stage 'sft' was writing .* rerun the same command"):
+        run_pipeline(cfg)
+    assert not (Path(cfg.run_dir) / "sft").exists()  # nothing marked done
+    monkeypatch.setattr(sft_mod, "save_policy", real)
+    (m,) = run_pipeline(cfg)  # resumes from checkpoint-2: no step is trained again
+    assert m["status"] == "done" and m["summary"]["train/steps"] == 2

@@ -1,5 +1,11 @@
-"""reward/train.py: schedule, data order, a tiny RM that learns an easy preference, exact resume."""
+"""reward/train.py: schedule, data order, a tiny RM that learns an easy preference, exact resume, and
+the same run on 2 processes under ZeRO-3."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +54,8 @@ def test_total_steps():
     assert total_steps(65, tc) == 9  # 17 micro-batches: the last step holds the leftover pair
     assert total_steps(64, TrainConfig(batch_size=8, micro_batch_size=4, epochs=0.5)) == 4
     assert total_steps(64, TrainConfig(batch_size=8, micro_batch_size=4, max_steps=3)) == 3
+    # 2 processes, 1 micro-batch of 4 each per step: the same 8 pairs per step
+    assert total_steps(64, TrainConfig(batch_size=8, micro_batch_size=4, num_processes=2)) == 8
 
 
 def test_epoch_micro_batches_cover_every_pair_once_and_group_lengths():
@@ -156,6 +164,29 @@ def test_non_finite_loss_names_the_step(tiny_dir, tiny_tok, tmp_path, monkeypatc
         train_reward_model(tiny_dir, tiny_tok, make_pairs(16), [], rm_config(max_steps=4), tmp_path, seed=0)
 
 
+def test_nonfinite_skip_skips_the_step_and_counts_it(tiny_dir, tiny_tok, tmp_path, monkeypatch, make_pairs):
+    from dataclasses import replace
+
+    import reward.train as train_mod
+
+    real = train_mod.sequence_scores
+    calls = {"n": 0}
+
+    def poisoned(model, ids, mask):
+        calls["n"] += 1
+        out = real(model, ids, mask)
+        return out * float("nan") if calls["n"] == 5 else out  # the first micro-batch of step 3
+
+    monkeypatch.setattr(train_mod, "sequence_scores", poisoned)
+    cfg = rm_config(max_steps=4)
+    cfg = replace(cfg, train=replace(cfg.train, nonfinite="skip"))
+    logger = ListLogger()
+    summary = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), [], cfg, tmp_path, seed=0, logger=logger)
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    assert [r["rm/skipped_steps"] for _, r in logger.rows if "rm/skipped_steps" in r] == [0, 0, 1, 1]
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "model" / "model.safetensors")).values())
+
+
 def test_safety_aux_loss_runs_and_needs_labels(tiny_dir, tiny_tok, tmp_path, make_pairs):
     labelled = make_pairs(16, seed=5, category="safety", safety_labels=True)
     logger = ListLogger()
@@ -170,3 +201,53 @@ def test_bf16_autocast_run(tiny_dir, tiny_tok, tmp_path, make_pairs):
     out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), make_pairs(8, seed=9), rm_config(max_steps=2, bf16=True),
                              tmp_path, seed=0)
     assert math.isfinite(out["final_train_metrics"]["rm/loss"]) and out["params_moved"] > 0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+RM_ARGS = ["stages=[rm_helpful]", "rm_helpful.init=base", "rm_helpful.train.micro_batch_size=4",
+           "rm_helpful.train.max_steps=4", "rm_helpful.train.save_steps=2", "rm_helpful.train.bf16=false"]
+
+
+def _loss_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "rm_helpful" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "rm/loss" in r]
+
+
+@pytest.mark.slow
+def test_two_process_zero3_run_equals_one_process_and_resumes(tmp_path, tiny_dir):
+    """`align rm train` on 2 ZeRO-3 processes (killed after its step-2 checkpoint, then resumed) trains
+    what one process trains on the same pairs: a step of 2 x 4 pairs there, 1 x 2 x 4 pairs here."""
+    from align.config import load_config
+    from align.pipeline import run_pipeline
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    one = tmp_path / "one"
+    run_pipeline(load_config(tiny, [f"run_dir={one}", *RM_ARGS]), only="rm_helpful")
+
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "align.cli", "rm", "train", str(tiny), f"run_dir={two}", *RM_ARGS,
+           "rm_helpful.train.num_processes=2"]
+    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ALIGN_FAULT": "rm_step:3"})  # both ranks die in step 3
+    assert killed.returncode != 0, (killed.stdout + killed.stderr)[-3000:]
+    ckpt = two / ".work" / "rm_helpful" / "checkpoints" / "step-2"
+    assert (ckpt / "ds").is_dir() and {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+    rows_1, rows_2 = _loss_rows(one), _loss_rows(two)
+    assert [r["step"] for r in rows_2] == [1, 2, 3, 4]  # 1-2 before the kill, 3-4 resumed
+    # fp32: the same pairs per step and the same gradient, so the same losses, grad norms and lr
+    for a, b in zip(rows_1, rows_2):
+        for k in ("rm/loss", "rm/grad_norm", "rm/accuracy", "rm/lr"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    w_1 = load_file(str(one / "rm_helpful" / "model" / "model.safetensors"))
+    w_2 = load_file(str(two / "rm_helpful" / "model" / "model.safetensors"))  # gathered, not shards
+    assert w_2.keys() == w_1.keys()
+    for k in w_1:
+        assert torch.allclose(w_2[k], w_1[k], atol=1e-5), k
+    summary = json.loads((two / "rm_helpful" / "manifest.json").read_text())["summary"]
+    assert summary["rm/steps"] == 4 and summary["eval/rm/accuracy"] >= 0.8
+    scorer = RewardScorer.from_pretrained(two / "rm_helpful" / "model", max_length=256)
+    scores = scorer.score([[{"role": "user", "content": "Tell me about tea."}]] * 2, ["Happy to help.", "QXZ #@!"])
+    assert torch.isfinite(scores).all()

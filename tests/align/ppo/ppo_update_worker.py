@@ -22,14 +22,16 @@ def main(model_dir: str, traj_path: str, cfg_path: str, ds_path: str, out_dir: s
     from align.configlib import build
     from align.launch import init_distributed
     from align.ppo.core import Trajectory
-    from align.ppo.policy import DeepSpeedLearner, build_policy, deepspeed_config
+    from align.launch.zero3 import DeepSpeedLearner
+    from align.ppo.policy import build_policy, deepspeed_config, make_optimizer
     from align.ppo.train import ppo_update
 
     init_distributed()
     cfg = build(PPOConfig, json.loads(Path(cfg_path).read_text()))
     ds = deepspeed_config(json.loads(Path(ds_path).read_text()), cfg, dist.get_world_size())
     hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (ZeRO-3 loading while alive)
-    learner = DeepSpeedLearner(build_policy(model_dir, cfg.lora, "float32", seed=0), cfg, ds)
+    net = build_policy(model_dir, cfg.lora, "float32", seed=0)
+    learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)
     traj = Trajectory.from_state_dict(torch.load(traj_path, weights_only=True))
     _, steps = ppo_update(learner, traj, cfg, seed=1, autocast=False, iteration=1)
     state = learner.trainable_state()

@@ -1,4 +1,5 @@
-"""The few collectives the PPO stage needs; each is the identity in a single process.
+"""The few collectives the multi-process stages need (reward models, PPO); each is the identity in a
+single process.
 
 Every rank must call a collective at the same point with tensors of the same shape (gloo on CPU).
 """
@@ -13,6 +14,13 @@ def initialized() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Processes in the world (1 when torch.distributed is not initialised)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -43,9 +51,11 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
         return t
     import torch.distributed as dist
 
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=0)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    src = t.contiguous().to(device)
+    parts = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, src)
+    return torch.cat(parts, dim=0).to(t.device)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -55,18 +65,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if not initialized():
-        return t.clone()
-    import torch.distributed as dist
-
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    # NCCL (GPUs) reduces only CUDA tensors; gloo (CPU) takes these as they are
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else out.device
+    moved = out.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return moved.to(out.device)
 
 
 def barrier() -> None:
