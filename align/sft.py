@@ -120,7 +120,7 @@ def _metrics_callback(logger, nonfinite: str = "stop"):
                 if k in logs and not math.isfinite(float(logs[k])) and nonfinite == "stop":
                     raise AlignError(f"non-finite {k} ({logs[k]}) at step {state.global_step}: lower the "
                                      f"learning rate or check the data; the last good checkpoint is kept")
-            if self.guard is not None:
+            if self.guard is not None and "loss" in logs:  # step rows only, not the end-of-training summary
                 logs = {**logs, "skipped_steps": self.guard.skipped}
             if state.is_world_process_zero:
                 names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",

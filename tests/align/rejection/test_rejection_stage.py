@@ -121,6 +121,13 @@ def test_tiny_rejection_sampling_pools_trains_and_reports(tiny_run):
     assert all(sc == pytest.approx(best[pid]) for pid, sc in zip(pool["prompt_id"], pool["score"]))
     assert set(pool["round"]) <= {1, 2}
     assert (d / "pool_round1.jsonl").is_file()
+    # The pool spans rounds: some prompt keeps its round-1 answer over all of its (worse) round-2 samples.
+    round2 = {}
+    for pid, r, sc in zip(samples["prompt_id"], samples["round"], samples["score"]):
+        if r == 2:
+            round2[pid] = max(round2.get(pid, -1e9), sc)
+    kept_r1 = [(pid, sc) for pid, r, sc in zip(pool["prompt_id"], pool["round"], pool["score"]) if r == 1]
+    assert kept_r1 and all(sc >= round2[pid] for pid, sc in kept_r1)  # ties go to the earlier round
 
     # Best-of-N curves: K points per round, max rising with N, max >= median.
     for r in (1, 2):
