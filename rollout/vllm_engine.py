@@ -50,20 +50,19 @@ CPU_MAX_NUM_BATCHED_TOKENS = 4096  # vLLM's CPU default; raised to max_model_len
 @contextlib.contextmanager
 def _scoped_env(values: dict[str, str | None]):
     """Set (or, for None, unset) environment variables while vLLM reads them at start-up."""
+    def apply(env: dict[str, str | None]) -> None:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(old)
 
 
 def cpu_bind_list(threads: int) -> str:

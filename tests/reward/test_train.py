@@ -148,7 +148,8 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_dir, tiny_tok, tmp_p
                            seed=0)
 
 
-def test_non_finite_loss_names_the_step(tiny_dir, tiny_tok, tmp_path, monkeypatch, make_pairs):
+def poison_scores(monkeypatch, bad) -> None:
+    """Make the reward model's scores NaN on the forward calls (1-based) for which ``bad(call)`` is true."""
     import reward.train as train_mod
 
     real = train_mod.sequence_scores
@@ -157,9 +158,13 @@ def test_non_finite_loss_names_the_step(tiny_dir, tiny_tok, tmp_path, monkeypatc
     def poisoned(model, ids, mask):
         calls["n"] += 1
         out = real(model, ids, mask)
-        return out * float("nan") if calls["n"] > 4 else out  # steps 1-2 fine (2 micro-batches each)
+        return out * float("nan") if bad(calls["n"]) else out
 
     monkeypatch.setattr(train_mod, "sequence_scores", poisoned)
+
+
+def test_non_finite_loss_names_the_step(tiny_dir, tiny_tok, tmp_path, monkeypatch, make_pairs):
+    poison_scores(monkeypatch, lambda call: call > 4)  # steps 1-2 fine (2 micro-batches each)
     with pytest.raises(AlignError, match="non-finite loss .* at step 3"):
         train_reward_model(tiny_dir, tiny_tok, make_pairs(16), [], rm_config(max_steps=4), tmp_path, seed=0)
 
@@ -167,17 +172,7 @@ def test_non_finite_loss_names_the_step(tiny_dir, tiny_tok, tmp_path, monkeypatc
 def test_nonfinite_skip_skips_the_step_and_counts_it(tiny_dir, tiny_tok, tmp_path, monkeypatch, make_pairs):
     from dataclasses import replace
 
-    import reward.train as train_mod
-
-    real = train_mod.sequence_scores
-    calls = {"n": 0}
-
-    def poisoned(model, ids, mask):
-        calls["n"] += 1
-        out = real(model, ids, mask)
-        return out * float("nan") if calls["n"] == 5 else out  # the first micro-batch of step 3
-
-    monkeypatch.setattr(train_mod, "sequence_scores", poisoned)
+    poison_scores(monkeypatch, lambda call: call == 5)  # the first micro-batch of step 3
     cfg = rm_config(max_steps=4)
     cfg = replace(cfg, train=replace(cfg.train, nonfinite="skip"))
     logger = ListLogger()

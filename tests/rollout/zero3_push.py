@@ -58,27 +58,18 @@ def main(out: str) -> None:
         engine = make_engine(RolloutConfig(dtype="float32", kv_cache_gib=1, max_model_len=512, in_process=False), tiny)
     results = []
     try:
-        ref = checks.perturbed(load_causal_lm(tiny, "float32"))
-        ds = zero3(checks.perturbed(load_causal_lm(tiny, "float32")))
-        if is_sharded(ds.module):
-            results.append("sharded")
-        push_weights(engine, ds)
-        if engine is not None:
-            try:
-                checks.check_greedy_matches(engine, ref)
-                results.append("plain_match")
-            except AssertionError as e:
-                print("plain mismatch:", e, flush=True)
-
-        lora_ref = checks.lora_wrapped(load_causal_lm(tiny, "float32"))
-        ds_lora = zero3(checks.lora_wrapped(load_causal_lm(tiny, "float32")))
-        push_weights(engine, ds_lora)
-        if engine is not None:
-            try:
-                checks.check_greedy_matches(engine, lora_ref)
-                results.append("lora_match")
-            except AssertionError as e:
-                print("lora mismatch:", e, flush=True)
+        for name, build in (("plain", checks.perturbed), ("lora", checks.lora_wrapped)):
+            ref = build(load_causal_lm(tiny, "float32"))
+            ds = zero3(build(load_causal_lm(tiny, "float32")))
+            if name == "plain" and is_sharded(ds.module):
+                results.append("sharded")
+            push_weights(engine, ds)
+            if engine is not None:
+                try:
+                    checks.check_greedy_matches(engine, ref)
+                    results.append(f"{name}_match")
+                except AssertionError as e:
+                    print(f"{name} mismatch:", e, flush=True)
         dist.barrier()
     finally:
         if engine is not None:
