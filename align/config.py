@@ -132,6 +132,7 @@ class RewardConfig:
     margin_table: tuple[float, ...] = option(factory=tuple, help="custom margins, strongest rating first (margin: custom)")
     safety_aux_weight: float = option(0.0, help="weight of the safety auxiliary loss on per-response safety labels (0 = off)")
     max_length: int = option(512, help="tokens per prompt+response; longer pairs are truncated from the left of the prompt, never dropped")
+    shared_prefix: bool = option(True, help="train on one row per pair, [prompt, chosen, rejected], the prompt forwarded once (same scores; needs sdpa or eager attention, else falls back)")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, min_lr_ratio=0.1, epochs=1.0), help="optimisation")
 
     def __post_init__(self):

@@ -13,9 +13,11 @@ Why our own loop and not TRL's `RewardTrainer` (trl 1.16, read and measured):
   `rm/pad_share` logs it per step.
 A wall-clock comparison was not taken: the shared 2-core machine was saturated by other jobs.
 
-Levers for speed on a CPU with bf16 matrix units (PLATFORM.md): bf16 autocast (`train.bf16`);
-optionally bf16 frozen base weights with LoRA (`base_dtype`); chosen and rejected in ONE forward per
-micro-batch; micro-batches grouped by length.
+Levers for speed on a CPU with bf16 matrix units (PLATFORM.md): `train.bf16` (full fine-tuning: bf16
+weights with fp32 masters and the fused AdamW, align/launch/local.py; LoRA: autocast, optionally over
+bf16 frozen base weights, `base_dtype`); each pair as ONE row [prompt, chosen,
+rejected] with a 4-D mask (`shared_prefix`, reward/model.py: the prompt is forwarded once, 250
+instead of 2 x 196 tokens per HH pair); micro-batches grouped by row length.
 
 Processes: with `train.num_processes` N > 1 the stage runs on N ranks under `accelerate launch` (the
 pipeline starts them: `align rm train CONFIG rm_helpful.train.num_processes=2`), the model sharded by
@@ -28,7 +30,7 @@ gathered: rank 0 logs the step's global loss and accuracies. A non-finite loss s
 once (its check is all-reduced before the backward). Rank 0 alone writes the model (gathered to full
 weights: it loads with `from_pretrained` like the one-process model), the evaluation and the summary.
 Under ZeRO-3, `train.bf16` is DeepSpeed's bf16 mode (bf16 weights, fp32 master copies) as in PPO and
-SFT, rather than autocast over fp32 weights.
+SFT; one process does the same for full fine-tuning.
 
 Resumable: every `train.save_steps` optimizer steps, `out_dir/checkpoints/step-N/` is written
 atomically with the trainable weights (under ZeRO-3: DeepSpeed's partitioned checkpoint, every rank
@@ -49,7 +51,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from align.configlib import to_dict
@@ -57,9 +58,10 @@ from align.errors import AlignError
 from align.faults import fault
 from align.io import atomic_dir, read_json, write_json_atomic
 from align.launch import dist
-from align.launch.zero3 import param_ndim
+from align.launch.local import AdamW, LocalLearner
 from reward.losses import RATING_LEVELS, accuracy_by_level, margin_table, ranking_loss, safety_aux_loss
-from reward.model import RewardScorer, format_pair, load_reward_model, pad_batch, save_reward_model, sequence_scores
+from reward.model import (RewardScorer, format_pair, load_reward_model, pad_batch, save_reward_model, sequence_scores,
+                          shared_prefix_batch, shared_prefix_length, shared_prefix_scores, supports_shared_prefix)
 
 if TYPE_CHECKING:
     from align.config import RewardConfig, TrainConfig
@@ -91,6 +93,11 @@ class EncodedPair:
     @property
     def length(self) -> int:
         return max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def shared_length(self) -> int:
+        """Tokens of its `shared_prefix_batch` row: the common prefix once, then both answers."""
+        return len(self.chosen_ids) + len(self.rejected_ids) - shared_prefix_length(self.chosen_ids, self.rejected_ids)
 
 
 def rating_index(rating: str) -> int:
@@ -179,23 +186,8 @@ def total_steps(n_pairs: int, train_cfg: "TrainConfig") -> int:
     return max(1, math.ceil(train_cfg.epochs * per_epoch / micro_batches_per_step(train_cfg)))
 
 
-def make_optimizer(model, train_cfg: "TrainConfig") -> torch.optim.AdamW:
-    # No weight decay on norms and biases (1-d tensors): decaying a norm's gain towards 0 is not
-    # regularisation.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if param_ndim(p) >= 2]
-    no_decay = [p for p in params if param_ndim(p) < 2]
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """CPU copies of the trainable parameters, by name (LoRA: the adapters and the head)."""
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model, weights: dict[str, torch.Tensor], where: Path, hint: str = "") -> None:
@@ -207,44 +199,6 @@ def load_trainable(model, weights: dict[str, torch.Tensor], where: Path, hint: s
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-
-
-class LocalLearner:
-    """One process: plain autograd, `clip_grad_norm_`, the torch AdamW. The interface of
-    `align.launch.zero3.DeepSpeedLearner`, which takes its place on N > 1 processes."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, model, optimizer: torch.optim.Optimizer, max_grad_norm: float):
-        self.net = self.module = model
-        self.device = next(model.parameters()).device
-        self.optimizer = optimizer
-        self.max_grad_norm = max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def accumulate(self, loss: torch.Tensor, boundary: bool) -> Optional[float]:
-        """Backward ``loss``; at the step's last micro-batch (``boundary``) clip and step, unless the
-        gradient norm is non-finite (the caller raises). Returns the pre-clip norm then."""
-        loss.backward()
-        if not boundary:
-            return None
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-        if math.isfinite(norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.net)
-
-    def save(self, directory: Path) -> None:
-        save_file(trainable_state(self.net), str(directory / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-
-    def load(self, directory: Path) -> None:
-        load_trainable(self.net, load_file(str(directory / "trainable.safetensors")), directory,
-                       hint="; delete the checkpoints directory to start over")
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
 
 
 def save_checkpoint(ckpt_root: Path, step: int, learner, scheduler, state: dict, keep: int) -> Path:
@@ -319,6 +273,11 @@ def _safety_labels(pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Te
     return (torch.tensor([bool(x) for x in labels]), torch.tensor([x is not None for x in labels]))
 
 
+def uses_shared_prefix(cfg: "RewardConfig", model) -> bool:
+    """`cfg.shared_prefix`, unless the model's attention cannot take a custom 4-D mask (flash attention)."""
+    return cfg.shared_prefix and supports_shared_prefix(model)
+
+
 def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig", step: int, pad_id: int) -> dict:
     """Forward/backward of this rank's share of one optimizer step, then the (clipped) step.
 
@@ -344,14 +303,20 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     loss_total, aux_total, real_tokens, all_tokens = 0.0, 0.0, 0, 0
     r_c_all, r_r_all, m_all, lvl_all = [], [], [], []
     grad_norm = None
+    shared = uses_shared_prefix(cfg, learner.module)
     for j, batch in enumerate(mine):
         b = len(batch)
-        # chosen and rejected in ONE forward: (2B, T), chosen rows first
-        ids, mask = pad_batch([p.chosen_ids for p in batch] + [p.rejected_ids for p in batch], pad_id)
-        real_tokens, all_tokens = real_tokens + int(mask.sum()), all_tokens + mask.numel()
         with torch.autocast(learner.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            scores = sequence_scores(learner.module, ids.to(learner.device), mask.to(learner.device)).cpu()  # (2B,)
-        r_c, r_r = scores[:b], scores[b:]
+            if shared:  # one row per pair: [prompt, chosen, rejected], the prompt forwarded once
+                packed = shared_prefix_batch([(p.chosen_ids, p.rejected_ids) for p in batch], pad_id)
+                real_tokens, all_tokens = real_tokens + packed.real_tokens, all_tokens + packed.input_ids.numel()
+                r_c, r_r = (s.cpu() for s in shared_prefix_scores(learner.module, packed.to(learner.device)))
+                scores = torch.cat([r_c, r_r])  # (2B,) chosen first
+            else:  # chosen and rejected in ONE forward: (2B, T), chosen rows first
+                ids, mask = pad_batch([p.chosen_ids for p in batch] + [p.rejected_ids for p in batch], pad_id)
+                real_tokens, all_tokens = real_tokens + int(mask.sum()), all_tokens + mask.numel()
+                scores = sequence_scores(learner.module, ids.to(learner.device), mask.to(learner.device)).cpu()
+                r_c, r_r = scores[:b], scores[b:]
         margin = torch.tensor([p.margin for p in batch], dtype=torch.float32)
         loss, _ = ranking_loss(r_c, r_r, margin, denom=n_pairs)
         if n_labels:
@@ -362,7 +327,7 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
         # every rank learns whether ANY rank's loss is non-finite, so all raise together
         checked = dist.all_reduce_sum(loss.detach().float())
         if not torch.isfinite(checked) and tc.nonfinite == "skip":  # one process (config check)
-            learner.optimizer.zero_grad(set_to_none=True)
+            learner.discard()
             return {"rm/skipped": 1.0}
         if not torch.isfinite(checked):
             raise AlignError(f"reward model: non-finite loss ({checked.item()}) at step {step}; lower "
@@ -419,13 +384,16 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype
     torch.manual_seed(seed)  # the new score head's initialisation
     model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype)
     model.train()
+    adamw = AdamW(tc.lr, ADAM_BETAS, ADAM_EPS, tc.weight_decay)
     if world == 1:
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
-    optimizer = make_optimizer(model, tc)
-    if world == 1:
-        return LocalLearner(model, optimizer, tc.max_grad_norm), optimizer, None
+        # full fine-tuning in bf16: bf16 weights, fp32 masters (DeepSpeed's bf16 mode; align/launch/local.py)
+        full = not (tc.lora is not None and tc.lora.enabled)
+        learner = LocalLearner(model, adamw, tc.max_grad_norm, "cuda" if torch.cuda.is_available() else "cpu",
+                               bf16_weights=tc.bf16 and full)
+        return learner, learner.optimizer, None
     from align.launch.zero3 import DeepSpeedLearner
 
+    optimizer = adamw.build(p for p in model.parameters() if p.requires_grad)
     return DeepSpeedLearner(model, optimizer, ds), optimizer, hf_ds
 
 
@@ -505,7 +473,12 @@ def train_reward_model(
                              f"delete {ckpt_root} to start over")
         state = load_checkpoint(existing[-1], learner, scheduler)
         step, consumed, pairs_seen = state["step"], state["micro_batches"], state["pairs_seen"]
-    stream = micro_batch_stream([p.length for p in pairs], tc.micro_batch_size, tc.batch_size, seed, consumed)
+    shared = uses_shared_prefix(cfg, learner.module)
+    if cfg.shared_prefix and not shared and main:
+        print("[align] reward model: the model's attention takes no custom 4-D mask; chosen and rejected are "
+              "forwarded as separate rows (shared_prefix off)", flush=True)
+    lengths = [p.shared_length if shared else p.length for p in pairs]
+    stream = micro_batch_stream(lengths, tc.micro_batch_size, tc.batch_size, seed, consumed)
     pad_id = tokenizer.pad_token_id
     per_step = micro_batches_per_step(tc)
 
@@ -548,7 +521,7 @@ def train_reward_model(
     final = learner.trainable_state()
     summary: dict = {}
     if main:
-        model = learner.net if learner.world_size == 1 else gathered_model(model_dir, tokenizer, tc, seed,
+        model = learner.full_precision_net() if learner.world_size == 1 else gathered_model(model_dir, tokenizer, tc, seed,
                                                                            base_dtype, final)
         model.eval()
         with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:

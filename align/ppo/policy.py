@@ -15,18 +15,16 @@ other checkpoints (the RM stages), not the policy's.
 
 Optimiser (Llama 2 sec. 3.2.3): AdamW, betas (0.9, 0.95), eps 1e-5, weight decay 0.1 on matrices (not
 on the head's bias), gradient clipping 1.0, constant learning rate. One optimizer step per
-mini-batch; the mini-batch may be accumulated over micro-batches (`TorchLearner.accumulate`) and
+mini-batch; the mini-batch may be accumulated over micro-batches (`align.launch.local.LocalLearner.accumulate`) and
 processes (`align.launch.zero3.DeepSpeedLearner`, shared with the reward-model loop).
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from align.errors import AlignError
 
 VALUE_HEAD = "value_head"
 POLICY_PREFIX = "policy."
@@ -99,12 +97,24 @@ def build_policy(model_dir: str | Path, lora, base_dtype: str, seed: int) -> Pol
     return PolicyWithValue(policy, lm.config.hidden_size)
 
 
+def adamw(cfg) -> "AdamW":
+    """The PPO config's AdamW; no weight decay on 1-d tensors (the head's bias)."""
+    from align.launch.local import AdamW
+
+    return AdamW(cfg.lr, tuple(cfg.adam_betas), cfg.adam_eps, cfg.weight_decay)
+
+
 def make_optimizer(net: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on 1-d tensors (the head's bias)."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    """AdamW over the trainable parameters, for `align.launch.zero3.DeepSpeedLearner`."""
+    return adamw(cfg).build(p for p in net.parameters() if p.requires_grad)
+
+
+def torch_learner(net: "PolicyWithValue", cfg, device: str = "cpu") -> "LocalLearner":
+    """One process: `align.launch.local.LocalLearner` (the reward models' too) with the config's AdamW.
+    The adapters and the value head train in float32 over a frozen base (``model.dtype``)."""
+    from align.launch.local import LocalLearner
+
+    return LocalLearner(net, adamw(cfg), cfg.max_grad_norm, device)
 
 
 def adapter_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,65 +124,6 @@ def adapter_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def value_head_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(VALUE_HEAD) + 1:]: v for k, v in trainable.items() if k.startswith(VALUE_HEAD + ".")}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Learners: one optimizer step per mini-batch, accumulated over micro-batches (and processes)
-
-
-class TorchLearner:
-    """One process: plain autograd, `clip_grad_norm_`, torch AdamW."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, net: PolicyWithValue, cfg, device: str = "cpu"):
-        self.net = net.to(device)
-        self.module = self.net  # what is called for a forward
-        self.device = torch.device(device)
-        self.cfg = cfg
-        self.params = [p for p in net.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(net, cfg)
-
-    def accumulate(self, loss: torch.Tensor, boundary: bool) -> Optional[float]:
-        """Backward `loss` (a mini-batch shard normalised by the mini-batch's token count); at the
-        mini-batch's last micro-batch (`boundary`), clip and step. Returns the pre-clip grad norm then."""
-        loss.backward()
-        if not boundary:
-            return None
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        if not torch.isfinite(torch.tensor(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return norm  # the caller raises, naming the iteration; nothing was stepped
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def discard(self) -> None:
-        """Drop the gradients accumulated so far (a skipped mini-batch)."""
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def trainable_state(self) -> Optional[dict[str, torch.Tensor]]:
-        """Float32 CPU copies of the adapters and the value head, by parameter name."""
-        return {n: p.detach().float().cpu().clone() for n, p in self.net.named_parameters() if p.requires_grad}
-
-    def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.trainable_state(), str(directory / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-
-    def load(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(directory / "trainable.safetensors"))
-        params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
-        if set(weights) != set(params):
-            raise AlignError(f"{directory}: the checkpoint's trainable tensors do not match the model "
-                             f"(e.g. {sorted(set(weights) ^ set(params))[:3]}); delete it to start over")
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
 
 
 def deepspeed_config(base: dict, cfg, world_size: int) -> dict:

@@ -199,7 +199,7 @@ def setup(ctx) -> Run:
     from align.data.load import load_datasets
     from align.models import load_tokenizer
     from align.launch.zero3 import DeepSpeedLearner
-    from align.ppo.policy import TorchLearner, build_policy, deepspeed_config, make_optimizer
+    from align.ppo.policy import build_policy, deepspeed_config, make_optimizer, torch_learner
     from reward.combined import RunningMoments
     from rollout import make_engine
 
@@ -234,7 +234,7 @@ def setup(ctx) -> Run:
         learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        learner = TorchLearner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)
+        learner = torch_learner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)
     moments = RunningMoments()
     state = {"iteration": 0, "heldout_before": None, "best_heldout": None, "best_iteration": 0,
              "bad_evals": 0, "stopped_early": False}

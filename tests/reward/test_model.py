@@ -4,7 +4,7 @@ import torch
 
 from align.config import LoraConfig
 from reward.model import (ADAPTER_SUBDIR, RewardScorer, format_pair, load_reward_model, pad_batch,
-                          save_reward_model, sequence_scores)
+                          save_reward_model, sequence_scores, shared_prefix_batch, shared_prefix_scores)
 
 PROMPTS = [[{"role": "user", "content": "hi" * k}] for k in range(1, 8)]
 RESPONSES = ["Hello there. " * k for k in range(7, 0, -1)]
@@ -124,3 +124,43 @@ def test_lora_with_a_bf16_base_keeps_trainables_in_float32(tiny_dir, tiny_tok):
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+
+
+def test_shared_prefix_batch_layout_by_hand():
+    # prefix [1, 2], chosen suffix [3], rejected suffix [4, 5]; a second pair that is identical (the
+    # prefix is cut back so each side keeps one token of its own)
+    b = shared_prefix_batch([([1, 2, 3], [1, 2, 4, 5]), ([7, 8], [7, 8])], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 8, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 1, 0, 0]]
+    assert b.chosen_end.tolist() == [2, 1] and b.rejected_end.tolist() == [4, 2]
+    assert b.real_tokens == 5 + 3
+    T, F = True, False
+    assert b.attention_mask[0, 0].tolist() == [[T, F, F, F, F],
+                                               [T, T, F, F, F],
+                                               [T, T, T, F, F],
+                                               [T, T, F, T, F],   # rejected: prefix and itself, not chosen
+                                               [T, T, F, T, T]]
+    assert b.attention_mask[1, 0].tolist() == [[T, F, F, F, F],
+                                               [T, T, F, F, F],
+                                               [T, F, T, F, F],   # rejected [8] after prefix [7]
+                                               [F, F, F, T, F],   # padding sees itself only
+                                               [F, F, F, F, T]]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prefix_scores_equal_separate_forwards(rm, tiny_dir, tiny_tok, lora):
+    model = rm
+    if lora:
+        torch.manual_seed(1)
+        model = load_reward_model(tiny_dir, tiny_tok, lora=LoraConfig(enabled=True, r=4, alpha=8))
+        _randomise_head(model, seed=1)
+    pairs = [(format_pair(tiny_tok, p, r, 512).input_ids, format_pair(tiny_tok, p, r2, 512).input_ids)
+             for p, r, r2 in zip(PROMPTS, RESPONSES, RESPONSES[1:] + RESPONSES[:1])]
+    pairs.append(pairs[0][:1] * 2)  # chosen == rejected
+    with torch.no_grad():
+        c, r = shared_prefix_scores(model, shared_prefix_batch(pairs, tiny_tok.pad_token_id))
+        ids, mask = pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], tiny_tok.pad_token_id)
+        ref = sequence_scores(model, ids, mask)
+    assert ref.std() > 0.1  # the scores differ: the comparison below means something
+    torch.testing.assert_close(torch.cat([c, r]), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c[-1], r[-1], atol=1e-5, rtol=1e-5)  # identical answers, identical scores

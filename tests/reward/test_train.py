@@ -148,19 +148,39 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_dir, tiny_tok, tmp_p
                            seed=0)
 
 
+def test_shared_prefix_rows_train_like_separate_rows(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    """One [prompt, chosen, rejected] row per pair trains as chosen and rejected in rows of their own:
+    the same pairs per step (one micro-batch holds all 8), the same losses and gradient norms (fp32)."""
+    from dataclasses import replace
+
+    records = make_pairs(8, seed=6)
+    rows = {}
+    for shared in (True, False):
+        cfg = rm_config(max_steps=3, shared_prefix=shared)
+        cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=8))
+        logger = ListLogger()
+        train_reward_model(tiny_dir, tiny_tok, records, [], cfg, tmp_path / str(shared), seed=0, logger=logger)
+        rows[shared] = [m for _, m in logger.rows]
+    assert [r["rm/loss"] for r in rows[True]] != [rows[True][0]["rm/loss"]] * 3  # it trains
+    for a, b in zip(rows[True], rows[False]):
+        for k in ("rm/loss", "rm/grad_norm", "rm/accuracy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    assert rows[True][0]["rm/pad_share"] < rows[False][0]["rm/pad_share"] or rows[True][0]["rm/pad_share"] == 0
+
+
 def poison_scores(monkeypatch, bad) -> None:
     """Make the reward model's scores NaN on the forward calls (1-based) for which ``bad(call)`` is true."""
     import reward.train as train_mod
 
-    real = train_mod.sequence_scores
+    real = train_mod.shared_prefix_scores  # the default forward: one [prompt, chosen, rejected] row per pair
     calls = {"n": 0}
 
-    def poisoned(model, ids, mask):
+    def poisoned(model, batch):
         calls["n"] += 1
-        out = real(model, ids, mask)
-        return out * float("nan") if bad(calls["n"]) else out
+        c, r = real(model, batch)
+        return (c * float("nan"), r) if bad(calls["n"]) else (c, r)
 
-    monkeypatch.setattr(train_mod, "sequence_scores", poisoned)
+    monkeypatch.setattr(train_mod, "shared_prefix_scores", poisoned)
 
 
 def test_non_finite_loss_names_the_step(tiny_dir, tiny_tok, tmp_path, monkeypatch, make_pairs):

@@ -258,7 +258,7 @@ def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path):
 
 def _fixed_trajectory(model_dir: Path, cfg, seed: int = 0):
     """A rollout batch of random prompts and responses, with the tiny policy's own log-probs and values."""
-    from align.ppo.policy import TorchLearner, build_policy
+    from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import build_batch, make_trajectory
 
     g = torch.Generator().manual_seed(seed)
@@ -268,7 +268,7 @@ def _fixed_trajectory(model_dir: Path, cfg, seed: int = 0):
     responses = [torch.randint(3, 250, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
                  for _ in range(B)]
     ids, attn, resp = build_batch(prompts, responses, pad_id=0)
-    learner = TorchLearner(build_policy(model_dir, cfg.lora, "float32", seed=0), cfg)
+    learner = torch_learner(build_policy(model_dir, cfg.lora, "float32", seed=0), cfg)
     scores = torch.randn(B, generator=g)
     traj, _ = make_trajectory(learner, ids, attn, resp, torch.zeros(resp.shape), scores, cfg, autocast=False)
     # a non-zero value head target and advantages of both signs: the update has something to do
@@ -285,7 +285,7 @@ def test_two_process_update_equals_one_process_update(tmp_path, tiny_dir):
     from align.configlib import build
     from align.launch import write_launch_files
     from align.ppo.core import Trajectory
-    from align.ppo.policy import TorchLearner, build_policy
+    from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import ppo_update
 
     base = {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8, "mini_batch_size": 4,
@@ -294,7 +294,7 @@ def test_two_process_update_equals_one_process_update(tmp_path, tiny_dir):
     one = build(PPOConfig, {**base, "micro_batch_size": 4})
     traj = _fixed_trajectory(tiny_dir, one)
     torch.save(traj.state_dict(), tmp_path / "traj.pt")
-    learner = TorchLearner(build_policy(tiny_dir, one.lora, "float32", seed=0), one)
+    learner = torch_learner(build_policy(tiny_dir, one.lora, "float32", seed=0), one)
     _, steps_1 = ppo_update(learner, Trajectory.from_state_dict(torch.load(tmp_path / "traj.pt")), one,
                             seed=1, autocast=False, iteration=1)
     state_1 = learner.trainable_state()
@@ -326,7 +326,7 @@ def test_a_non_finite_mini_batch_stops_or_is_skipped_without_touching_the_weight
     from align.config import PPOConfig
     from align.configlib import build
     from align.errors import AlignError
-    from align.ppo.policy import TorchLearner, build_policy
+    from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import ppo_update
 
     cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
@@ -334,7 +334,7 @@ def test_a_non_finite_mini_batch_stops_or_is_skipped_without_touching_the_weight
                             "lora": {"enabled": True, "r": 4, "alpha": 8}, "nonfinite": mode})
     traj = _fixed_trajectory(tiny_dir, cfg)
     traj.advantages[:] = float("nan")  # every mini-batch's policy loss is NaN
-    learner = TorchLearner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
+    learner = torch_learner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
     before = learner.trainable_state()
     if mode == "stop":
         with pytest.raises(AlignError, match="iteration 7: non-finite PPO loss"):
@@ -350,7 +350,7 @@ def test_a_non_finite_mini_batch_stops_or_is_skipped_without_touching_the_weight
 def test_skip_counts_the_non_finite_mini_batch_and_trains_on_the_rest(tiny_dir):
     from align.config import PPOConfig
     from align.configlib import build
-    from align.ppo.policy import TorchLearner, build_policy
+    from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import ppo_update
 
     cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
@@ -359,7 +359,7 @@ def test_skip_counts_the_non_finite_mini_batch_and_trains_on_the_rest(tiny_dir):
     traj = _fixed_trajectory(tiny_dir, cfg)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
     traj.advantages[perm[0]] = float("nan")  # poisons the first mini-batch only
-    learner = TorchLearner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
+    learner = torch_learner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
     before = learner.trainable_state()
     mean, steps = ppo_update(learner, traj, cfg, seed=1, autocast=False, iteration=1)
     assert mean["ppo/skipped_steps"] == 1.0 and len(steps) == 1
