@@ -226,6 +226,7 @@ class PPOConfig:
     prompts_per_iteration: int = option(16, help="prompts sampled per iteration (recipe: 512)")
     mini_batch_size: int = option(8, help="sequences per mini-batch; one gradient step each (recipe: 64)")
     micro_batch_size: int = option(4, help="sequences per forward/backward on one process; a mini-batch is accumulated over micro-batches into its one optimizer step")
+    forward_batch_size: int = option(16, help="sequences per no-grad forward (log-probs, values and reference log-probs before the update; no activations kept)")
     ppo_epochs: int = option(1, help="passes over each rollout batch")
     clip: float = option(0.2, help="PPO ratio clip (recipe: 0.2)")
     value_clip: float = option(0.2, help="value-function clip")
@@ -269,6 +270,7 @@ class PPOConfig:
               f"num_processes = {self.micro_batch_size} * {self.num_processes} = {per_forward}; e.g. micro_batch_size="
               f"{max(d for d in range(1, max(1, self.micro_batch_size) + 1) if (self.mini_batch_size // self.num_processes) % d == 0)}")
         check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "must be >= 1")
+        check(self.forward_batch_size >= 1, "forward_batch_size", self.forward_batch_size, "must be >= 1")
         check(0 <= self.gamma <= 1, "gamma", self.gamma, "must be in [0, 1]")
         check(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")
         check(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0")

@@ -191,6 +191,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` and `entropy_from_logits` sharing one logsumexp over the vocabulary (the
+    no-grad pass over a batch's (B, T, V) logits). The log-probs are computed exactly as
+    `logprobs_from_logits` computes them, so the reference's (computed by it) compare bit for bit.
+
+    Returns:
+        logprobs (B, T) and entropy (B, T), float32.
+    """
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    picked = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    p = torch.exp(z - lse.unsqueeze(-1))
+    return picked, lse - (p * z).sum(-1)
+
+
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k1 estimate of KL(pi || pi_ref) from samples of pi: ``log pi - log pi_ref`` (B, T).
 

@@ -106,23 +106,28 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
     entropy = torch.zeros(share, T)
     gap = torch.zeros(share, T)
     learner.module.eval()
-    parts = chunks(mine, cfg.micro_batch_size)
+    # No activations are kept here, so the forwards take `forward_batch_size` rows, not the training
+    # micro-batch: larger matrix products run nearer the CPU's bf16 peak (bench/ppo.py's phase split).
+    parts = chunks(mine, cfg.forward_batch_size)
     for rows in parts:
         local = rows - rank * share
         logits, v, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
         logits = logits.float().cpu()
         tok = tokens[rows, :Tm]
-        scaled = logits / temperature
-        logprobs[local, :Tm] = core.logprobs_from_logits(scaled, tok)
+        scaled = logits if temperature == 1.0 else logits / temperature
+        logprobs[local, :Tm], entropy[local, :Tm] = core.logprobs_and_entropy(scaled, tok)
         values[local, :Tm] = v.float().cpu()
-        entropy[local, :Tm] = core.entropy_from_logits(scaled)
         raw = logprobs[local, :Tm] if temperature == 1.0 else core.logprobs_from_logits(logits, tok)
         gap[local, :Tm] = (raw - engine_logprobs[rows, :Tm]).abs()
+        del logits, scaled
     with learner.net.reference():
         for rows in parts:
             local = rows - rank * share
             logits, _, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
-            ref_logprobs[local, :Tm] = core.logprobs_from_logits(logits.float().cpu() / temperature, tokens[rows, :Tm])
+            logits = logits.float().cpu()
+            ref_logprobs[local, :Tm] = core.logprobs_from_logits(
+                logits if temperature == 1.0 else logits / temperature, tokens[rows, :Tm])
+            del logits
     # every rank now holds the whole batch
     logprobs, ref_logprobs, values, entropy, gap = (
         dist.all_gather_rows(x) for x in (logprobs, ref_logprobs, values, entropy, gap))

@@ -114,6 +114,10 @@ def test_logprobs_and_entropy_from_logits():
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
     assert core.logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
     assert core.entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
+    z, tok = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    lp, ent = core.logprobs_and_entropy(z, tok)
+    torch.testing.assert_close(lp, core.logprobs_from_logits(z, tok))
+    torch.testing.assert_close(ent, core.entropy_from_logits(z))
 
 
 def test_aggregate_is_split_invariant():
