@@ -346,11 +346,19 @@ class RewardScorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 1024, bf16: bool = False) -> "RewardScorer":
-        """A scorer for a saved reward model directory (its own tokenizer)."""
+        """A scorer for a saved reward model directory (its own tokenizer).
+
+        With ``bf16`` the weights are held in bf16 (scoring only, nothing trains): the matrix products
+        are those of bf16 autocast, without casting every weight at every call. Measured on this
+        2-core CPU, SmolLM2-135M, 16 sequences: 1.0-1.1 s a call against 1.4 s under autocast.
+        """
+        import torch
+
         from align.models import load_tokenizer
 
         tok = load_tokenizer(path)
-        return cls(load_reward_model(path, tok), tok, max_length=max_length, bf16=bf16)
+        model = load_reward_model(path, tok)
+        return cls(model.to(torch.bfloat16) if bf16 else model, tok, max_length=max_length, bf16=bf16)
 
     def encode(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[list[int]]:
         if len(prompts) != len(responses):
