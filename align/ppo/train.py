@@ -209,7 +209,8 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
                                                     part.response_mask, autocast)
                 device = logits.device
                 mask = part.response_mask[:, :Tm].to(device)
-                logp = core.logprobs_from_logits(logits.float() / temperature, part.input_ids[:, P:P + Tm].to(device))
+                logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+                logp = core.logprobs_from_logits(logits, part.input_ids[:, P:P + Tm].to(device))
                 pl, pm = core.policy_loss(logp, part.logprobs[:, :Tm].to(device), part.advantages[:, :Tm].to(device),
                                           mask, cfg.clip, num_tokens)
                 vl, vm = core.value_loss(values.float(), part.values[:, :Tm].to(device), part.returns[:, :Tm].to(device),
