@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def _run_engine_proc(mode: str, sigint_after_loop: bool = False) -> tuple[dict[s
     proc = subprocess.Popen([sys.executable, str(HERE / "engine_proc.py"), mode], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines: dict[str, list[str]] = {}
+    watchdog = threading.Timer(240, proc.kill)  # a process that never ends fails the test, not the whole run
+    watchdog.start()
     try:
         for line in proc.stdout:
             tag, *rest = line.split()
@@ -109,8 +112,10 @@ def _run_engine_proc(mode: str, sigint_after_loop: bool = False) -> tuple[dict[s
                 proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=120)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
+    assert code != -signal.SIGKILL, f"engine_proc.py {mode} did not end within 240 s and was killed"
     return lines, code
 
 
