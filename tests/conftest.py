@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -6,6 +7,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# The Ctrl-C tests send SIGINT to programs they start, as a terminal would. A test run started in the
+# background by a non-interactive shell (`make test &`) inherits SIGINT *ignored*; every program it
+# starts would inherit that too, and Python installs no KeyboardInterrupt handler for an ignored
+# SIGINT, so those tests would hang. Take Python's own handler back: the programs started from here
+# then begin with the default disposition, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

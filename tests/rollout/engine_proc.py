@@ -49,12 +49,6 @@ def all_descendants() -> list[int]:
 
 
 def main(mode: str) -> None:
-    import signal
-
-    # A program started in the background by a non-interactive shell (`cmd &`, as CI scripts may do)
-    # inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: Ctrl-C would do
-    # nothing. This process stands for a program run from a terminal, so it takes the default handler.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     from align.config import RolloutConfig
     from align.models import load_causal_lm, tiny_model_dir
     from rollout import SamplingParams, make_engine
