@@ -191,7 +191,7 @@ def total_steps(n_pairs: int, train_cfg: "TrainConfig") -> int:
 
 
 def load_trainable(model, weights: dict[str, torch.Tensor], where: Path, hint: str = "") -> None:
-    """Copy trainable tensors saved by name (`trainable_state`) into ``model``."""
+    """Copy trainable tensors saved by name (`LocalLearner.trainable_state`) into ``model``."""
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -278,13 +278,16 @@ def uses_shared_prefix(cfg: "RewardConfig", model) -> bool:
     return cfg.shared_prefix and supports_shared_prefix(model)
 
 
-def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig", step: int, pad_id: int) -> dict:
+def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig", step: int, pad_id: int,
+               shared: bool) -> dict:
     """Forward/backward of this rank's share of one optimizer step, then the (clipped) step.
 
     Args:
         learner: `LocalLearner` or `align.launch.zero3.DeepSpeedLearner`.
         micro: ALL micro-batches of the step, the same on every rank; rank r forwards ``micro[r::N]``
             (N processes).
+        shared: one `shared_prefix_batch` row per pair (`uses_shared_prefix`), else chosen and rejected
+            as rows of their own.
 
     The losses are normalised by the pairs (and safety labels) of the WHOLE step, so accumulation
     over micro-batches and ranks gives the gradient of the full batch. Raises AlignError naming
@@ -303,7 +306,6 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     loss_total, aux_total, real_tokens, all_tokens = 0.0, 0.0, 0, 0
     r_c_all, r_r_all, m_all, lvl_all = [], [], [], []
     grad_norm = None
-    shared = uses_shared_prefix(cfg, learner.module)
     for j, batch in enumerate(mine):
         b = len(batch)
         with torch.autocast(learner.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
@@ -488,7 +490,7 @@ def train_reward_model(
     bar = tqdm(total=steps, initial=step, desc="reward model", unit="step", dynamic_ncols=True, disable=not main)
     while step < steps:
         micro = [[pairs[i] for i in next(stream)] for _ in range(per_step)]
-        metrics = train_step(learner, micro, cfg, step + 1, pad_id)
+        metrics = train_step(learner, micro, cfg, step + 1, pad_id, shared)
         if metrics.pop("rm/skipped", 0.0):
             skipped += 1
             print(f"[align] reward model: non-finite loss or gradient at step {step + 1}, step skipped "

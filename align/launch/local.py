@@ -123,9 +123,7 @@ class LocalLearner:
         learner must not train after this."""
         if self.bf16_weights:
             self.net.float()
-            with torch.no_grad():
-                for m, p in zip(self.masters, self.params):
-                    p.copy_(m)
+            self._write_back()
         return self.net
 
     def save(self, directory: Path) -> None:

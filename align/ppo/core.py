@@ -162,6 +162,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 # Log-probabilities, entropy, KL
 
 
+def temper(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in float32 (the sampling distribution's logits); at temperature 1 the
+    float32 logits themselves, without a (B, T, V) copy."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per position, in float32.
 

@@ -114,7 +114,7 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
         logits, v, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
         logits = logits.float().cpu()
         tok = tokens[rows, :Tm]
-        scaled = logits if temperature == 1.0 else logits / temperature
+        scaled = core.temper(logits, temperature)
         logprobs[local, :Tm], entropy[local, :Tm] = core.logprobs_and_entropy(scaled, tok)
         values[local, :Tm] = v.float().cpu()
         raw = logprobs[local, :Tm] if temperature == 1.0 else core.logprobs_from_logits(logits, tok)
@@ -124,9 +124,8 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
         for rows in parts:
             local = rows - rank * share
             logits, _, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
-            logits = logits.float().cpu()
-            ref_logprobs[local, :Tm] = core.logprobs_from_logits(
-                logits if temperature == 1.0 else logits / temperature, tokens[rows, :Tm])
+            ref_logprobs[local, :Tm] = core.logprobs_from_logits(core.temper(logits.cpu(), temperature),
+                                                                 tokens[rows, :Tm])
             del logits
     # every rank now holds the whole batch
     logprobs, ref_logprobs, values, entropy, gap = (
@@ -209,8 +208,8 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
                                                     part.response_mask, autocast)
                 device = logits.device
                 mask = part.response_mask[:, :Tm].to(device)
-                logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-                logp = core.logprobs_from_logits(logits, part.input_ids[:, P:P + Tm].to(device))
+                logp = core.logprobs_from_logits(core.temper(logits, temperature),
+                                                 part.input_ids[:, P:P + Tm].to(device))
                 pl, pm = core.policy_loss(logp, part.logprobs[:, :Tm].to(device), part.advantages[:, :Tm].to(device),
                                           mask, cfg.clip, num_tokens)
                 vl, vm = core.value_loss(values.float(), part.values[:, :Tm].to(device), part.returns[:, :Tm].to(device),

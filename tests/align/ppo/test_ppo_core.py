@@ -114,6 +114,9 @@ def test_logprobs_and_entropy_from_logits():
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
     assert core.logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
     assert core.entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
+    half = torch.tensor([[[1.0, -3.0]]], dtype=torch.bfloat16)
+    assert core.temper(half, 1.0).dtype == torch.float32 and core.temper(half, 1.0).tolist() == [[[1.0, -3.0]]]
+    assert core.temper(half, 2.0).tolist() == [[[0.5, -1.5]]]
     z, tok = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
     lp, ent = core.logprobs_and_entropy(z, tok)
     torch.testing.assert_close(lp, core.logprobs_from_logits(z, tok))
