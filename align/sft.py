@@ -188,6 +188,12 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
     dtype = ctx.cfg.model.dtype if tcfg.lora.enabled else "float32"
     model = load_causal_lm(ctx.init_model_dir, dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if packing:
+        # TRL packs padding-free (one row per micro-batch); without flash-attention-2, sdpa would attend over
+        # the whole row (align/attention.py): attention runs per packed sequence instead.
+        from align.attention import use_varlen
+
+        use_varlen(model)
     logger = ctx.logger()
     trainer = SFTTrainer(
         model=model,
