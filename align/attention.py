@@ -57,11 +57,10 @@ def register() -> str:
 
 
 def use_varlen(model) -> bool:
-    """Switch a transformers model (plain or PEFT-wrapped) from sdpa to `VARLEN`; other implementations
-    (flash-attention-2 reads the boundaries itself, eager is asked for on purpose) are left alone.
-    Returns whether it switched."""
-    net = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(net.config, "_attn_implementation", None) != "sdpa":
+    """Switch a transformers model from sdpa to `VARLEN` (before any PEFT wrapping); other
+    implementations (flash-attention-2 reads the boundaries itself, eager is asked for on purpose) are
+    left alone. Returns whether it switched."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    net.set_attn_implementation(register())
+    model.set_attn_implementation(register())
     return True
