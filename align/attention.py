@@ -20,6 +20,7 @@ import torch
 VARLEN = "align_varlen"
 
 
+@torch.compiler.disable  # the split is data-dependent: a compiled layer (align.models.compile_layers) runs it eager
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              is_causal=None, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
     """transformers' attention-function signature: query (1, H, T, D), key/value (1, Hkv, T, D) ->

@@ -62,6 +62,10 @@ class LoraConfig:
         check(self.r > 0, "r", self.r, "must be > 0")
 
 
+COMPILE_ONE_PROCESS = ("runs on one process only (ZeRO-3 gathers each layer's weights in hooks that torch.compile "
+                       "does not trace): set compile=false or num_processes=1")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings shared by the SFT-style and reward-model stages."""
@@ -82,6 +86,8 @@ class TrainConfig:
     bf16: bool = option(True, help="bf16 autocast (these CPUs run bf16 matmuls ~4x faster than fp32)")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass: less memory, "
                                           "~1/3 more compute (TRL's SFT default is on; off here, see README)")
+    compile: bool = option(False, help="torch.compile each decoder layer (align.models.compile_layers): faster "
+                           "steps after a one-off compile; one process")
     nonfinite: Literal["stop", "skip"] = option("stop", help="a NaN/inf loss or gradient: 'stop' the stage before "
                                                 "the bad update (the last checkpoint is kept), or 'skip' that "
                                                 "optimizer step and count it (train/skipped_steps); skip needs one process")
@@ -104,6 +110,8 @@ class TrainConfig:
         check(self.nonfinite == "stop" or self.num_processes == 1, "nonfinite", self.nonfinite,
               "'skip' runs on one process only (under ZeRO-3 the gradients are sharded): set nonfinite=stop "
               "or num_processes=1")
+        check(not self.compile or self.num_processes == 1, "compile", self.compile,
+              COMPILE_ONE_PROCESS)
         derive(self, "grad_accum", self.batch_size // per_step)
 
 
@@ -133,9 +141,14 @@ class RewardConfig:
     safety_aux_weight: float = option(0.0, help="weight of the safety auxiliary loss on per-response safety labels (0 = off)")
     max_length: int = option(512, help="tokens per prompt+response; longer pairs are truncated from the left of the prompt, never dropped")
     shared_prefix: bool = option(True, help="train on one row per pair, [prompt, chosen, rejected], the prompt forwarded once (same scores; needs sdpa or eager attention, else falls back)")
+    micro_batch_tokens: int = option(0, help="cut a micro-batch whose padded rows (rows x longest) exceed this many tokens into length-sorted pieces under it, one forward each (same gradient; 0 = off; one process)")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, min_lr_ratio=0.1, epochs=1.0), help="optimisation")
 
     def __post_init__(self):
+        check(self.micro_batch_tokens >= 0, "micro_batch_tokens", self.micro_batch_tokens, "must be >= 0 (0 = off)")
+        check(self.micro_batch_tokens == 0 or self.train.num_processes == 1, "micro_batch_tokens",
+              self.micro_batch_tokens, "runs on one process only (ZeRO-3 ranks must run the same number of "
+              "forwards): set micro_batch_tokens=0 or train.num_processes=1")
         check(0 <= self.secondary_share < 1, "secondary_share", self.secondary_share, "must be in [0, 1)")
         check(self.margin != "custom" or len(self.margin_table) == 4, "margin_table", self.margin_table,
               "margin: custom needs 4 margins, strongest rating first, e.g. [3, 2, 1, 0]")
@@ -245,6 +258,8 @@ class PPOConfig:
     lora: LoraConfig = option(factory=lambda: LoraConfig(enabled=True), help="LoRA adapters on the policy")
     num_processes: int = option(1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3 (needs rollout.in_process: false)")
     bf16: bool = option(True, help="bf16 compute: autocast on one process, DeepSpeed bf16 under ZeRO-3")
+    compile: bool = option(False, help="torch.compile each decoder layer of the policy and both reward models "
+                           "(align.models.compile_layers): faster iterations after a one-off compile; one process")
     save_every: int = option(5, help="checkpoint every N iterations (resume point)")
     nonfinite: Literal["stop", "skip"] = option("stop", help="a NaN/inf PPO loss or gradient: 'stop' before the bad "
                                                 "update, or 'skip' that mini-batch's step and count it "
@@ -280,6 +295,8 @@ class PPOConfig:
         check(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
         check(self.nonfinite == "stop" or self.num_processes == 1, "nonfinite", self.nonfinite,
               "'skip' runs on one process only: set nonfinite=stop or num_processes=1")
+        check(not self.compile or self.num_processes == 1, "compile", self.compile,
+              COMPILE_ONE_PROCESS)
         check(self.heldout_prompts >= 0, "heldout_prompts", self.heldout_prompts, "must be >= 0")
         check(self.early_stop_patience == 0 or self.heldout_prompts > 0, "early_stop_patience",
               self.early_stop_patience, "early stopping needs held-out prompts: set heldout_prompts > 0 or patience 0")

@@ -172,3 +172,53 @@ def load_causal_lm(path: str | Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+
+
+def decoder_layers(model):
+    """The model's stack of decoder layers: the longest `nn.ModuleList` whose entries share one class
+    (``model.layers`` of a Llama, under any PEFT, value-head or DeepSpeed wrapping)."""
+    import torch
+
+    best = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 \
+                and len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise AlignError(f"{type(model).__name__} has no stack of decoder layers to compile; set compile: false")
+    return best
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would use, or None."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+
+
+def compile_layers(model, enabled: bool = True) -> int:
+    """Regional compilation: `torch.compile` each decoder layer (dynamic shapes), not the whole model.
+
+    Eager PyTorch runs a layer's RMSNorms, rotary embedding, SiLU-times-up and LoRA's scale-and-add as
+    separate memory-bound kernels; inductor fuses them. The layers share one code object, so one graph
+    is compiled (forward, and backward when trained) and reused by every layer, also across models of
+    the same architecture in one process. Measured here (SmolLM2-135M, LoRA r 16, bf16, 2 cores): a
+    no-grad forward of 16 x ~120 tokens 0.88 -> 0.55 s, a 4-row forward + backward 1.07 -> 0.76 s; the
+    compile costs ~45 s on first use and ~11 s later (inductor's cache, /tmp/torchinductor_$USER).
+
+    Returns the number of layers compiled; 0, with a message saying why, where it is off or there is
+    no C++ compiler (inductor's CPU backend needs one), in which case the model runs eager unchanged.
+    """
+    import torch
+
+    if not enabled:
+        return 0
+    dev = next(model.parameters()).device.type
+    if dev == "cpu" and cpp_compiler() is None:
+        print("[align] compile: no C++ compiler found (torch.compile's CPU backend needs g++ or clang++; set CXX); "
+              "running eager", flush=True)
+        return 0
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    # grad and no-grad, train and eval, adapters on and off (the PPO reference) are separate graphs
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    return len(layers)

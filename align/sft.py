@@ -142,7 +142,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from align.models import load_causal_lm, load_tokenizer
+    from align.models import compile_layers, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(ctx.init_model_dir)
     ckpt_dir = ctx.work_dir / "checkpoints"
@@ -194,6 +194,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         from align.attention import use_varlen
 
         use_varlen(model)
+    compile_layers(model, tcfg.compile)  # TRL's own `torch_compile` compiles the whole model: minutes here
     logger = ctx.logger()
     trainer = SFTTrainer(
         model=model,

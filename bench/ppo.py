@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--eager", action="store_true", help="ours without torch.compile of the decoder layers (ppo.compile)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each side, training and generation (0 = all). "
                    "On a machine shared with other jobs use 1: two OpenMP threads that wait for each other at every "
                    "barrier while other processes hold the cores ran a SmolLM2 forward+backward 10x slower than one")
@@ -141,7 +142,7 @@ def run_ours(args) -> dict:
             "micro_batch_size": args.micro_batch_size, "ppo_epochs": args.ppo_epochs,
             "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
             "lora": {"enabled": True, "r": args.lora_r, "alpha": 2 * args.lora_r},
-            "bf16": args.dtype == "bfloat16", "save_every": 1 << 20,
+            "bf16": args.dtype == "bfloat16", "save_every": 1 << 20, "compile": not args.eager,
         },
     }
     cfg = build(PipelineConfig, raw)

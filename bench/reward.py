@@ -7,6 +7,11 @@ harmless pairs (no margin: HH has no rating levels), cosine schedule at lr 1e-5.
 scored by the same evaluation code on the same held-out pairs. Prints pairs/s of each, their ratio and
 both held-out accuracies; writes bench/out/reward.json. TRL drops pairs longer than max_length (its
 help says "truncated"); we truncate the prompt from the left instead, so both counts are printed.
+
+Ours runs as `align rm train` would with `train.compile: true` (each decoder layer torch.compiled; its
+one-off compile is inside the measured time) and `micro_batch_tokens: 2048` (a micro-batch padded past
+2,048 tokens runs as length-sorted pieces: HH has multi-turn prompts whose pair rows reach 1,024
+tokens). `--eager --micro-batch-tokens 0` measures ours without either.
 """
 from __future__ import annotations
 
@@ -39,9 +44,10 @@ def run_ours(model_dir, tok, train, test, args) -> dict:
     from reward.train import train_reward_model
 
     cfg = RewardConfig(category="safety", primary=(DatasetSpec(format="synthetic_pref"),), margin="none",
-                       max_length=args.max_length, test_size=0,
+                       max_length=args.max_length, test_size=0, micro_batch_tokens=args.micro_batch_tokens,
                        train=TrainConfig(lr=1e-5, min_lr_ratio=0.0, epochs=1.0, batch_size=args.batch,
-                                         micro_batch_size=args.batch, bf16=True, save_steps=10**6, warmup_ratio=0.0))
+                                         micro_batch_size=args.batch, bf16=True, save_steps=10**6, warmup_ratio=0.0,
+                                         compile=not args.eager))
     with tempfile.TemporaryDirectory() as out:
         s = train_reward_model(model_dir, tok, train, test, cfg, out, seed=0)
     return {"pairs_per_s": s["pairs_per_s"], "train_pairs": s["train_pairs"], "seconds": s["train_seconds"],
@@ -87,6 +93,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--skip-trl", action="store_true", help="measure ours only")
+    p.add_argument("--micro-batch-tokens", type=int, default=2048,
+                   help="ours: cut a micro-batch padded past this many tokens into pieces (0 = off)")
+    p.add_argument("--eager", action="store_true", help="ours without torch.compile of the decoder layers (train.compile)")
     args = p.parse_args()
 
     import torch
@@ -100,6 +109,7 @@ def main() -> None:
     train, test = load_pairs(args.train_pairs, args.test_pairs)
     print(f"SmolLM2-135M-Instruct, {len(train)} train / {len(test)} held-out HH harmless pairs, batch {args.batch}, "
           f"max_length {args.max_length}, bf16 autocast, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    torch.manual_seed(0)  # the untrained score head: the same random head every run
     untrained = evaluate(RewardScorer.from_pretrained(model_dir, max_length=args.max_length), test)["metrics"]["rm/accuracy"]
     ours = run_ours(model_dir, tok, train, test, args)
     trl = None if args.skip_trl else run_trl(model_dir, tok, train, test, args)

@@ -59,6 +59,7 @@ from align.faults import fault
 from align.io import atomic_dir, read_json, write_json_atomic
 from align.launch import dist
 from align.launch.local import AdamW, LocalLearner
+from align.models import compile_layers
 from reward.losses import RATING_LEVELS, accuracy_by_level, margin_table, ranking_loss, safety_aux_loss
 from reward.model import (RewardScorer, format_pair, load_reward_model, pad_batch, save_reward_model, sequence_scores,
                           shared_prefix_batch, shared_prefix_length, shared_prefix_scores, supports_shared_prefix)
@@ -273,6 +274,30 @@ def _safety_labels(pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Te
     return (torch.tensor([bool(x) for x in labels]), torch.tensor([x is not None for x in labels]))
 
 
+def token_pieces(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Cut one micro-batch into pieces whose padded size (rows x longest row) is at most `budget`.
+
+    Args:
+        lengths: the row length of each pair (its `shared_length`, or its longer answer with two rows).
+        budget: tokens per piece; 0 = no cut.
+
+    Returns:
+        Index lists covering every pair once, longest first; a row longer than `budget` is a piece of
+        its own. One 1,024-token pair row among seven of ~300 pads the micro-batch to 8 x 1,024 tokens;
+        cut at 2,048 it runs as pieces of 2 x 1,024 and 6 x ~330.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    if budget <= 0 or len(order) * (lengths[order[0]] if order else 0) <= budget:
+        return [order] if order else []
+    pieces: list[list[int]] = []
+    for i in order:  # longest first: a piece's first row is its longest
+        if pieces and (len(pieces[-1]) + 1) * lengths[pieces[-1][0]] <= budget:
+            pieces[-1].append(i)
+        else:
+            pieces.append([i])
+    return pieces
+
+
 def uses_shared_prefix(cfg: "RewardConfig", model) -> bool:
     """`cfg.shared_prefix`, unless the model's attention cannot take a custom 4-D mask (flash attention)."""
     return cfg.shared_prefix and supports_shared_prefix(model)
@@ -285,7 +310,7 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     Args:
         learner: `LocalLearner` or `align.launch.zero3.DeepSpeedLearner`.
         micro: ALL micro-batches of the step, the same on every rank; rank r forwards ``micro[r::N]``
-            (N processes).
+            (N processes), each cut by `token_pieces` with ``cfg.micro_batch_tokens``.
         shared: one `shared_prefix_batch` row per pair (`uses_shared_prefix`), else chosen and rejected
             as rows of their own.
 
@@ -303,6 +328,10 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     n_pairs = sum(len(mb) for mb in micro)
     n_labels = sum(int(_safety_labels(mb)[1].sum()) for mb in micro) if use_aux else 0
     mine = micro[learner.rank::learner.world_size]
+    if cfg.micro_batch_tokens:  # one process (config check): every rank must run the same forwards
+        row = (lambda p: p.shared_length) if shared else (lambda p: p.length)
+        mine = [[mb[i] for i in piece] for mb in mine
+                for piece in token_pieces([row(p) for p in mb], cfg.micro_batch_tokens // (1 if shared else 2))]
     loss_total, aux_total, real_tokens, all_tokens = 0.0, 0.0, 0, 0
     r_c_all, r_r_all, m_all, lvl_all = [], [], [], []
     grad_norm = None
@@ -392,6 +421,7 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype
         full = not (tc.lora is not None and tc.lora.enabled)
         learner = LocalLearner(model, adamw, tc.max_grad_norm, "cuda" if torch.cuda.is_available() else "cpu",
                                bf16_weights=tc.bf16 and full)
+        compile_layers(model, tc.compile)
         return learner, learner.optimizer, None
     from align.launch.zero3 import DeepSpeedLearner
 

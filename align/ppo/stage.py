@@ -197,7 +197,7 @@ class Run:
 
 def setup(ctx) -> Run:
     from align.data.load import load_datasets
-    from align.models import load_tokenizer
+    from align.models import compile_layers, load_tokenizer
     from align.launch.zero3 import DeepSpeedLearner
     from align.ppo.policy import build_policy, deepspeed_config, make_optimizer, torch_learner
     from reward.combined import RunningMoments
@@ -235,6 +235,9 @@ def setup(ctx) -> Run:
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         learner = torch_learner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)
+        if cfg.compile:  # one process (config check); the first iteration pays the compile
+            for model in (learner.net, rewards.helpful.model, rewards.safety.model):
+                compile_layers(model)
     moments = RunningMoments()
     state = {"iteration": 0, "heldout_before": None, "best_heldout": None, "best_iteration": 0,
              "bad_evals": 0, "stopped_early": False}

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from align.config import DatasetSpec, LoraConfig, RewardConfig, TrainConfig
 from align.errors import AlignError
 from reward.model import RewardScorer, load_reward_model
-from reward.train import (epoch_micro_batches, list_checkpoints, lr_factor, micro_batch_stream, total_steps,
-                          train_reward_model)
+from reward.train import (epoch_micro_batches, list_checkpoints, lr_factor, micro_batch_stream, token_pieces,
+                          total_steps, train_reward_model)
 
 
 class ListLogger:
@@ -112,6 +112,53 @@ def test_long_pairs_are_truncated_never_dropped(tiny_dir, tiny_tok, tmp_path, ma
     cfg = rm_config(max_steps=1)
     out = train_reward_model(tiny_dir, tiny_tok, records, [], cfg, tmp_path, seed=0)
     assert out["train_pairs"] == 8 and out["truncated_pairs"] == 3
+
+
+def test_token_pieces_cut_a_padded_micro_batch_under_the_budget():
+    lengths = [300, 1024, 280, 310, 1000, 290, 295, 305]
+    pieces = token_pieces(lengths, 2048)
+    assert sorted(i for p in pieces for i in p) == list(range(8))  # every pair once
+    assert pieces == [[1, 4], [3, 7, 0, 6, 5, 2]]  # longest first: 2 x 1,024, then 6 x 310
+    assert all(len(p) * lengths[p[0]] <= 2048 for p in pieces)
+    assert token_pieces(lengths, 0) == [sorted(range(8), key=lambda i: -lengths[i])]  # off: one piece
+    assert token_pieces([100] * 8, 2048) == [list(range(8))]  # already under the budget
+    assert token_pieces([3000, 10], 2048) == [[0], [1]]  # a row over the budget is a piece of its own
+    assert token_pieces([], 2048) == []
+
+
+def test_micro_batch_tokens_cut_the_forwards_not_the_step(tiny_dir, tiny_tok, tmp_path, make_pairs, monkeypatch):
+    """Pieces of a micro-batch give the step of the whole micro-batch: the losses and gradient norms
+    are normalised by the step's pairs, whatever the forwards (fp32)."""
+    from dataclasses import replace
+
+    import reward.train as rt
+
+    records = make_pairs(8, seed=6)
+    lengths = sorted(p.shared_length for p in rt.encode_pairs(tiny_tok, records, rm_config()))
+    budget = 3 * lengths[len(lengths) // 2]  # about three rows a piece
+    rows, forwards = {}, {}
+    real = rt.shared_prefix_scores
+    for b in (0, budget):
+        cfg = rm_config(max_steps=3, micro_batch_tokens=b)
+        cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=8))
+        logger, calls = ListLogger(), []
+        monkeypatch.setattr(rt, "shared_prefix_scores",
+                            lambda model, packed, _calls=calls: (_calls.append(tuple(packed.input_ids.shape)),
+                                                                 real(model, packed))[1])
+        train_reward_model(tiny_dir, tiny_tok, records, [], cfg, tmp_path / str(b), seed=0, logger=logger)
+        rows[b], forwards[b] = [m for _, m in logger.rows], calls
+    assert len(forwards[0]) == 3 and len(forwards[budget]) > 3  # one forward a step, then several
+    assert all(n * t <= budget or n == 1 for n, t in forwards[budget])
+    for a, c in zip(rows[0], rows[budget]):
+        for k in ("rm/loss", "rm/grad_norm", "rm/accuracy"):
+            assert c[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_micro_batch_tokens_is_one_process_only():
+    from align.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        RewardConfig(micro_batch_tokens=2048, train=TrainConfig(num_processes=2, batch_size=16))
 
 
 def _final_weights(run_dir):
