@@ -98,17 +98,9 @@ class RewardModels:
     max_length and bf16 setting its own stage trained with; scoring is sharded over the ranks."""
 
     def __init__(self, ctx, reward_cfg):
-        from reward.model import RewardScorer
+        from align.rejection.score import load_reward_scorers
 
-        def load(stage: str):
-            path = ctx.stage_dir(stage) / "model"
-            if not path.is_dir():
-                raise AlignError(f"ppo: reward model stage '{stage}' has no model at {path}; run it first")
-            rm_cfg = ctx.cfg.stage(stage)
-            return RewardScorer.from_pretrained(path, max_length=rm_cfg.max_length, bf16=rm_cfg.train.bf16)
-
-        self.helpful = load(reward_cfg.helpful_rm)
-        self.safety = load(reward_cfg.safety_rm)
+        self.helpful, self.safety = load_reward_scorers(ctx, reward_cfg)
         self.batch_size = reward_cfg.score_batch_size
         self.rank, self.world = ctx.rank, ctx.world_size
 

@@ -15,6 +15,23 @@ from typing import Sequence
 import torch
 
 
+def load_reward_scorers(ctx, reward_cfg) -> tuple:
+    """(helpfulness, safety) `reward.model.RewardScorer`s of the stages named in ``reward_cfg`` (a
+    `RewardUseConfig`), each with the max_length and bf16 setting its own stage trained with. Used by
+    rejection sampling and PPO."""
+    from align.errors import AlignError
+    from reward.model import RewardScorer
+
+    def load(stage: str):
+        path = Path(ctx.stage_dir(stage)) / "model"
+        if not path.is_dir():
+            raise AlignError(f"{ctx.name}: reward model stage '{stage}' has no model at {path}; run it first")
+        rm_cfg = ctx.cfg.stage(stage)
+        return RewardScorer.from_pretrained(path, max_length=rm_cfg.max_length, bf16=rm_cfg.train.bf16)
+
+    return load(reward_cfg.helpful_rm), load(reward_cfg.safety_rm)
+
+
 class CombinedScorer:
     """Scores (prompt, response) pairs with the helpfulness and safety RMs and combines them."""
 
@@ -26,17 +43,9 @@ class CombinedScorer:
 
     @classmethod
     def from_run(cls, ctx, reward_cfg) -> "CombinedScorer":
-        """The RMs of the stages named in ``reward_cfg`` (a `RewardUseConfig`), each with the
-        max_length and bf16 setting its own stage trained with."""
-        from reward.model import RewardScorer
-
-        def load(stage: str):
-            rm_cfg = ctx.cfg.stage(stage)
-            return RewardScorer.from_pretrained(Path(ctx.stage_dir(stage)) / "model", max_length=rm_cfg.max_length,
-                                                bf16=rm_cfg.train.bf16)
-
-        return cls(load(reward_cfg.helpful_rm), load(reward_cfg.safety_rm), reward_cfg.safety_threshold,
-                   reward_cfg.score_batch_size)
+        """The RMs of the stages named in ``reward_cfg`` (a `RewardUseConfig`), `load_reward_scorers`."""
+        helpful, safety = load_reward_scorers(ctx, reward_cfg)
+        return cls(helpful, safety, reward_cfg.safety_threshold, reward_cfg.score_batch_size)
 
     def __call__(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str],
                  is_safety: Sequence[bool]) -> dict[str, list]:

@@ -121,3 +121,28 @@ def test_compiled_ppo_trajectory_and_update_equal_eager(tiny_dir):
     for a, b in zip(se, sc):
         for name in ("ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/grad_norm"):
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
+
+
+def test_compiled_layers_with_packed_attention_equal_eager(tiny_dir):
+    """SFT's packed rows (align_varlen: a data-dependent split the compiled layer runs eager) under
+    `train.compile`: the same loss and gradients."""
+    from align.attention import use_varlen
+
+    lengths = (7, 12, 5)
+    g = torch.Generator().manual_seed(0)
+    models = [load_causal_lm(tiny_dir), load_causal_lm(tiny_dir)]
+    for m in models:
+        assert use_varlen(m)
+    compile_layers(models[1])
+    ids = torch.randint(3, models[0].config.vocab_size, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    losses = []
+    for m in models:
+        out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                max_length_q=max(lengths), max_length_k=max(lengths))
+        out.loss.backward()
+        losses.append(out.loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
