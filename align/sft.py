@@ -194,7 +194,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         from align.attention import use_varlen
 
         use_varlen(model)
-    compile_layers(model, tcfg.compile)  # TRL's own `torch_compile` compiles the whole model: minutes here
+    compile_layers(model, tcfg.compile)  # per decoder layer, not TRL's `torch_compile` of the whole model
     logger = ctx.logger()
     trainer = SFTTrainer(
         model=model,

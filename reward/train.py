@@ -287,7 +287,7 @@ def token_pieces(lengths: Sequence[int], budget: int) -> list[list[int]]:
         cut at 2,048 it runs as pieces of 2 x 1,024 and 6 x ~330.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    if budget <= 0 or len(order) * (lengths[order[0]] if order else 0) <= budget:
+    if budget <= 0:
         return [order] if order else []
     pieces: list[list[int]] = []
     for i in order:  # longest first: a piece's first row is its longest

@@ -227,9 +227,8 @@ def setup(ctx) -> Run:
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         learner = torch_learner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)
-        if cfg.compile:  # one process (config check); the first iteration pays the compile
-            for model in (learner.net, rewards.helpful.model, rewards.safety.model):
-                compile_layers(model)
+        for model in (learner.net, rewards.helpful.model, rewards.safety.model):  # the first iteration pays it
+            compile_layers(model, cfg.compile)  # one process (config check)
     moments = RunningMoments()
     state = {"iteration": 0, "heldout_before": None, "best_heldout": None, "best_iteration": 0,
              "bad_evals": 0, "stopped_early": False}

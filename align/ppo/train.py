@@ -78,17 +78,17 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def vocab_fns(compile: bool):
-    """(log-probs, log-probs and entropy) over the (B, T, V) logits, compiled with ``compile``.
+def vocab_fns(compiled: bool):
+    """(log-probs, log-probs and entropy) over the (B, T, V) logits, torch.compiled with ``compiled``.
 
     Eager, each step over the vocabulary (the float32 copy, logsumexp, exp, p * z) writes a fresh
     (B, T, V) float32 tensor: 200 MB for 16 x 64 x 49,152, allocated and page-faulted anew every time.
     Measured in bench/ppo.py: 0.6-1.3 s of the 16-row log-prob pass. Compiled, inductor reads the bf16
-    logits in one fused reduction and writes only (B, T). With ``compile`` the reference's log-probs
+    logits in one fused reduction and writes only (B, T). With ``compiled`` the reference's log-probs
     come from the same compiled function as the policy's, so at the first iteration (adapters still
     zero) the two agree bit for bit, as they do eager.
     """
-    if not compile:
+    if not compiled:
         return token_logprobs, token_logprobs_and_entropy
     both = _compiled(token_logprobs_and_entropy)
     return _compiled(token_logprobs), both
@@ -142,8 +142,7 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
     # No activations are kept here, so the forwards take `forward_batch_size` rows, not the training
     # micro-batch: larger matrix products run nearer the CPU's bf16 peak (bench/ppo.py's phase split).
     parts = chunks(mine, cfg.forward_batch_size)
-    compile = cfg.compile
-    lp_fn, lp_ent_fn = vocab_fns(compile)
+    lp_fn, lp_ent_fn = vocab_fns(cfg.compile)
     for rows in parts:
         local = rows - rank * share
         logits, v, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
@@ -159,7 +158,7 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
             local = rows - rank * share
             logits, _, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
             logits, tok = logits.cpu(), tokens[rows, :Tm]
-            ref_logprobs[local, :Tm] = lp_ent_fn(logits, tok, temperature)[0] if compile else lp_fn(logits, tok, temperature)
+            ref_logprobs[local, :Tm] = lp_ent_fn(logits, tok, temperature)[0] if cfg.compile else lp_fn(logits, tok, temperature)
             del logits
     # every rank now holds the whole batch
     logprobs, ref_logprobs, values, entropy, gap = (

@@ -25,9 +25,8 @@ def test_compiled_layers_give_eager_logits_and_gradients(tiny_dir):
     eager, compiled = load_causal_lm(tiny_dir), load_causal_lm(tiny_dir)
     n = compile_layers(compiled)
     assert n == eager.config.num_hidden_layers and n == len(decoder_layers(compiled))
-    for seed, length in ((0, 11), (1, 11)):  # a second batch of the same shape reuses the graph
+    for seed in (0, 1):  # a second batch of the same shape reuses the graph
         ids, attn = _batch(seed)
-        ids, attn = ids[:, :length], attn[:, :length]
         out = [m(input_ids=ids, attention_mask=attn, use_cache=False).logits for m in (eager, compiled)]
         keep = attn.bool()
         torch.testing.assert_close(out[1][keep], out[0][keep], atol=1e-5, rtol=1e-5)
