@@ -84,11 +84,11 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
 def complete_sentences(text: str) -> str:
-    """``text`` without a trailing unfinished sentence (an answer cut at max_new_tokens), if it has a
-    finished one; otherwise unchanged."""
+    """``text`` up to the end of its last finished sentence (dropping a trailing unfinished one, as in
+    an answer cut at max_new_tokens); "" when no sentence in it is finished."""
     text = text.rstrip()
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return text[: ends[-1]] if ends and ends[-1] < len(text) else text
+    return text[: ends[-1]] if ends else ""
 
 
 def repair(text: str, constraints: list[tuple[str, Optional[str]]]) -> str:
@@ -96,8 +96,10 @@ def repair(text: str, constraints: list[tuple[str, Optional[str]]]) -> str:
     limit (one word short when a last word must be appended), drop words with a banned letter,
     upper-case, append the required last word, append the required emoji. Before appending, an
     unfinished last sentence is dropped, so the word follows a whole sentence and a repaired answer is
-    no longer than the sample (a policy trained on it ends within the same token budget). The caller
-    checks the result."""
+    no longer than the sample (a policy trained on it ends within the same token budget). An answer
+    with no finished sentence (a sample cut inside code or a list) gets nothing appended: the word
+    would end a fragment (measured: ``Queue(max_size=1 sunshine.``), so it stays unrepaired and the
+    caller's check leaves it out of training. The caller checks the result."""
     kinds = {k for k, _ in constraints}
     out = text.strip()
     for kind, value in sorted(constraints, key=lambda kv: REPAIR_ORDER.index(kv[0])):
@@ -111,13 +113,15 @@ def repair(text: str, constraints: list[tuple[str, Optional[str]]]) -> str:
             out = out.upper()
         elif kind == "end_with":
             word = value.upper() if "capitals" in kinds else value
-            out = complete_sentences(out)
-            if not out or _SENTENCE_END.search(out[-3:]):
-                word = word[:1].upper() + word[1:]  # it starts a sentence of its own
-            out = f"{out} {word}." if out else f"{word}."
+            whole = complete_sentences(out)
+            if out and not whole:
+                continue  # a fragment: left unrepaired
+            out = f"{whole} {word[:1].upper() + word[1:]}." if whole else f"{word[:1].upper() + word[1:]}."
         elif kind == "include":
-            out = complete_sentences(out)
-            out = f"{out} {value}" if out else str(value)
+            whole = complete_sentences(out)
+            if out and not whole:
+                continue
+            out = f"{whole} {value}" if whole else str(value)
     return out
 
 

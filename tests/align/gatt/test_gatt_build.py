@@ -67,7 +67,7 @@ def test_every_prefix_gives_one_sample_per_turn_each_training_its_last_answer():
 
 
 class ScriptedEngine:
-    """Answers turn t of a prompt with candidates 'plain t.j' except candidate 1, which keeps the rule."""
+    """Answers turn t of a prompt with candidates 'plain t-j.' except candidate 1, which keeps the rule."""
 
     def __init__(self):
         self.prompts = []
@@ -77,7 +77,7 @@ class ScriptedEngine:
         n, texts = sampling.n, []
         for c in chats:
             turn = sum(m["role"] == "user" for m in c)
-            texts += [f"answer {turn} banana" if j == 1 else f" plain {turn}.{j} " for j in range(n)]
+            texts += [f"answer {turn} banana" if j == 1 else f" plain {turn}-{j}. " for j in range(n)]
         return Rollouts(prompt_ids=[[1]] * len(texts), response_ids=[[5]] * len(texts), logprobs=[[0.0]] * len(texts),
                         finish_reasons=["stop"] * len(texts), prompt_index=[r // n for r in range(len(texts))],
                         texts=texts, n=n)
@@ -89,7 +89,7 @@ def test_roll_dialogues_samples_turn_by_turn_and_keeps_the_best_by_the_checker()
     answers, stats = roll_dialogues(eng.generate, [USERS, USERS[:2]], insts, SamplingParams(max_new_tokens=8),
                                     every_turn=True, best_of=3, seed=0, fits=lambda c: True)
     assert answers[0] == ["answer 1 banana", "answer 2 banana", "answer 3 banana"]
-    assert answers[1] == ["plain 1.0", "plain 2.0"]  # nothing to check: the first sample, stripped
+    assert answers[1] == ["plain 1-0.", "plain 2-0."]  # nothing to check: the first sample, stripped
     assert len(eng.prompts) == 3 and len(eng.prompts[2]) == 1  # the 2-turn dialogue is done after turn 2
     # Turn 3's prompt carries the earlier chosen answers and the instruction on every user turn.
     last = eng.prompts[2][0]
@@ -103,7 +103,7 @@ def test_roll_dialogues_repairs_when_no_sample_keeps_the_instruction_and_stops_a
     insts = [Instruction((END,), False)]
     answers, stats = roll_dialogues(eng.generate, [USERS], insts, SamplingParams(max_new_tokens=8), every_turn=False,
                                     best_of=1, seed=0, fits=lambda c: len(c) < 4, do_repair=True)
-    assert answers == [["plain 1.0 banana.", "plain 2.0 banana."]]  # the third prompt does not fit
+    assert answers == [["plain 1-0. Banana.", "plain 2-0. Banana."]]  # the third prompt does not fit
     assert stats["repaired"] == 2 and stats["cut_by_context"] == 1
     second_prompt = eng.prompts[1][0]  # u1 + instruction, a1, u2: the instruction in the first turn only
     assert second_prompt[0]["content"].startswith(insts[0].text) and second_prompt[2]["content"] == USERS[1]

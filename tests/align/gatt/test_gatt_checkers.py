@@ -68,7 +68,7 @@ def test_unknown_checker():
 
 
 def test_repair_makes_each_constraint_hold():
-    text = "Well, the sky looks blue because air scatters blue light more than red light today"
+    text = "Well, the sky looks blue. Air scatters blue light more than red light today"
     cases = [("capitals", None), ("end_with", "indeed"), ("max_words", "5"), ("include", "🙂"), ("avoid_letter", "y")]
     for kind, value in cases:
         assert check(kind, repair(text, [(kind, value)]), value), kind
@@ -91,5 +91,12 @@ def test_repair_drops_an_unfinished_last_sentence_before_appending():
     cut = "Paris is the capital. It has many museums and the"
     assert repair(cut, [("end_with", "cheers")]) == "Paris is the capital. Cheers."
     assert repair(cut, [("include", "🙂")]) == "Paris is the capital. 🙂"
-    assert repair("no sentence end here", [("end_with", "ok")]) == "no sentence end here ok."
     assert repair('He said "Hi." Then', [("end_with", "ok")]) == 'He said "Hi." Ok.'
+
+
+def test_repair_leaves_a_fragment_without_a_finished_sentence_alone():
+    # A sample cut inside code: appending the word would end a fragment, so it stays unrepaired.
+    code = "queue = Queue(max_size=1"
+    assert repair(code, [("end_with", "sunshine")]) == code
+    assert not check("end_with", repair(code, [("end_with", "sunshine")]), "sunshine")
+    assert repair("no sentence end here", [("include", "🙂")]) == "no sentence end here"
