@@ -328,6 +328,7 @@ class GAttConfig:
     every_prefix: bool = option(True, help="one training sample per assistant turn of a dialogue, each trained only on its own last answer (False: the whole dialogue, last answer only)")
     eval_dialogues: int = option(16, help="held-out dialogues for the recall evaluation")
     eval_turns: tuple[int, ...] = option(factory=lambda: (2, 4, 6), help="turns at which recall is measured (recipe Table 30)")
+    eval_max_new_tokens: int = option(0, help="longest answer in the recall evaluation; 0 = sampling.max_new_tokens (an answer cut by the budget cannot end with a word)")
     max_length: int = option(1024, help="tokens per training sequence")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, epochs=1.0), help="fine-tuning on the GAtt data")
 
@@ -343,6 +344,8 @@ class GAttConfig:
         check(len(self.eval_turns) > 0 and all(t >= 1 for t in self.eval_turns), "eval_turns", self.eval_turns,
               "list turns >= 1, e.g. [2, 4, 6]")
         check(len(self.dialogues) > 0, "dialogues", self.dialogues, "list at least one dialogue or prompt dataset")
+        check(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", self.eval_max_new_tokens,
+              "must be >= 0 (0 = sampling.max_new_tokens)")
 
 
 @dataclass(frozen=True)

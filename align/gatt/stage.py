@@ -49,11 +49,11 @@ def _fits(tokenizer, max_model_len: int, max_new_tokens: int):
     return lambda chat: len(prompt_ids(tokenizer, chat)) + max_new_tokens <= max_model_len
 
 
-def _sampling(cfg):
+def _sampling(cfg, max_new_tokens: int = 0):
     from rollout.types import SamplingParams
 
     return SamplingParams(n=1, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                          max_new_tokens=cfg.sampling.max_new_tokens)
+                          max_new_tokens=max_new_tokens or cfg.sampling.max_new_tokens)
 
 
 def _evaluate(engine, dialogues, instructions, ctx, fits, label: str) -> tuple[list[list[str]], dict]:
@@ -62,7 +62,8 @@ def _evaluate(engine, dialogues, instructions, ctx, fits, label: str) -> tuple[l
 
     cfg = ctx.stage_cfg
     # The same seed before and after GAtt: both policies answer the same held-out draw.
-    answers, stats = roll_dialogues(engine.generate, dialogues, instructions, _sampling(cfg), every_turn=False,
+    sampling = _sampling(cfg, cfg.eval_max_new_tokens)
+    answers, stats = roll_dialogues(engine.generate, dialogues, instructions, sampling, every_turn=False,
                                     best_of=1, seed=ctx.cfg.seed + 1, fits=fits, desc=f"recall ({label})")
     return answers, recall_by_turn(instructions, answers, max(cfg.eval_turns))
 
@@ -99,6 +100,7 @@ def run_gatt(ctx) -> dict:
     eval_insts = (bank.evaluation_set(len(eval_dialogues), random.Random(f"{seed}/gatt/eval_instructions"))
                   if eval_dialogues else [])
     fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, cfg.sampling.max_new_tokens)
+    eval_fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, cfg.eval_max_new_tokens or cfg.sampling.max_new_tokens)
     logger = ctx.logger()
 
     before_file, sampled_file = ctx.work_dir / "eval_before.json", ctx.work_dir / "sampled.json"
@@ -106,7 +108,7 @@ def run_gatt(ctx) -> dict:
     try:
         if eval_dialogues and not before_file.is_file():
             engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
-            answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, fits, "before")
+            answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_fits, "before")
             write_json_atomic(before_file, {"answers": answers, "recall": recall})
         if not sampled_file.is_file():
             engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
@@ -138,7 +140,7 @@ def run_gatt(ctx) -> dict:
     if eval_dialogues:
         engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed)
         try:
-            after_answers, after_recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, fits, "after")
+            after_answers, after_recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_fits, "after")
         finally:
             engine.close()
         after = {"answers": after_answers, "recall": after_recall}
