@@ -112,11 +112,11 @@ def repair(text: str, constraints: list[tuple[str, Optional[str]]]) -> str:
         elif kind == "capitals":
             out = out.upper()
         elif kind == "end_with":
-            word = value.upper() if "capitals" in kinds else value
             whole = complete_sentences(out)
             if out and not whole:
                 continue  # a fragment: left unrepaired
-            out = f"{whole} {word[:1].upper() + word[1:]}." if whole else f"{word[:1].upper() + word[1:]}."
+            word = value.upper() if "capitals" in kinds else value[:1].upper() + value[1:]  # a sentence of its own
+            out = f"{whole} {word}." if whole else f"{word}."
         elif kind == "include":
             whole = complete_sentences(out)
             if out and not whole:
