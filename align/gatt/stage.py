@@ -56,13 +56,12 @@ def _sampling(cfg, max_new_tokens: int = 0):
                           max_new_tokens=max_new_tokens or cfg.sampling.max_new_tokens)
 
 
-def _evaluate(engine, dialogues, instructions, ctx, fits, label: str) -> tuple[list[list[str]], dict]:
+def _evaluate(engine, dialogues, instructions, ctx, sampling, fits, label: str) -> tuple[list[list[str]], dict]:
     from align.gatt.build import roll_dialogues
     from align.gatt.evaluate import recall_by_turn
 
     cfg = ctx.stage_cfg
     # The same seed before and after GAtt: both policies answer the same held-out draw.
-    sampling = _sampling(cfg, cfg.eval_max_new_tokens)
     answers, stats = roll_dialogues(engine.generate, dialogues, instructions, sampling, every_turn=False,
                                     best_of=1, seed=ctx.cfg.seed + 1, fits=fits, desc=f"recall ({label})")
     return answers, recall_by_turn(instructions, answers, max(cfg.eval_turns))
@@ -99,8 +98,9 @@ def run_gatt(ctx) -> dict:
                       if cfg.eval_dialogues else [])
     eval_insts = (bank.evaluation_set(len(eval_dialogues), random.Random(f"{seed}/gatt/eval_instructions"))
                   if eval_dialogues else [])
-    fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, cfg.sampling.max_new_tokens)
-    eval_fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, cfg.eval_max_new_tokens or cfg.sampling.max_new_tokens)
+    sampling, eval_sampling = _sampling(cfg), _sampling(cfg, cfg.eval_max_new_tokens)
+    fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, sampling.max_new_tokens)
+    eval_fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
     logger = ctx.logger()
 
     before_file, sampled_file = ctx.work_dir / "eval_before.json", ctx.work_dir / "sampled.json"
@@ -108,11 +108,11 @@ def run_gatt(ctx) -> dict:
     try:
         if eval_dialogues and not before_file.is_file():
             engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
-            answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_fits, "before")
+            answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "before")
             write_json_atomic(before_file, {"answers": answers, "recall": recall})
         if not sampled_file.is_file():
             engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
-            answers, stats = roll_dialogues(engine.generate, train_dialogues, train_insts, _sampling(cfg),
+            answers, stats = roll_dialogues(engine.generate, train_dialogues, train_insts, sampling,
                                             every_turn=True, best_of=cfg.best_of, seed=seed, fits=fits,
                                             do_repair=cfg.repair, desc="sampling")
             write_json_atomic(sampled_file, {"answers": answers, "stats": stats})
@@ -140,7 +140,7 @@ def run_gatt(ctx) -> dict:
     if eval_dialogues:
         engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed)
         try:
-            after_answers, after_recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_fits, "after")
+            after_answers, after_recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "after")
         finally:
             engine.close()
         after = {"answers": after_answers, "recall": after_recall}

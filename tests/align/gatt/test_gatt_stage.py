@@ -52,6 +52,6 @@ def test_evaluation_budget_is_its_own():
 
     g = load_config(ROOT / "configs" / "tiny.yaml").gatt
     assert g.eval_max_new_tokens == 24 and g.sampling.max_new_tokens == 16
-    assert _sampling(g, g.eval_max_new_tokens).max_new_tokens == 24  # what _evaluate samples with
+    assert _sampling(g, g.eval_max_new_tokens).max_new_tokens == 24  # what run_gatt evaluates with
     assert _sampling(g).max_new_tokens == 16  # the training dialogues
     assert _sampling(g, 0).max_new_tokens == 16  # 0 = the sampling budget
