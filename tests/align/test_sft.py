@@ -124,11 +124,11 @@ def test_finite_step_guard_stops_or_skips_before_the_update():
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_nan_loss_in_sft_stops_keeping_the_checkpoint_or_is_skipped(tmp_path, tiny_dir, monkeypatch, mode):
-    from trl import SFTTrainer
-
     from align.errors import AlignError
     from align.pipeline import run_pipeline
+    from align.sft import sft_trainer_class
 
+    SFTTrainer = sft_trainer_class()  # the trainer train_sft uses
     real = SFTTrainer.compute_loss
 
     def poisoned(self, *args, **kwargs):
@@ -225,3 +225,46 @@ def test_a_full_disk_gives_one_clear_error_and_the_rerun_resumes(tmp_path, monke
     monkeypatch.setattr(sft_mod, "save_policy", real)
     (m,) = run_pipeline(cfg)  # resumes from checkpoint-2: no step is trained again
     assert m["status"] == "done" and m["summary"]["train/steps"] == 2
+
+
+def test_trained_token_loss_matches_trls_fused_head(tmp_path, tiny_dir, tiny_tok):
+    """The CPU loss (only the trained positions projected, align.sft.sft_trainer_class) gives TRL's loss,
+    gradients, entropy and token accuracy on the same packed batch."""
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from align.models import load_causal_lm
+    from align.sft import sft_trainer_class, tokenize_conversations
+
+    dataset, _ = tokenize_conversations(tiny_tok, [{"messages": c} for c in CHATS], 512)
+    args = TRLSFTConfig(output_dir=str(tmp_path), max_length=512, packing=True, packing_strategy="bfd",
+                        per_device_train_batch_size=3, use_cpu=True, report_to=[], bf16=False)
+    results = {}
+    for name, cls in (("trl", SFTTrainer), ("ours", sft_trainer_class())):
+        torch.manual_seed(0)
+        model = load_causal_lm(tiny_dir, "float32")
+        trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tiny_tok)
+        calls, forward = [], trainer.model.forward
+        trainer.model.forward = lambda *a, _f=forward, _c=calls, **kw: (_c.append(kw), _f(*a, **kw))[1]
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        assert batch["input_ids"].shape[0] == 1  # packed, padding-free
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results[name] = (loss.item(), grads, metrics)
+        # TRL scores every position through its fused head; ours projects the trained positions only
+        kept = calls[0].get("logits_to_keep")
+        if name == "trl":
+            assert calls[0].get("fused_lm_head") is True and kept is None
+        else:
+            n_trained = int((batch["labels"][:, 1:] != -100).sum())
+            assert "fused_lm_head" not in calls[0] and kept.numel() == n_trained < batch["input_ids"].shape[1]
+    (l_trl, g_trl, m_trl), (l_ours, g_ours, m_ours) = results["trl"], results["ours"]
+    assert l_ours == pytest.approx(l_trl, rel=1e-5)
+    assert g_ours.keys() == g_trl.keys() and len(g_ours) > 0
+    for n in g_trl:
+        torch.testing.assert_close(g_ours[n], g_trl[n], rtol=1e-4, atol=1e-6)
+    for k in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert m_ours[k] == pytest.approx(m_trl[k], rel=1e-4), k
