@@ -9,6 +9,8 @@
 3. Training samples: the instruction is kept only in the FIRST user turn, and every turn before the
    last assistant turn, assistant turns included, gets ``train=False`` (`training_record`); the loss
    mask follows from align.chat.tokenize_chat.
+4. Optionally (`reference_records`), samples of the same form made by program from the data's own
+   answers, repaired to keep a checkable instruction: for kinds the policy cannot follow yet.
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ import random
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
-from align.gatt.checkers import repair
+from align.gatt.checkers import complete_sentences, repair
 from align.gatt.instructions import Instruction
 
 # User turns longer than this (characters) are not used: a dialogue of several of them would not fit
 # the context, and the instruction would be lost in them.
 MAX_USER_CHARS = 400
+# A data answer used as a reference sample is cut to its whole sentences within this many characters
+# (~150 tokens), so the policy learns to end inside the evaluation's answer budget.
+MAX_REFERENCE_ANSWER_CHARS = 600
 
 
 def attach(user: str, instruction: str) -> str:
@@ -70,6 +75,82 @@ def user_turns(record: dict, kind: str) -> list[str]:
     """The user messages of a conversation or prompt record, in order."""
     msgs = record["messages"] if kind == "conversation" else record["prompt"]
     return [m["content"].strip() for m in msgs if m["role"] == "user" and m["content"].strip()]
+
+
+def answered_turns(record: dict, kind: str) -> list[tuple[str, str]]:
+    """The (user, assistant) turn pairs of a conversation record, in order, up to its first user turn
+    without an answer; none for a prompt record."""
+    if kind != "conversation":
+        return []
+    msgs, pairs = record["messages"], []
+    for m, nxt in zip(msgs, msgs[1:]):
+        if m["role"] != "user":
+            continue
+        if nxt["role"] != "assistant" or not m["content"].strip() or not nxt["content"].strip():
+            break
+        pairs.append((m["content"].strip(), nxt["content"].strip()))
+    return pairs
+
+
+def _fit_answer(answer: str) -> str:
+    """The answer cut to its whole sentences within MAX_REFERENCE_ANSWER_CHARS ("" when none fits)."""
+    return answer if len(answer) <= MAX_REFERENCE_ANSWER_CHARS else complete_sentences(answer[:MAX_REFERENCE_ANSWER_CHARS])
+
+
+def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int, turns: int,
+                      sample_instruction: Callable[[], Instruction], every_prefix: bool,
+                      rng: random.Random) -> tuple[list[dict], dict]:
+    """``n`` training samples made by program from the data's own answers (no sampling).
+
+    Each conversation (its first ``turns`` answered turns, topped up to ``turns`` with (user, answer)
+    pairs drawn from the other conversations, as `make_dialogues` tops up user turns) gets an
+    instruction of checkable kinds from ``sample_instruction``; every answer is repaired to keep it
+    (checkers.repair) and the conversation ends before the first answer that cannot be; the samples
+    are GAtt's (`training_records`: the instruction in the first user turn, loss on the last answer).
+    They teach a kind the policy cannot follow yet, where best-of-K sampling finds no answer that
+    keeps it (measured: SmolLM2-135M ends 5% of its answers with an asked-for word). Conversations are
+    used in turn, again from the start (with a new instruction) when all are used, until ``n``
+    samples are made (or every conversation was tried 64 times).
+
+    Returns the records and stats: ``conversations`` used, ``cut`` (turns dropped as unrepairable).
+    """
+    convs = [[(u, _fit_answer(a)) for u, a in c[:turns] if len(u) <= MAX_USER_CHARS] for c in conversations]
+    convs = [c for c in convs if c]
+    out: list[dict] = []
+    stats = {"conversations": 0, "cut": 0}
+    if n <= 0:
+        return out, stats
+    if not convs:
+        raise ValueError("gatt.reference_samples: the dialogue data has no answered conversation (alpaca or oasst "
+                         "data has answers; prompt sets do not)")
+    i = 0
+    while len(out) < n and i < len(convs) * 64:
+        conv = list(convs[i % len(convs)])
+        i += 1
+        for _ in range(8 * turns):  # a few draws: a tiny data set may not have `turns` distinct pairs
+            if len(conv) >= turns:
+                break
+            extra = convs[rng.randrange(len(convs))]
+            pair = extra[rng.randrange(len(extra))]
+            if pair not in conv:
+                conv.append(pair)
+        inst = sample_instruction()
+        users, answers = [], []
+        for u, a in conv:
+            fixed = repair(a, [(p.check, p.value) for p in inst.parts])
+            if not a or not inst.keeps(fixed):
+                stats["cut"] += len(conv) - len(answers)
+                break
+            users.append(u)
+            answers.append(fixed)
+        if answers:
+            stats["conversations"] += 1
+            out += [{**r, "source": "gatt_reference", "instruction": inst.to_dict()}
+                    for r in training_records(users, answers, inst, every_prefix)[: n - len(out)]]
+    if not out:
+        raise ValueError("gatt.reference_samples: no data answer can be repaired to keep the bank's checkable "
+                         "instructions; set reference_samples: 0 or add checkable kinds the program can repair")
+    return out, stats
 
 
 def make_dialogues(sequences: Sequence[Sequence[str]], n: int, turns: int, rng: random.Random) -> list[list[str]]:

@@ -158,12 +158,16 @@ class InstructionBank:
     def checkable_kinds(self) -> tuple[Kind, ...]:
         return tuple(k for k in self.kinds if k.check)
 
-    def sample(self, rng: random.Random, shorten_prob: float) -> Instruction:
-        """A random instruction: 1..max_parts kinds (by weight, without replacement), shortened with
-        probability ``shorten_prob``. Combinations whose parts contradict each other are redrawn."""
+    def sample(self, rng: random.Random, shorten_prob: float, only: Optional[Sequence[str]] = None) -> Instruction:
+        """A random instruction: 1..max_parts kinds (by weight, without replacement; of the kinds named in
+        ``only`` when given), shortened with probability ``shorten_prob``. Combinations whose parts
+        contradict each other are redrawn."""
+        kinds = [k for k in self.kinds if k.weight > 0 and (only is None or k.name in only)]
+        if not kinds:
+            raise AlignError(f"the instruction bank has no kind of weight > 0 among {sorted(only or [])}")
         for _ in range(100):
-            n_parts = rng.randint(1, self.max_parts)
-            pool, chosen = [k for k in self.kinds if k.weight > 0], []
+            n_parts = rng.randint(1, min(self.max_parts, len(kinds)))
+            pool, chosen = list(kinds), []
             while pool and len(chosen) < n_parts:
                 k = rng.choices(pool, weights=[x.weight for x in pool])[0]
                 pool.remove(k)
@@ -173,6 +177,17 @@ class InstructionBank:
                 return Instruction(parts, rng.random() < shorten_prob)
         raise AlignError("the instruction bank gives only contradictory combinations (an avoided letter inside a "
                          "required word); change its values")
+
+    def checkable_names(self, names: Sequence[str], where: str) -> tuple[str, ...]:
+        """``names`` checked to be checkable kinds of this bank (``where`` names the setting in the error);
+        all the checkable kinds when empty."""
+        checkable = [k.name for k in self.checkable_kinds]
+        bad = [n for n in names if n not in checkable]
+        if bad:
+            raise AlignError(f"{where}: {bad} are not checkable kinds of the instruction bank; choose from {checkable}")
+        if not checkable:
+            raise AlignError(f"{where}: the instruction bank has no checkable kind (one with `check`)")
+        return tuple(names) or tuple(checkable)
 
     def evaluation_set(self, n: int, rng: random.Random) -> list[Instruction]:
         """``n`` single checkable instructions in the long form, the checkable kinds taking turns, so

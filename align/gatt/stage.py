@@ -3,11 +3,13 @@
 setup (instruction bank, dialogues split into training and held-out) -> recall of the init policy
 (instruction in the first turn only; align/gatt/evaluate.py) -> sample the training dialogues with
 the instruction on every user turn, best of `best_of` by the checker (align/gatt/build.py) -> keep the
-instruction in the first user turn only, train only the last assistant turn (align.sft.train_sft) ->
+instruction in the first user turn only (plus `reference_samples` made by program from the data's own
+answers), train only the last assistant turn (align.sft.train_sft) ->
 recall of the fine-tuned policy.
 
 Artifacts (runs/NAME/gatt/): model/, eval.json and eval.md (Table 30 layout, before and after),
-dialogues.jsonl (the sampled training dialogues), eval_dialogues.jsonl (the held-out dialogues as
+dialogues.jsonl (the sampled training dialogues), reference.jsonl (the program-made training samples,
+conversation records), eval_dialogues.jsonl (the held-out dialogues as
 answered before and after). Resume: the evaluation of the init policy and the sampled dialogues are
 saved in the work directory once done; training resumes from its checkpoints.
 """
@@ -22,13 +24,13 @@ from align.errors import AlignError
 from align.io import read_json, write_json_atomic, write_text_atomic
 
 
-def load_user_sequences(ctx) -> tuple[list[list[str]], dict]:
-    """The user turns of every dialogue of every listed dataset (conversations where the format has
-    them, prompts otherwise)."""
+def load_user_sequences(ctx) -> tuple[list[tuple[list[str], list[tuple[str, str]]]], dict]:
+    """Per record of every listed dataset: its user turns (of conversations where the format has them,
+    of prompts otherwise) and its answered (user, assistant) turns (none for prompts)."""
     from align.data.importers import FORMAT_KINDS
     from align.data.load import load_records
 
-    from align.gatt.build import user_turns
+    from align.gatt.build import answered_turns, user_turns
 
     seqs, counts = [], {}
     for spec in ctx.stage_cfg.dialogues:
@@ -37,7 +39,7 @@ def load_user_sequences(ctx) -> tuple[list[list[str]], dict]:
         if kind is None:
             raise AlignError(f"gatt.dialogues: format {spec.format!r} gives neither conversations nor prompts")
         records, _ = load_records(spec, kind, Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed)
-        got = [u for u in (user_turns(r, kind) for r in records) if u]
+        got = [(u, answered_turns(r, kind)) for r in records if (u := user_turns(r, kind))]
         counts[f"data/{spec.format}_dialogues"] = counts.get(f"data/{spec.format}_dialogues", 0) + len(got)
         seqs.extend(got)
     return seqs, counts
@@ -73,7 +75,7 @@ def _keyed(d: dict) -> dict:
 
 
 def run_gatt(ctx) -> dict:
-    from align.gatt.build import make_dialogues, roll_dialogues, training_records
+    from align.gatt.build import make_dialogues, reference_records, roll_dialogues, training_records
     from align.gatt.evaluate import markdown_table
     from align.gatt.instructions import InstructionBank
     from align.models import load_tokenizer
@@ -84,8 +86,10 @@ def run_gatt(ctx) -> dict:
     seed = ctx.cfg.seed
     tokenizer = load_tokenizer(ctx.init_model_dir)
     bank = InstructionBank.load(cfg.instructions)
-    seqs, data_stats = load_user_sequences(ctx)
-    random.Random(f"{seed}/gatt/split").shuffle(seqs)
+    ref_kinds = bank.checkable_names(cfg.reference_kinds, "gatt.reference_kinds")
+    loaded, data_stats = load_user_sequences(ctx)
+    random.Random(f"{seed}/gatt/split").shuffle(loaded)
+    seqs = [users for users, _ in loaded]
     eval_seqs, train_seqs = seqs[: cfg.eval_dialogues], seqs[cfg.eval_dialogues:]
     if not train_seqs:
         raise AlignError(f"gatt: {len(seqs)} dialogues, all held out for evaluation (eval_dialogues="
@@ -125,15 +129,26 @@ def run_gatt(ctx) -> dict:
     records = []
     for users, answers, inst in zip(train_dialogues, sampled["answers"], train_insts):
         records += training_records(users[: len(answers)], answers, inst, cfg.every_prefix)
+    n_sampled = len(records)
+    # Program-made samples from the training dialogues' own answers (never the held-out ones).
+    rrng = random.Random(f"{seed}/gatt/reference")
+    try:
+        reference, ref_stats = reference_records(
+            [pairs for _, pairs in loaded[cfg.eval_dialogues:] if pairs], cfg.reference_samples, cfg.turns,
+            lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds), cfg.every_prefix, rrng)
+    except ValueError as e:
+        raise AlignError(str(e)) from None
+    records += reference
     if not records:
         raise AlignError("gatt: no sampled answer keeps its instruction, so there is nothing to train on: raise "
                          "best_of, set repair: true, or use an instruction bank the policy can follow")
     dataset, tok_stats = tokenize_conversations(tokenizer, records, cfg.max_length)
     if ctx.is_main:
         s = sampled["stats"]
-        print(f"[align] {ctx.name}: {len(train_dialogues)} dialogues x {cfg.turns} turns -> {len(records)} training "
+        print(f"[align] {ctx.name}: {len(train_dialogues)} dialogues x {cfg.turns} turns -> {n_sampled} training "
               f"samples; {s['sampled_kept']}/{s['checkable_turns']} checkable turns kept by sampling, "
-              f"{s['repaired']} repaired", flush=True)
+              f"{s['repaired']} repaired; + {len(reference)} reference samples from "
+              f"{ref_stats['conversations']} data conversations", flush=True)
     train_summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)
 
     after = None
@@ -149,6 +164,7 @@ def run_gatt(ctx) -> dict:
     write_text_atomic(out / "dialogues.jsonl", "".join(json.dumps({
         "users": users[: len(ans)], "answers": ans, "instruction": inst.to_dict(),
         "kept": [inst.keeps(a) for a in ans]}) + "\n" for users, ans, inst in zip(train_dialogues, sampled["answers"], train_insts)))
+    write_text_atomic(out / "reference.jsonl", "".join(json.dumps(r) + "\n" for r in reference))
     summary: dict = {}
     if eval_dialogues:
         rb, ra = _keyed(before["recall"]), after["recall"]
@@ -173,6 +189,9 @@ def run_gatt(ctx) -> dict:
     summary.update({
         "gatt/data/dialogues": len(train_dialogues),
         "gatt/data/samples": len(records),
+        "gatt/data/sampled_samples": n_sampled,
+        "gatt/data/reference_samples": len(reference),
+        "gatt/data/reference_turns_cut": ref_stats["cut"],
         "gatt/data/shortened_share": statistics.fmean(i.shortened for i in train_insts),
         "gatt/data/checkable_share": statistics.fmean(i.checkable for i in train_insts),
         "gatt/data/sampled_kept_share": s["sampled_kept"] / s["checkable_turns"] if s["checkable_turns"] else None,

@@ -5,7 +5,8 @@ import random
 import pytest
 
 from align.chat import tokenize_chat
-from align.gatt.build import chat, make_dialogues, roll_dialogues, training_record, training_records
+from align.gatt.build import (MAX_REFERENCE_ANSWER_CHARS, answered_turns, chat, make_dialogues, reference_records,
+                              roll_dialogues, training_record, training_records)
 from align.gatt.instructions import Instruction, Part
 from rollout.types import Rollouts, SamplingParams
 
@@ -115,3 +116,45 @@ def test_make_dialogues_tops_up_single_prompts_without_repeats():
     assert len(ds) == 6 and all(len(d) == 3 and len(set(d)) == 3 for d in ds)
     assert ["a1", "a2"] in [d[:2] for d in ds]  # a real multi-turn dialogue keeps its order
     assert all("x" * 1000 not in d for d in ds)  # too-long user turns are not used
+
+
+def test_answered_turns_pairs_each_user_turn_with_its_answer():
+    rec = {"messages": [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello."},
+                        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."},
+                        {"role": "user", "content": "Unanswered"}]}
+    assert answered_turns(rec, "conversation") == [("Hi", "Hello."), ("Bye", "Goodbye.")]
+    assert answered_turns({"prompt": [{"role": "user", "content": "Hi"}]}, "prompt") == []
+
+
+def test_reference_records_repair_every_answer_and_train_only_the_last():
+    convs = [[("Name a fruit.", "An apple is a fruit. It is red."), ("And a colour?", "Green is a colour.")],
+             [("Say hi.", "Hi there! Nice to meet you.")],
+             [("Write code.", "def f(x):\n    return x")]]  # no finished sentence: cannot end with a word
+    recs, stats = reference_records(convs, 12, 3, lambda: Instruction((END,), False), every_prefix=True,
+                                      rng=random.Random(0))
+    assert len(recs) == 12
+    assert stats["cut"] > 0  # the code answer is never used
+    for r in recs:
+        msgs = r["messages"]
+        assert msgs[0]["content"].startswith(END.long) and all(END.long not in m["content"] for m in msgs[1:])
+        answers = [m for m in msgs if m["role"] == "assistant"]
+        assert all(m["content"].endswith("Banana.") for m in answers)  # every answer keeps it, earlier ones too
+        assert [m["train"] for m in msgs] == [False] * (len(msgs) - 1) + [True]
+        assert "def f" not in answers[-1]["content"]
+    # every prefix of three-turn conversations: the data's own turns topped up with other conversations' pairs
+    assert {len(r["messages"]) for r in recs} == {2, 4, 6}
+    three = [r for r in recs if len(r["messages"]) == 6]
+    assert any(r["messages"][2]["content"] == "And a colour?" for r in three)  # a real thread keeps its order
+
+
+def test_reference_records_cut_long_answers_to_whole_sentences_and_need_answers():
+    long = "This is one sentence. " * 60
+    recs, _ = reference_records([[("Q?", long)]], 1, 3, lambda: Instruction((END,), False), every_prefix=True,
+                                      rng=random.Random(0))
+    answer = recs[0]["messages"][-1]["content"]
+    assert len(answer) <= MAX_REFERENCE_ANSWER_CHARS + len(" Banana.") and answer.endswith("sentence. Banana.")
+    assert reference_records([], 0, 3, lambda: Instruction((END,), False), True, random.Random(0)) == ([], {"conversations": 0, "cut": 0})
+    with pytest.raises(ValueError, match="no answered conversation"):
+        reference_records([], 4, 3, lambda: Instruction((END,), False), True, random.Random(0))
+    with pytest.raises(ValueError, match="can be repaired"):
+        reference_records([[("Write code.", "x = [1,")]], 4, 3, lambda: Instruction((END,), False), True, random.Random(0))

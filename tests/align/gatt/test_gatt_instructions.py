@@ -88,3 +88,20 @@ def test_bad_banks_are_rejected_with_a_reason(raw, msg):
 def test_missing_bank_file_names_the_format(tmp_path):
     with pytest.raises(AlignError, match="no such file"):
         InstructionBank.load(tmp_path / "none.yaml")
+
+
+def test_sample_draws_only_the_kinds_asked_for_and_checkable_names_are_checked():
+    bank = InstructionBank.load()
+    rng = random.Random(1)
+    checkable = bank.checkable_names((), "gatt.reference_kinds")
+    assert set(checkable) == {k.name for k in bank.checkable_kinds}
+    insts = [bank.sample(rng, 0.5, only=checkable) for _ in range(500)]
+    assert all(p.check for i in insts for p in i.parts)
+    assert {p.kind for i in insts for p in i.parts} == set(checkable)
+    assert {len(i.parts) for i in insts} == {1, 2}
+    two = bank.checkable_names(("end_with", "capitals"), "gatt.reference_kinds")
+    assert {p.kind for i in (bank.sample(rng, 0.5, only=two) for _ in range(200)) for p in i.parts} == set(two)
+    with pytest.raises(AlignError, match=r"gatt.reference_kinds: \['hobby', 'nope'\] are not checkable"):
+        bank.checkable_names(("hobby", "nope"), "gatt.reference_kinds")
+    with pytest.raises(AlignError, match="no kind of weight > 0"):
+        bank.sample(rng, 0.5, only=("nope",))

@@ -12,6 +12,7 @@ def test_tiny_gatt_builds_trains_and_reports_recall(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from align.config import load_config
+    from align.gatt.instructions import Instruction
     from align.pipeline import run_pipeline
 
     run_dir = tmp_path / "run"
@@ -36,7 +37,17 @@ def test_tiny_gatt_builds_trains_and_reports_recall(tmp_path):
     # One training sample per turn whose answer keeps its instruction (every_prefix); broken turns are
     # never trained. The random model's answers rarely finish a sentence, so repair leaves many broken.
     kept = [k for x in dialogues for k in x["kept"]]
-    assert s["gatt/data/samples"] == sum(k is not False for k in kept)
+    assert s["gatt/data/sampled_samples"] == sum(k is not False for k in kept)
+    # plus the program-made samples from the data's own answers
+    assert s["gatt/data/reference_samples"] == g.reference_samples > 0
+    assert s["gatt/data/samples"] == s["gatt/data/sampled_samples"] + g.reference_samples
+    reference = [json.loads(line) for line in (d / "reference.jsonl").read_text().splitlines()]
+    assert len(reference) == g.reference_samples
+    for r in reference:  # GAtt's form, with an instruction of the kinds asked for, which the last answer keeps
+        assert {p["kind"] for p in r["instruction"]["parts"]} <= set(g.reference_kinds)
+        assert [m["train"] for m in r["messages"]][-1] is True and not any(m["train"] for m in r["messages"][:-1])
+        inst = Instruction.from_dict(r["instruction"])
+        assert inst.text in r["messages"][0]["content"] and inst.keeps(r["messages"][-1]["content"])
     assert kept.count(True) > 0
     assert 0 < s["gatt/data/shortened_share"] < 1
 
