@@ -269,3 +269,21 @@ def test_trained_token_loss_matches_trls_fused_head(tmp_path, tiny_dir, tiny_tok
         torch.testing.assert_close(g_ours[n], g_trl[n], rtol=1e-4, atol=1e-6)
     for k in ("entropy", "mean_token_accuracy", "num_tokens"):
         assert m_ours[k] == pytest.approx(m_trl[k], rel=1e-4), k
+
+
+def test_trained_token_loss_is_cross_entropy_over_the_trained_tokens():
+    from align.sft import trained_token_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.bfloat16)
+    labels = torch.tensor([[3, -100, 7, 1, -100], [-100, -100, 2, 10, 0]])
+    loss, entropy_sum, hits, n = trained_token_loss(logits, labels)
+    keep = labels != -100
+    ref = torch.nn.functional.cross_entropy(logits.float()[keep], labels[keep])
+    assert int(n) == 6 and float(loss) == pytest.approx(float(ref), rel=1e-6)
+    p = logits.float()[keep].softmax(-1)
+    assert float(entropy_sum) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    assert int(hits) == int((logits.float()[keep].argmax(-1) == labels[keep]).sum())
+    # under gradient accumulation the sum is divided by the step's trained tokens
+    loss12, *_ = trained_token_loss(logits, labels, num_items=12)
+    assert float(loss12) == pytest.approx(float(ref) / 2, rel=1e-6)
