@@ -123,8 +123,8 @@ def sft_trainer_class():
             self._metrics[mode]["entropy"].append(entropy_sum.item() / n_valid)
             self._metrics[mode]["mean_token_accuracy"].append(hits.item() / n_valid)
             if mode == "train":
-                ref = inputs["attention_mask"] if "attention_mask" in inputs else None
-                self._total_train_tokens += int(ref.sum()) if ref is not None else inputs["position_ids"].size(1)
+                mask = inputs.get("attention_mask")  # absent when packed padding-free
+                self._total_train_tokens += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return loss
 

@@ -137,7 +137,7 @@ def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int
         inst = sample_instruction()
         users, answers = [], []
         for u, a in conv:
-            fixed = repair(a, [(p.check, p.value) for p in inst.parts])
+            fixed = repair(a, inst.constraints)
             if not a or not inst.keeps(fixed):
                 stats["cut"] += len(conv) - len(answers)
                 break
@@ -248,7 +248,7 @@ def roll_dialogues(
                 if score == 1.0:
                     stats["sampled_kept"] += 1
                 elif do_repair:
-                    fixed = repair(answer, [(p.check, p.value) for p in instructions[i].parts if p.check])
+                    fixed = repair(answer, instructions[i].constraints)
                     if instructions[i].keeps(fixed):
                         answer = fixed
                         stats["repaired"] += 1

@@ -68,6 +68,11 @@ class Instruction:
     def checkable(self) -> bool:
         return any(p.check for p in self.parts)
 
+    @property
+    def constraints(self) -> list[tuple[str, Optional[str]]]:
+        """The (check, value) of each checkable part, as `checkers.repair` takes them."""
+        return [(p.check, p.value) for p in self.parts if p.check]
+
     def score(self, text: str) -> Optional[float]:
         """Share of the checkable parts that ``text`` keeps; None when no part is checkable."""
         kept = [p.keeps(text) for p in self.parts if p.check]

@@ -89,10 +89,11 @@ def run_gatt(ctx) -> dict:
     ref_kinds = bank.checkable_names(cfg.reference_kinds, "gatt.reference_kinds")
     loaded, data_stats = load_user_sequences(ctx)
     random.Random(f"{seed}/gatt/split").shuffle(loaded)
-    seqs = [users for users, _ in loaded]
-    eval_seqs, train_seqs = seqs[: cfg.eval_dialogues], seqs[cfg.eval_dialogues:]
+    eval_seqs = [users for users, _ in loaded[: cfg.eval_dialogues]]
+    train_loaded = loaded[cfg.eval_dialogues:]
+    train_seqs = [users for users, _ in train_loaded]
     if not train_seqs:
-        raise AlignError(f"gatt: {len(seqs)} dialogues, all held out for evaluation (eval_dialogues="
+        raise AlignError(f"gatt: {len(loaded)} dialogues, all held out for evaluation (eval_dialogues="
                          f"{cfg.eval_dialogues}): add dialogue data or lower eval_dialogues")
     train_dialogues = make_dialogues(train_seqs, cfg.num_dialogues, cfg.turns, random.Random(f"{seed}/gatt/train"))
     irng = random.Random(f"{seed}/gatt/instructions")
@@ -134,7 +135,7 @@ def run_gatt(ctx) -> dict:
     rrng = random.Random(f"{seed}/gatt/reference")
     try:
         reference, ref_stats = reference_records(
-            [pairs for _, pairs in loaded[cfg.eval_dialogues:] if pairs], cfg.reference_samples, cfg.turns,
+            [pairs for _, pairs in train_loaded if pairs], cfg.reference_samples, cfg.turns,
             lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds), cfg.every_prefix, rrng)
     except ValueError as e:
         raise AlignError(str(e)) from None
