@@ -24,9 +24,6 @@ from align.gatt.instructions import Instruction
 # User turns longer than this (characters) are not used: a dialogue of several of them would not fit
 # the context, and the instruction would be lost in them.
 MAX_USER_CHARS = 400
-# A data answer used as a reference sample is cut to its whole sentences within this many characters
-# (~150 tokens), so the policy learns to end inside the evaluation's answer budget.
-MAX_REFERENCE_ANSWER_CHARS = 600
 
 
 def attach(user: str, instruction: str) -> str:
@@ -92,14 +89,14 @@ def answered_turns(record: dict, kind: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _fit_answer(answer: str) -> str:
-    """The answer cut to its whole sentences within MAX_REFERENCE_ANSWER_CHARS ("" when none fits)."""
-    return answer if len(answer) <= MAX_REFERENCE_ANSWER_CHARS else complete_sentences(answer[:MAX_REFERENCE_ANSWER_CHARS])
+def _fit_answer(answer: str, max_chars: int) -> str:
+    """The answer cut to its whole sentences within ``max_chars`` ("" when none fits)."""
+    return answer if len(answer) <= max_chars else complete_sentences(answer[:max_chars])
 
 
 def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int, turns: int,
                       sample_instruction: Callable[[], Instruction], every_prefix: bool,
-                      rng: random.Random) -> tuple[list[dict], dict]:
+                      rng: random.Random, max_answer_chars: int = 600) -> tuple[list[dict], dict]:
     """``n`` training samples made by program from the data's own answers (no sampling).
 
     Each conversation (its first ``turns`` answered turns, topped up to ``turns`` with (user, answer)
@@ -112,9 +109,13 @@ def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int
     used in turn, again from the start (with a new instruction) when all are used, until ``n``
     samples are made (or every conversation was tried 64 times).
 
+    Every answer is first cut to its whole sentences within ``max_answer_chars``, so the policy learns
+    answers that end inside the evaluation's answer budget.
+
     Returns the records and stats: ``conversations`` used, ``cut`` (turns dropped as unrepairable).
     """
-    convs = [[(u, _fit_answer(a)) for u, a in c[:turns] if len(u) <= MAX_USER_CHARS] for c in conversations]
+    convs = [[(u, _fit_answer(a, max_answer_chars)) for u, a in c[:turns] if len(u) <= MAX_USER_CHARS]
+             for c in conversations]
     convs = [c for c in convs if c]
     out: list[dict] = []
     stats = {"conversations": 0, "cut": 0}

@@ -136,7 +136,8 @@ def run_gatt(ctx) -> dict:
     try:
         reference, ref_stats = reference_records(
             [pairs for _, pairs in train_loaded if pairs], cfg.reference_samples, cfg.turns,
-            lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds), cfg.every_prefix, rrng)
+            lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds), cfg.every_prefix, rrng,
+            cfg.reference_answer_chars)
     except ValueError as e:
         raise AlignError(str(e)) from None
     records += reference

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from align.chat import tokenize_chat
-from align.gatt.build import (MAX_REFERENCE_ANSWER_CHARS, answered_turns, chat, make_dialogues, reference_records,
+from align.gatt.build import (answered_turns, chat, make_dialogues, reference_records,
                               roll_dialogues, training_record, training_records)
 from align.gatt.instructions import Instruction, Part
 from rollout.types import Rollouts, SamplingParams
@@ -149,10 +149,11 @@ def test_reference_records_repair_every_answer_and_train_only_the_last():
 
 def test_reference_records_cut_long_answers_to_whole_sentences_and_need_answers():
     long = "This is one sentence. " * 60
-    recs, _ = reference_records([[("Q?", long)]], 1, 3, lambda: Instruction((END,), False), every_prefix=True,
-                                      rng=random.Random(0))
-    answer = recs[0]["messages"][-1]["content"]
-    assert len(answer) <= MAX_REFERENCE_ANSWER_CHARS + len(" Banana.") and answer.endswith("sentence. Banana.")
+    for max_chars in (600, 100):
+        recs, _ = reference_records([[("Q?", long)]], 1, 3, lambda: Instruction((END,), False), every_prefix=True,
+                                    rng=random.Random(0), max_answer_chars=max_chars)
+        answer = recs[0]["messages"][-1]["content"]
+        assert max_chars - 30 < len(answer) <= max_chars + len(" Banana.") and answer.endswith("sentence. Banana.")
     assert reference_records([], 0, 3, lambda: Instruction((END,), False), True, random.Random(0)) == ([], {"conversations": 0, "cut": 0})
     with pytest.raises(ValueError, match="no answered conversation"):
         reference_records([], 4, 3, lambda: Instruction((END,), False), True, random.Random(0))
