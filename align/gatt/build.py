@@ -96,7 +96,7 @@ def _fit_answer(answer: str, max_chars: int) -> str:
 
 def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int, turns: int,
                       sample_instruction: Callable[[], Instruction], every_prefix: bool,
-                      rng: random.Random, max_answer_chars: int = 600) -> tuple[list[dict], dict]:
+                      rng: random.Random, max_answer_chars: int) -> tuple[list[dict], dict]:
     """``n`` training samples made by program from the data's own answers (no sampling).
 
     Each conversation (its first ``turns`` answered turns, topped up to ``turns`` with (user, answer)

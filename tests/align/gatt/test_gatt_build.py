@@ -131,7 +131,7 @@ def test_reference_records_repair_every_answer_and_train_only_the_last():
              [("Say hi.", "Hi there! Nice to meet you.")],
              [("Write code.", "def f(x):\n    return x")]]  # no finished sentence: cannot end with a word
     recs, stats = reference_records(convs, 12, 3, lambda: Instruction((END,), False), every_prefix=True,
-                                      rng=random.Random(0))
+                                    rng=random.Random(0), max_answer_chars=600)
     assert len(recs) == 12
     assert stats["cut"] > 0  # the code answer is never used
     for r in recs:
@@ -154,8 +154,8 @@ def test_reference_records_cut_long_answers_to_whole_sentences_and_need_answers(
                                     rng=random.Random(0), max_answer_chars=max_chars)
         answer = recs[0]["messages"][-1]["content"]
         assert max_chars - 30 < len(answer) <= max_chars + len(" Banana.") and answer.endswith("sentence. Banana.")
-    assert reference_records([], 0, 3, lambda: Instruction((END,), False), True, random.Random(0)) == ([], {"conversations": 0, "cut": 0})
+    assert reference_records([], 0, 3, lambda: Instruction((END,), False), True, random.Random(0), 600) == ([], {"conversations": 0, "cut": 0})
     with pytest.raises(ValueError, match="no answered conversation"):
-        reference_records([], 4, 3, lambda: Instruction((END,), False), True, random.Random(0))
+        reference_records([], 4, 3, lambda: Instruction((END,), False), True, random.Random(0), 600)
     with pytest.raises(ValueError, match="can be repaired"):
-        reference_records([[("Write code.", "x = [1,")]], 4, 3, lambda: Instruction((END,), False), True, random.Random(0))
+        reference_records([[("Write code.", "x = [1,")]], 4, 3, lambda: Instruction((END,), False), True, random.Random(0), 600)
