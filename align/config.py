@@ -327,9 +327,11 @@ class GAttConfig:
     repair: bool = option(False, help="when no sample keeps a checkable instruction, repair the best one with a program edit (align/gatt/checkers.py repair); a turn still broken is never trained")
     reference_samples: int = option(0, help="training samples made by program from the dialogue data's own answers: a checkable instruction in the first user turn, every answer repaired to keep it, loss on the last (teaches a kind the policy cannot follow yet; 0 = off)")
     reference_kinds: tuple[str, ...] = option(factory=tuple, help="the checkable kinds of the bank the reference samples teach; () = all of them")
+    reference_max_parts: int = option(0, help="most kinds combined in one reference sample's instruction; 0 = the bank's max_parts (1: each sample teaches one kind alone)")
     reference_answer_chars: int = option(600, help="a data answer in a reference sample is cut to its whole sentences within this many characters (short answers end inside the evaluation's answer budget)")
     every_prefix: bool = option(True, help="one training sample per assistant turn of a dialogue, each trained only on its own last answer (False: the whole dialogue, last answer only)")
     eval_dialogues: int = option(16, help="held-out dialogues for the recall evaluation")
+    eval_repeats: int = option(1, help="times each held-out dialogue is answered, each time with its own instruction draw and sampling seed (more answers per cell of the recall table)")
     eval_turns: tuple[int, ...] = option(factory=lambda: (2, 4, 6), help="turns at which recall is measured (recipe Table 30)")
     eval_max_new_tokens: int = option(0, help="longest answer in the recall evaluation; 0 = sampling.max_new_tokens (an answer cut by the budget cannot end with a word)")
     max_length: int = option(1024, help="tokens per training sequence")
@@ -345,6 +347,9 @@ class GAttConfig:
         check(self.num_dialogues >= 1, "num_dialogues", self.num_dialogues, "must be >= 1")
         check(self.reference_samples >= 0, "reference_samples", self.reference_samples, "must be >= 0 (0 = off)")
         check(self.reference_answer_chars >= 1, "reference_answer_chars", self.reference_answer_chars, "must be >= 1")
+        check(self.reference_max_parts >= 0, "reference_max_parts", self.reference_max_parts,
+              "must be >= 0 (0 = the bank's max_parts)")
+        check(self.eval_repeats >= 1, "eval_repeats", self.eval_repeats, "must be >= 1")
         check(self.eval_dialogues >= 0, "eval_dialogues", self.eval_dialogues, "must be >= 0 (0 = no evaluation)")
         check(len(self.eval_turns) > 0 and all(t >= 1 for t in self.eval_turns), "eval_turns", self.eval_turns,
               "list turns >= 1, e.g. [2, 4, 6]")

@@ -163,15 +163,16 @@ class InstructionBank:
     def checkable_kinds(self) -> tuple[Kind, ...]:
         return tuple(k for k in self.kinds if k.check)
 
-    def sample(self, rng: random.Random, shorten_prob: float, only: Optional[Sequence[str]] = None) -> Instruction:
-        """A random instruction: 1..max_parts kinds (by weight, without replacement; of the kinds named in
-        ``only`` when given), shortened with probability ``shorten_prob``. Combinations whose parts
-        contradict each other are redrawn."""
+    def sample(self, rng: random.Random, shorten_prob: float, only: Optional[Sequence[str]] = None,
+               max_parts: int = 0) -> Instruction:
+        """A random instruction: 1..max_parts kinds (the bank's, or ``max_parts`` when it is smaller and
+        not 0; by weight, without replacement; of the kinds named in ``only`` when given), shortened with
+        probability ``shorten_prob``. Combinations whose parts contradict each other are redrawn."""
         kinds = [k for k in self.kinds if k.weight > 0 and (only is None or k.name in only)]
         if not kinds:
             raise AlignError(f"the instruction bank has no kind of weight > 0 among {sorted(only or [])}")
         for _ in range(100):
-            n_parts = rng.randint(1, min(self.max_parts, len(kinds)))
+            n_parts = rng.randint(1, min(max_parts or self.max_parts, self.max_parts, len(kinds)))
             pool, chosen = list(kinds), []
             while pool and len(chosen) < n_parts:
                 k = rng.choices(pool, weights=[x.weight for x in pool])[0]

@@ -9,9 +9,10 @@ recall of the fine-tuned policy.
 
 Artifacts (runs/NAME/gatt/): model/, eval.json and eval.md (Table 30 layout, before and after),
 dialogues.jsonl (the sampled training dialogues), reference.jsonl (the program-made training samples,
-conversation records), eval_dialogues.jsonl (the held-out dialogues as
-answered before and after). Resume: the evaluation of the init policy and the sampled dialogues are
-saved in the work directory once done; training resumes from its checkpoints.
+conversation records), eval_dialogues.jsonl (the held-out dialogues as answered before and after,
+`eval_repeats` times each, with its own instruction draw). Resume: the evaluation of the init policy
+and the sampled dialogues are saved in the work directory once done; training resumes from its
+checkpoints.
 """
 from __future__ import annotations
 
@@ -69,6 +70,19 @@ def _evaluate(engine, dialogues, instructions, ctx, sampling, fits, label: str) 
     return answers, recall_by_turn(instructions, answers, max(cfg.eval_turns))
 
 
+def evaluation_draws(bank, dialogues: list[list[str]], repeats: int, seed: int) -> tuple[list[list[str]], list]:
+    """The held-out dialogues ``repeats`` times over, each time with its own draw of single checkable
+    instructions (`InstructionBank.evaluation_set`; the first draw is the same whatever ``repeats``).
+    The engine seeds every prompt of a call by its index, so a repeated dialogue also gets its own
+    answers, even under an instruction without a value (capitals)."""
+    out_d, out_i = [], []
+    for r in range(repeats if dialogues else 0):
+        rng = random.Random(f"{seed}/gatt/eval_instructions" + (f"/{r}" if r else ""))
+        out_d += dialogues
+        out_i += bank.evaluation_set(len(dialogues), rng)
+    return out_d, out_i
+
+
 def _keyed(d: dict) -> dict:
     """JSON turns its int keys into strings; turn them back."""
     return {int(k) if str(k).isdigit() else k: (_keyed(v) if isinstance(v, dict) else v) for k, v in d.items()}
@@ -99,10 +113,9 @@ def run_gatt(ctx) -> dict:
     irng = random.Random(f"{seed}/gatt/instructions")
     train_insts = [bank.sample(irng, cfg.shorten_prob) for _ in train_dialogues]
     max_turn = max(cfg.eval_turns)
-    eval_dialogues = (make_dialogues(eval_seqs, cfg.eval_dialogues, max_turn, random.Random(f"{seed}/gatt/eval"))
-                      if cfg.eval_dialogues else [])
-    eval_insts = (bank.evaluation_set(len(eval_dialogues), random.Random(f"{seed}/gatt/eval_instructions"))
-                  if eval_dialogues else [])
+    held_out = (make_dialogues(eval_seqs, cfg.eval_dialogues, max_turn, random.Random(f"{seed}/gatt/eval"))
+                if cfg.eval_dialogues else [])
+    eval_dialogues, eval_insts = evaluation_draws(bank, held_out, cfg.eval_repeats, seed)
     sampling, eval_sampling = _sampling(cfg), _sampling(cfg, cfg.eval_max_new_tokens)
     fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, sampling.max_new_tokens)
     eval_fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
@@ -136,7 +149,8 @@ def run_gatt(ctx) -> dict:
     try:
         reference, ref_stats = reference_records(
             [pairs for _, pairs in train_loaded if pairs], cfg.reference_samples, cfg.turns,
-            lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds), cfg.every_prefix, rrng,
+            lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds, max_parts=cfg.reference_max_parts),
+            cfg.every_prefix, rrng,
             cfg.reference_answer_chars)
     except ValueError as e:
         raise AlignError(str(e)) from None
@@ -178,13 +192,15 @@ def run_gatt(ctx) -> dict:
                 for t in cfg.eval_turns:
                     summary[f"gatt/recall_{name}/turn{t}/{kind}"] = table[t]["recall"]
         write_json_atomic(out / "eval.json", {"turns": list(cfg.eval_turns), "before": rb, "after": ra,
-                                              "n_dialogues": len(eval_dialogues),
+                                              "n_dialogues": len(held_out),
+                                              "repeats": cfg.eval_repeats,
                                               "instructions": [i.to_dict() for i in eval_insts]})
         write_text_atomic(out / "eval.md", markdown_table(rb, ra, cfg.eval_turns))
         write_text_atomic(out / "eval_dialogues.jsonl", "".join(json.dumps({
-            "users": users, "instruction": inst.to_dict(), "before": b, "after": a,
+            "users": users, "repeat": i // len(held_out),
+            "instruction": inst.to_dict(), "before": b, "after": a,
             "kept_before": [inst.keeps(x) for x in b], "kept_after": [inst.keeps(x) for x in a]}) + "\n"
-            for users, inst, b, a in zip(eval_dialogues, eval_insts, before["answers"], after["answers"])))
+            for i, (users, inst, b, a) in enumerate(zip(eval_dialogues, eval_insts, before["answers"], after["answers"]))))
         logger.log({k: v for k, v in summary.items() if isinstance(v, float)}, train_summary["train/steps"])
     logger.close()
     s = sampled["stats"]

@@ -101,6 +101,10 @@ def test_sample_draws_only_the_kinds_asked_for_and_checkable_names_are_checked()
     assert {len(i.parts) for i in insts} == {1, 2}
     two = bank.checkable_names(("end_with", "capitals"), "gatt.reference_kinds")
     assert {p.kind for i in (bank.sample(rng, 0.5, only=two) for _ in range(200)) for p in i.parts} == set(two)
+    # max_parts (gatt.reference_max_parts) caps the combination; 0 leaves the bank's max_parts
+    assert {len(bank.sample(rng, 0.5, only=two, max_parts=1).parts) for _ in range(200)} == {1}
+    assert {len(bank.sample(rng, 0.5, only=two, max_parts=0).parts) for _ in range(200)} == {1, 2}
+    assert {len(bank.sample(rng, 0.5, only=two, max_parts=5).parts) for _ in range(200)} == {1, 2}
     with pytest.raises(AlignError, match=r"gatt.reference_kinds: \['hobby', 'nope'\] are not checkable"):
         bank.checkable_names(("hobby", "nope"), "gatt.reference_kinds")
     with pytest.raises(AlignError, match="no kind of weight > 0"):

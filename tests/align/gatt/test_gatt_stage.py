@@ -27,7 +27,11 @@ def test_tiny_gatt_builds_trains_and_reports_recall(tmp_path):
             assert v is None or 0.0 <= v <= 1.0
     ev = json.loads((d / "eval.json").read_text())
     assert ev["n_dialogues"] == g.eval_dialogues and ev["turns"] == list(g.eval_turns)
-    assert ev["before"]["overall"]["1"]["n"] == g.eval_dialogues  # every held-out dialogue answered turn 1
+    assert ev["repeats"] == g.eval_repeats == 2
+    # every held-out dialogue answered turn 1, once per repeat
+    assert ev["before"]["overall"]["1"]["n"] == g.eval_dialogues * g.eval_repeats
+    rows = [json.loads(line) for line in (d / "eval_dialogues.jsonl").read_text().splitlines()]
+    assert [r["repeat"] for r in rows] == [0] * g.eval_dialogues + [1] * g.eval_dialogues
     table = (d / "eval.md").read_text()
     assert "| Before GAtt |" in table and "| After GAtt |" in table and "Turn 6" in table
 
@@ -55,6 +59,24 @@ def test_tiny_gatt_builds_trains_and_reports_recall(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(d / "model")
     init = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
     assert any(not p.equal(q) for p, q in zip(model.parameters(), init.parameters()))
+
+
+def test_evaluation_repeats_draw_their_own_instructions_and_keep_the_first_draw():
+    from align.gatt.instructions import InstructionBank
+    from align.gatt.stage import evaluation_draws
+
+    bank = InstructionBank.load()
+    held = [[f"q{i}.{t}" for t in range(3)] for i in range(10)]
+    one_d, one_i = evaluation_draws(bank, held, 1, seed=7)
+    three_d, three_i = evaluation_draws(bank, held, 3, seed=7)
+    assert one_d == held and three_d == held * 3
+    assert [i.text for i in three_i[:10]] == [i.text for i in one_i]  # repeats=1 is the draw of before
+    kinds = [[i.parts[0].kind for i in three_i[r * 10:(r + 1) * 10]] for r in range(3)]
+    assert kinds[0] == kinds[1] == kinds[2]  # every repeat measures each kind equally often
+    values = [[i.parts[0].value for i in three_i[r * 10:(r + 1) * 10]] for r in range(3)]
+    assert values[0] != values[1] and values[1] != values[2]  # but with its own values
+    assert all(i.checkable and not i.shortened for i in three_i)
+    assert evaluation_draws(bank, [], 3, seed=7) == ([], [])
 
 
 def test_evaluation_budget_is_its_own():
