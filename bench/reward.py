@@ -1,11 +1,11 @@
 """Reward-model training throughput: our loop vs TRL's RewardTrainer, same model, data and batch.
 
-    .venv/bin/python bench/reward.py [--train-pairs 400] [--test-pairs 150] [--max-length 512]
+    .venv/bin/python bench/reward.py [--train-pairs 400] [--test-pairs 150] [--max-length 512] [--model DIR]
 
 SmolLM2-135M-Instruct, full fine-tuning, bf16 autocast, batch 8, one epoch over the same HH-RLHF
 harmless pairs (no margin: HH has no rating levels), cosine schedule at lr 1e-5. Both models are then
 scored by the same evaluation code on the same held-out pairs. Prints pairs/s of each, their ratio and
-both held-out accuracies; writes bench/out/reward.json. TRL drops pairs longer than max_length (its
+both held-out accuracies; writes bench/out/reward.json (--out). TRL drops pairs longer than max_length (its
 help says "truncated"); we truncate the prompt from the left instead, so both counts are printed.
 
 Ours runs as `align rm train` would with `train.compile: true` (each decoder layer torch.compiled; its
@@ -89,6 +89,8 @@ def run_trl(model_dir, tok, train, test, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-pairs", type=int, default=400)
+    p.add_argument("--model", default="", help="model directory ('' = the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "reward.json"), help="JSON output")
     p.add_argument("--test-pairs", type=int, default=150)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
@@ -104,10 +106,10 @@ def main() -> None:
     from reward.evaluate import evaluate
     from reward.model import RewardScorer
 
-    model_dir = embedded_model_dir()
+    model_dir = Path(args.model) if args.model else embedded_model_dir()
     tok = load_tokenizer(model_dir)
     train, test = load_pairs(args.train_pairs, args.test_pairs)
-    print(f"SmolLM2-135M-Instruct, {len(train)} train / {len(test)} held-out HH harmless pairs, batch {args.batch}, "
+    print(f"{args.model or 'SmolLM2-135M-Instruct'}, {len(train)} train / {len(test)} held-out HH harmless pairs, batch {args.batch}, "
           f"max_length {args.max_length}, bf16 autocast, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     torch.manual_seed(0)  # the untrained score head: the same random head every run
     untrained = evaluate(RewardScorer.from_pretrained(model_dir, max_length=args.max_length), test)["metrics"]["rm/accuracy"]
@@ -120,10 +122,9 @@ def main() -> None:
         print(f"| TRL RewardTrainer | {trl['pairs_per_s']:.2f} | {trl['train_pairs']} (dropped {trl['dropped_pairs']}) | "
               f"{trl['seconds']:.0f} | {trl['heldout_accuracy']:.3f} |")
         print(f"\nratio ours / TRL pairs/s: {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reward.json").write_text(json.dumps({"args": vars(args), "untrained_accuracy": untrained, "ours": ours,
-                                                 "trl": trl}, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "untrained_accuracy": untrained, "ours": ours, "trl": trl}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """SFT step time: our trained-token loss vs TRL's fused LM head, same model, data and batches.
 
-    .venv/bin/python bench/sft.py [--steps 5] [--samples 200]
+    .venv/bin/python bench/sft.py [--steps 5] [--samples 200] [--model DIR] [--out FILE]
 
 SmolLM2-135M-Instruct in bf16 with LoRA r16 (the GAtt and rejection-sampling setting), TRL's
 padding-free `bfd` packing, 4 x 512 tokens a micro-batch, on GAtt training samples made by program from
@@ -8,7 +8,7 @@ Alpaca/OASST answers (`align.gatt.build.reference_records`: only the last answer
 Both trainers are TRL's `SFTTrainer`; ours (`align.sft.sft_trainer_class`) replaces only the loss: on
 the CPU TRL's fused head scores every position in fp32 tiles, ours projects the trained positions in the
 autocast dtype. Times forward + backward of the same micro-batches, alternating the two twice; prints
-the median seconds a step of each, their ratio and both losses; writes bench/out/sft.json.
+the median seconds a step of each, their ratio and both losses; writes bench/out/sft.json (--out).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--model", default="", help="model directory ('' = the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "sft.json"), help="JSON output")
     args = ap.parse_args()
 
     import torch
@@ -50,10 +52,10 @@ def main() -> None:
     # answers of up to 600 characters: the workload of the README's figure (session 7)
     records, _ = reference_records([p for _, p in loaded if p], args.samples, 3,
                                    lambda: bank.sample(rng, 0.5, only=kinds), True, rng, 600)
-    model_dir = embedded_model_dir()
+    model_dir = Path(args.model) if args.model else embedded_model_dir()
     tok = load_tokenizer(model_dir)
     dataset, stats = tokenize_conversations(tok, records, 512)
-    targs = TRLSFTConfig(output_dir=str(ROOT / "bench" / "out" / "sft_ckpt"), max_length=512, packing=True,
+    targs = TRLSFTConfig(output_dir=str(Path(args.out).parent / "sft_ckpt"), max_length=512, packing=True,
                          packing_strategy="bfd", per_device_train_batch_size=4, use_cpu=True, report_to=[],
                          bf16=True, gradient_checkpointing=False)
     times: dict[str, list[float]] = {"trl": [], "ours": []}
@@ -81,8 +83,8 @@ def main() -> None:
     print(f"TRL fused head {trl_s:.2f} s a step, ours {ours_s:.2f} s: {trl_s / ours_s:.2f}x "
           f"(last-batch loss TRL {losses['trl']:.4f}, ours {losses['ours']:.4f}; "
           f"{100 * out['answer_token_share']:.0f}% of tokens trained)")
-    (ROOT / "bench" / "out").mkdir(exist_ok=True)
-    (ROOT / "bench" / "out" / "sft.json").write_text(json.dumps(out, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
