@@ -47,7 +47,8 @@ def markdown_table(before: dict, after: dict, turns: Sequence[int]) -> str:
              "", head.rstrip("\n")]
     for name, res in (("Before GAtt", before), ("After GAtt", after)):
         lines.append(f"| {name} | " + " | ".join(_pct(res["overall"][t]["recall"]) for t in turns) + " |")
-    lines += ["", "Per constraint kind (before -> after; n = answers that reached the turn: held-out dialogues x eval_repeats):", "", head.rstrip("\n")]
+    lines += ["", "Per constraint kind (before -> after; n = answers that reached the turn: held-out dialogues x "
+              "eval_repeats):", "", head.rstrip("\n")]
     for kind in sorted(after["by_kind"]):
         cells = []
         for t in turns:

@@ -150,8 +150,7 @@ def run_gatt(ctx) -> dict:
         reference, ref_stats = reference_records(
             [pairs for _, pairs in train_loaded if pairs], cfg.reference_samples, cfg.turns,
             lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds, max_parts=cfg.reference_max_parts),
-            cfg.every_prefix, rrng,
-            cfg.reference_answer_chars)
+            cfg.every_prefix, rrng, cfg.reference_answer_chars)
     except ValueError as e:
         raise AlignError(str(e)) from None
     records += reference
@@ -200,7 +199,8 @@ def run_gatt(ctx) -> dict:
             "users": users, "repeat": i // len(held_out),
             "instruction": inst.to_dict(), "before": b, "after": a,
             "kept_before": [inst.keeps(x) for x in b], "kept_after": [inst.keeps(x) for x in a]}) + "\n"
-            for i, (users, inst, b, a) in enumerate(zip(eval_dialogues, eval_insts, before["answers"], after["answers"]))))
+            for i, (users, inst, b, a)
+            in enumerate(zip(eval_dialogues, eval_insts, before["answers"], after["answers"]))))
         logger.log({k: v for k, v in summary.items() if isinstance(v, float)}, train_summary["train/steps"])
     logger.close()
     s = sampled["stats"]

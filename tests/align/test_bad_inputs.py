@@ -42,6 +42,8 @@ CONFIG_CASES = [
     ("ppo-batch-arithmetic", ["ppo={prompts: [{format: synthetic_prompts}], prompts_per_iteration: 10, mini_batch_size: 4}",
                               "stages=[sft,rm_helpful,rm_safety,ppo]"], "prompts_per_iteration=10"),
     ("rollout-memory-negative", ["rollout.kv_cache_gib=-1"], "kv_cache_gib=-1.0"),
+    ("gatt-eval-repeats-zero", ["gatt.eval_repeats=0"], "gatt.eval_repeats=0: must be >= 1"),
+    ("gatt-reference-max-parts-negative", ["gatt.reference_max_parts=-1"], "gatt.reference_max_parts=-1: must be >= 0"),
 ]
 
 
