@@ -33,15 +33,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
-def resolve_model_dir(model_cfg) -> Path:
-    """The local HF directory for a `ModelConfig`, building or converting it once if needed."""
+def resolve_model_dir(model_cfg, key: str = "model.path") -> Path:
+    """The local HF directory for a `ModelConfig`, building or converting it once if needed (``key``
+    names the setting in the error when a given directory is not a model)."""
     if model_cfg.source == "embedded":
         return embedded_model_dir()
     if model_cfg.source == "tiny":
         return tiny_model_dir()
     path = Path(model_cfg.path).expanduser()
-    check_model_dir(path, "model.path")
+    check_model_dir(path, key)
     return path
+
+
+def model_dir_from_arg(value: str, key: str = "--model") -> Path:
+    """A model named on a command line (the benchmarks' ``--model``): 'embedded', 'tiny' or a local HF
+    directory, as `ModelConfig.source` names them."""
+    from align.config import ModelConfig
+
+    cfg = ModelConfig(source=value) if value in ("embedded", "tiny") else ModelConfig(source="path", path=value)
+    return resolve_model_dir(cfg, key)
 
 
 def check_model_dir(path: Path, key: str) -> None:

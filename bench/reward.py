@@ -1,6 +1,6 @@
 """Reward-model training throughput: our loop vs TRL's RewardTrainer, same model, data and batch.
 
-    .venv/bin/python bench/reward.py [--train-pairs 400] [--test-pairs 150] [--max-length 512] [--model DIR]
+    .venv/bin/python bench/reward.py [--train-pairs 400] [--test-pairs 150] [--max-length 512] [--model embedded|tiny|DIR]
 
 SmolLM2-135M-Instruct, full fine-tuning, bf16 autocast, batch 8, one epoch over the same HH-RLHF
 harmless pairs (no margin: HH has no rating levels), cosine schedule at lr 1e-5. Both models are then
@@ -89,7 +89,7 @@ def run_trl(model_dir, tok, train, test, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-pairs", type=int, default=400)
-    p.add_argument("--model", default="", help="model directory ('' = the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "reward.json"), help="JSON output")
     p.add_argument("--test-pairs", type=int, default=150)
     p.add_argument("--max-length", type=int, default=512)
@@ -102,14 +102,14 @@ def main() -> None:
 
     import torch
 
-    from align.models import embedded_model_dir, load_tokenizer
+    from align.models import model_dir_from_arg, load_tokenizer
     from reward.evaluate import evaluate
     from reward.model import RewardScorer
 
-    model_dir = Path(args.model) if args.model else embedded_model_dir()
+    model_dir = model_dir_from_arg(args.model)
     tok = load_tokenizer(model_dir)
     train, test = load_pairs(args.train_pairs, args.test_pairs)
-    print(f"{args.model or 'SmolLM2-135M-Instruct'}, {len(train)} train / {len(test)} held-out HH harmless pairs, batch {args.batch}, "
+    print(f"{'SmolLM2-135M-Instruct' if args.model == 'embedded' else args.model}, {len(train)} train / {len(test)} held-out HH harmless pairs, batch {args.batch}, "
           f"max_length {args.max_length}, bf16 autocast, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     torch.manual_seed(0)  # the untrained score head: the same random head every run
     untrained = evaluate(RewardScorer.from_pretrained(model_dir, max_length=args.max_length), test)["metrics"]["rm/accuracy"]

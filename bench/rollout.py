@@ -29,7 +29,7 @@ DEFAULT_PROMPTS = ROOT.parent / "shared" / "data" / "oasst" / "prompt_lottery_en
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="", help="model directory ('' = the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of both engines")
     p.add_argument("--prompts", type=int, default=64, help="number of chat prompts")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
@@ -145,18 +145,18 @@ def main(argv=None):
     import torch
 
     from align.config import RolloutConfig
-    from align.models import embedded_model_dir, load_causal_lm, torch_dtype
+    from align.models import model_dir_from_arg, load_causal_lm, torch_dtype
     from rollout import SamplingParams, make_engine
 
     cores = len(os.sched_getaffinity(0))
-    model_dir = Path(args.model) if args.model else embedded_model_dir()
+    model_dir = model_dir_from_arg(args.model)
     chats = read_prompts(args.prompt_file, args.prompts)
     sampling = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens,
                               seed=None if args.seed < 0 else args.seed)
     cfg = RolloutConfig(engine="vllm", dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, in_process=args.in_process,
                         threads=args.threads, max_model_len=1024, enable_prefix_caching=args.prefix_caching,
                         enforce_eager=args.enforce_eager, cpu_kernels=args.cpu_kernels)
-    res: dict = {"model": str(args.model) if args.model else "SmolLM2-135M-Instruct", "dtype": args.dtype, "prompts": args.prompts, "n": args.n,
+    res: dict = {"model": "SmolLM2-135M-Instruct" if args.model == "embedded" else args.model, "dtype": args.dtype, "prompts": args.prompts, "n": args.n,
                  "max_new_tokens": args.max_new_tokens, "cores": cores, "torch_threads": torch.get_num_threads(),
                  "vllm_config": {"in_process": args.in_process, "threads": args.threads, "enforce_eager": args.enforce_eager,
                                  "cpu_kernels": args.cpu_kernels,

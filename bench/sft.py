@@ -1,6 +1,6 @@
 """SFT step time: our trained-token loss vs TRL's fused LM head, same model, data and batches.
 
-    .venv/bin/python bench/sft.py [--steps 5] [--samples 200] [--model DIR] [--out FILE]
+    .venv/bin/python bench/sft.py [--steps 5] [--samples 200] [--model embedded|tiny|DIR] [--out FILE]
 
 SmolLM2-135M-Instruct in bf16 with LoRA r16 (the GAtt and rejection-sampling setting), TRL's
 padding-free `bfd` packing, 4 x 512 tokens a micro-batch, on GAtt training samples made by program from
@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--model", default="", help="model directory ('' = the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "sft.json"), help="JSON output")
     args = ap.parse_args()
 
@@ -42,7 +42,7 @@ def main() -> None:
     from align.gatt.build import reference_records
     from align.gatt.instructions import InstructionBank
     from align.gatt.stage import load_user_sequences
-    from align.models import embedded_model_dir, load_causal_lm, load_tokenizer
+    from align.models import model_dir_from_arg, load_causal_lm, load_tokenizer
     from align.sft import _lora_peft_config, sft_trainer_class, tokenize_conversations
 
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"data_dir={ROOT.parent / 'shared' / 'data'}"])
@@ -52,7 +52,7 @@ def main() -> None:
     # answers of up to 600 characters: the workload of the README's figure (session 7)
     records, _ = reference_records([p for _, p in loaded if p], args.samples, 3,
                                    lambda: bank.sample(rng, 0.5, only=kinds), True, rng, 600)
-    model_dir = Path(args.model) if args.model else embedded_model_dir()
+    model_dir = model_dir_from_arg(args.model)
     tok = load_tokenizer(model_dir)
     dataset, stats = tokenize_conversations(tok, records, 512)
     targs = TRLSFTConfig(output_dir=str(Path(args.out).parent / "sft_ckpt"), max_length=512, packing=True,
@@ -83,8 +83,9 @@ def main() -> None:
     print(f"TRL fused head {trl_s:.2f} s a step, ours {ours_s:.2f} s: {trl_s / ours_s:.2f}x "
           f"(last-batch loss TRL {losses['trl']:.4f}, ours {losses['ours']:.4f}; "
           f"{100 * out['answer_token_share']:.0f}% of tokens trained)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    out_file = Path(args.out)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
