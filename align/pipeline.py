@@ -211,6 +211,7 @@ def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
         "config": to_dict(ctx.stage_cfg),
         "inputs": {k: v["key"] for k, v in ctx.inputs.items()},
         "init_model": str(ctx.init_model_dir),
+        "precision": ctx.cfg.compute.as_dict(),
         "summary": summary,
         "wall_s": round(wall_s, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -346,10 +347,11 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
     names = [i[0] for i in instances(cfg)]
     todo = [n for n in names if (only is None or n == only) and stage_status(cfg, n, run_dir) != "done"]
     preflight(cfg, todo)
+    announce_precision(cfg)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "run.json", {"config": init_dict(cfg), "config_path": config_path,
-                                             "overrides": list(overrides)})
+                                             "overrides": list(overrides), "precision": cfg.compute.as_dict()})
     manifests = []
     for name in names:
         if only is not None and name != only:
@@ -379,6 +381,16 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
 
         print(f"[align] report: {build_report(run_dir, names)}", flush=True)
     return manifests
+
+
+def announce_precision(cfg: PipelineConfig) -> None:
+    """Print the run's precision and why, once; warn when bf16 is forced where it is only emulated."""
+    from align.precision import slow_bf16_warning
+
+    print(f"[align] {cfg.compute.line()}", flush=True)
+    warning = slow_bf16_warning(cfg.compute)
+    if warning:
+        print(f"[align] {warning}", flush=True)
 
 
 def _drop_if_nothing_to_resume(work: Path) -> None:

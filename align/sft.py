@@ -234,7 +234,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         num_train_epochs=tcfg.epochs,
         max_steps=tcfg.max_steps,
         max_grad_norm=tcfg.max_grad_norm,
-        bf16=tcfg.bf16,
+        bf16=ctx.cfg.compute.bf16,
         gradient_checkpointing=tcfg.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         save_strategy="steps",
@@ -250,9 +250,9 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         disable_tqdm=not ctx.is_main,
         save_only_model=False,
     )
-    # LoRA trains small fp32 adapters over frozen base weights kept in the model dtype (bf16 by
-    # default, ~3x faster matmuls here); full fine-tuning keeps fp32 master weights under bf16 autocast.
-    dtype = ctx.cfg.model.dtype if tcfg.lora.enabled else "float32"
+    # LoRA trains small fp32 adapters over frozen base weights kept in the run's precision; full
+    # fine-tuning keeps fp32 master weights (under bf16 autocast where the precision is bf16).
+    dtype = ctx.cfg.compute.dtype if tcfg.lora.enabled else "float32"
     model = load_causal_lm(ctx.init_model_dir, dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
     if packing:

@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length")
     p.add_argument("--ppo-epochs", type=int, default=1)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="both sides' dtype, as the pipeline's precision (auto: bf16 with bf16 units, else fp32)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--eager", action="store_true", help="ours without torch.compile of the decoder layers (ppo.compile)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each side, training and generation (0 = all). "
@@ -61,7 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-trl", action="store_true", help="run ours only")
     p.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one side, in this process
     p.add_argument("--out", default=str(OUT / "ppo.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from align.precision import resolve_precision
+
+    args.dtype = resolve_precision(args.precision).dtype  # what the TRL side and the reward model load in
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,13 +131,14 @@ def run_ours(args) -> dict:
     run_dir = OUT / "ppo" / "ours-run"
     rm = reward_model_dir(args.dtype)
     rm_section = lambda cat: {"init": "base", "category": cat, "primary": [{"format": "synthetic_pref"}],  # noqa: E731
-                              "max_length": 512, "train": {"bf16": args.dtype == "bfloat16"}}
+                              "max_length": 512}
     raw = {
         "name": "bench-ppo", "run_dir": str(run_dir), "seed": 0, "data_dir": str(ROOT.parent / "shared" / "data"),
         "stages": ["rm_helpful", "rm_safety", "ppo"],
-        "model": {"source": "embedded", "dtype": args.dtype},
+        "precision": args.precision,
+        "model": {"source": "embedded"},
         "data": {"bad_rows": "skip"},
-        "rollout": {"engine": "vllm", "dtype": args.dtype, "kv_cache_gib": 2, "in_process": True, "max_model_len": 1024,
+        "rollout": {"engine": "vllm", "kv_cache_gib": 2, "in_process": True, "max_model_len": 1024,
                     "threads": args.threads},
         "rm_helpful": rm_section("helpfulness"),
         "rm_safety": rm_section("safety"),
@@ -142,7 +148,7 @@ def run_ours(args) -> dict:
             "micro_batch_size": args.micro_batch_size, "ppo_epochs": args.ppo_epochs,
             "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
             "lora": {"enabled": True, "r": args.lora_r, "alpha": 2 * args.lora_r},
-            "bf16": args.dtype == "bfloat16", "save_every": 1 << 20, "compile": not args.eager,
+            "save_every": 1 << 20, "compile": not args.eager,
         },
     }
     cfg = build(PipelineConfig, raw)
@@ -298,12 +304,17 @@ def main(argv=None) -> int:
             trl_result = {"side": f"trl {TRL_VERSION}", "error": f"not installed: {reason}"}
         else:
             trl_result = run_side("trl", args, side_argv, {"PYTHONPATH": str(TRL_DIR)})
-    report = {"settings": vars(args), "ours": ours, "trl": trl_result}
+    from align.precision import hardware
+
+    report = {"settings": vars(args), "hardware": hardware(), "ours": ours, "trl": trl_result}
     ok = "error" not in ours and "error" not in trl_result
     if ok:
         report["ratio_trl_over_ours"] = trl_result["seconds_per_iteration"] / ours["seconds_per_iteration"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
+    from align.precision import hardware_line, resolve_precision
+
+    print(hardware_line(resolve_precision(args.precision)))
     print(f"PPO, SmolLM2-135M-Instruct, {args.dtype}, {args.prompts_per_iteration} prompts/iteration, mini-batch "
           f"{args.mini_batch_size}, micro-batch {args.micro_batch_size}, {args.max_new_tokens} new tokens, "
           f"{args.ppo_epochs} PPO epoch(s), LoRA r {args.lora_r}, {args.iterations} iterations, "

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/reward.py [--train-pairs 400] [--test-pairs 150] [--max-length 512] [--model embedded|tiny|DIR]
 
-SmolLM2-135M-Instruct, full fine-tuning, bf16 autocast, batch 8, one epoch over the same HH-RLHF
+SmolLM2-135M-Instruct, full fine-tuning in the run's precision (--precision, auto: bf16 on a CPU with
+bf16 units, else fp32), batch 8, one epoch over the same HH-RLHF
 harmless pairs (no margin: HH has no rating levels), cosine schedule at lr 1e-5. Both models are then
 scored by the same evaluation code on the same held-out pairs. Prints pairs/s of each, their ratio and
 both held-out accuracies; writes bench/out/reward.json (--out). TRL drops pairs longer than max_length (its
@@ -46,10 +47,10 @@ def run_ours(model_dir, tok, train, test, args) -> dict:
     cfg = RewardConfig(category="safety", primary=(DatasetSpec(format="synthetic_pref"),), margin="none",
                        max_length=args.max_length, test_size=0, micro_batch_tokens=args.micro_batch_tokens,
                        train=TrainConfig(lr=1e-5, min_lr_ratio=0.0, epochs=1.0, batch_size=args.batch,
-                                         micro_batch_size=args.batch, bf16=True, save_steps=10**6, warmup_ratio=0.0,
+                                         micro_batch_size=args.batch, save_steps=10**6, warmup_ratio=0.0,
                                          compile=not args.eager))
     with tempfile.TemporaryDirectory() as out:
-        s = train_reward_model(model_dir, tok, train, test, cfg, out, seed=0)
+        s = train_reward_model(model_dir, tok, train, test, cfg, out, seed=0, bf16=args.bf16)
     return {"pairs_per_s": s["pairs_per_s"], "train_pairs": s["train_pairs"], "seconds": s["train_seconds"],
             "heldout_accuracy": s["eval"]["rm/accuracy"], "truncated_pairs": s["truncated_pairs"]}
 
@@ -72,7 +73,7 @@ def run_trl(model_dir, tok, train, test, args) -> dict:
     model.config.pad_token_id = tok.pad_token_id
     with tempfile.TemporaryDirectory() as out:
         targs = TRLRewardConfig(output_dir=out, per_device_train_batch_size=args.batch, num_train_epochs=1,
-                                learning_rate=1e-5, lr_scheduler_type="cosine", bf16=True, use_cpu=True,
+                                learning_rate=1e-5, lr_scheduler_type="cosine", bf16=args.bf16, use_cpu=True,
                                 max_length=args.max_length, report_to=[], save_strategy="no", logging_steps=10,
                                 seed=0, dataloader_num_workers=0, disable_tqdm=False)
         trainer = RewardTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -97,12 +98,18 @@ def main() -> None:
     p.add_argument("--skip-trl", action="store_true", help="measure ours only")
     p.add_argument("--micro-batch-tokens", type=int, default=2048,
                    help="ours: cut a micro-batch padded past this many tokens into pieces (0 = off)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="both sides' precision")
     p.add_argument("--eager", action="store_true", help="ours without torch.compile of the decoder layers (train.compile)")
     args = p.parse_args()
 
     import torch
 
     from align.models import model_dir_from_arg, load_tokenizer
+    from align.precision import hardware, hardware_line, resolve_precision
+
+    precision = resolve_precision(args.precision)
+    args.bf16 = precision.bf16
+    print(hardware_line(precision), flush=True)
     from reward.evaluate import evaluate
     from reward.model import RewardScorer
 
@@ -110,7 +117,7 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     train, test = load_pairs(args.train_pairs, args.test_pairs)
     print(f"{'SmolLM2-135M-Instruct' if args.model == 'embedded' else args.model}, {len(train)} train / {len(test)} held-out HH harmless pairs, batch {args.batch}, "
-          f"max_length {args.max_length}, bf16 autocast, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+          f"max_length {args.max_length}, {precision.name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     torch.manual_seed(0)  # the untrained score head: the same random head every run
     untrained = evaluate(RewardScorer.from_pretrained(model_dir, max_length=args.max_length), test)["metrics"]["rm/accuracy"]
     ours = run_ours(model_dir, tok, train, test, args)
@@ -124,7 +131,7 @@ def main() -> None:
         print(f"\nratio ours / TRL pairs/s: {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "untrained_accuracy": untrained, "ours": ours, "trl": trl}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "hardware": hardware(), "precision": precision.as_dict(), "untrained_accuracy": untrained, "ours": ours, "trl": trl}, indent=2))
 
 
 if __name__ == "__main__":

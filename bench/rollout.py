@@ -1,9 +1,11 @@
 """Rollout throughput: vLLM against transformers `generate`, in the same run, on the same prompts.
 
-    .venv/bin/python bench/rollout.py                  # SmolLM2-135M-Instruct, bf16, 64 prompts x n=4 x 128 tokens
-    .venv/bin/python bench/rollout.py --dtype float32 --no-in-process --threads 1
+    .venv/bin/python bench/rollout.py                  # SmolLM2-135M-Instruct, 64 prompts x n=4 x 128 tokens
+    .venv/bin/python bench/rollout.py --precision fp32 --no-in-process --threads 1
 
-Measures, in one process: the bf16 (or --dtype) matmul FLOP/s of this machine (the compute ceiling
+--precision (auto | bf16 | fp32) is the pipeline's setting (align/precision.py): auto is bf16 on a CPU
+with AMX or AVX512-BF16 units and fp32 elsewhere. Measures, in one process: the matmul FLOP/s of this
+machine in that precision (the compute ceiling
 for decoding is FLOP/s / (2 x params) tokens/s), transformers generate tokens/s, vLLM tokens/s, their
 ratio, and the time of one `update_weights` (plain model and a PEFT LoRA model; and the two LoRA merge
 routes on their own). Prints a table and writes JSON to bench/out/rollout.json.
@@ -30,7 +32,7 @@ DEFAULT_PROMPTS = ROOT.parent / "shared" / "data" / "oasst" / "prompt_lottery_en
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of both engines")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="dtype of both engines, as the pipeline's precision")
     p.add_argument("--prompts", type=int, default=64, help="number of chat prompts")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample (at most)")
@@ -78,6 +80,11 @@ def matmul_flops(dtype, size: int = 2048, reps: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best
+
+
+def precision_cpu(hw: dict) -> str:
+    units = ", ".join(hw["cpu_bf16_units"]) if isinstance(hw["cpu_bf16_units"], list) else "no bf16 units"
+    return f"{hw['cpu']} ({hw['cpu_isa']}, {units})"
 
 
 def tree_cpu_seconds() -> float:
@@ -144,6 +151,12 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
+    from align.precision import hardware, hardware_line, resolve_precision
+
+    precision = resolve_precision(args.precision)
+    args.dtype = precision.dtype
+    print(hardware_line(precision), flush=True)
+
     from align.config import RolloutConfig
     from align.models import model_dir_from_arg, load_causal_lm, torch_dtype
     from rollout import SamplingParams, make_engine
@@ -153,10 +166,11 @@ def main(argv=None):
     chats = read_prompts(args.prompt_file, args.prompts)
     sampling = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens,
                               seed=None if args.seed < 0 else args.seed)
-    cfg = RolloutConfig(engine="vllm", dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, in_process=args.in_process,
+    cfg = RolloutConfig(engine="vllm", kv_cache_gib=args.kv_cache_gib, in_process=args.in_process,
                         threads=args.threads, max_model_len=1024, enable_prefix_caching=args.prefix_caching,
                         enforce_eager=args.enforce_eager, cpu_kernels=args.cpu_kernels)
-    res: dict = {"model": "SmolLM2-135M-Instruct" if args.model == "embedded" else args.model, "dtype": args.dtype, "prompts": args.prompts, "n": args.n,
+    res: dict = {"model": "SmolLM2-135M-Instruct" if args.model == "embedded" else args.model, "dtype": args.dtype,
+                 "precision": precision.as_dict(), "hardware": hardware(), "prompts": args.prompts, "n": args.n,
                  "max_new_tokens": args.max_new_tokens, "cores": cores, "torch_threads": torch.get_num_threads(),
                  "vllm_config": {"in_process": args.in_process, "threads": args.threads, "enforce_eager": args.enforce_eager,
                                  "cpu_kernels": args.cpu_kernels,
@@ -170,8 +184,8 @@ def main(argv=None):
     print(f"matmul {args.dtype}: {res['matmul_flops'] / 1e9:.0f} GFLOP/s -> ceiling {res['ceiling_tokens_per_s']:.0f} tok/s", flush=True)
 
     if not args.skip_hf:
-        with make_engine(RolloutConfig(engine="transformers", dtype=args.dtype, threads=args.threads, max_model_len=1024),
-                         model_dir, seed=0) as hf:
+        with make_engine(RolloutConfig(engine="transformers", threads=args.threads, max_model_len=1024),
+                         model_dir, seed=0, dtype=args.dtype) as hf:
             hf.generate(chats[:2], SamplingParams(n=1, max_new_tokens=4))  # warm-up
             r, cpu = timed_generate(hf, chats, sampling)
         res["hf"] = {"seconds": r.timing.seconds, "tokens": r.timing.generated_tokens, "tokens_per_s": r.timing.tokens_per_s,
@@ -185,7 +199,7 @@ def main(argv=None):
         print(f"LoRA export: per-layer delta {lora_times['lora_per_layer_delta_s']:.2f} s, deepcopy+merge_and_unload "
               f"{lora_times['lora_deepcopy_merge_and_unload_s']:.2f} s, plain export {lora_times['export_plain_s']:.2f} s", flush=True)
 
-    with make_engine(cfg, model_dir, seed=0) as engine:
+    with make_engine(cfg, model_dir, seed=0, dtype=args.dtype) as engine:
         res["vllm_load_s"] = engine.load_seconds
         engine.generate(chats[:2], SamplingParams(n=1, max_new_tokens=4))  # warm-up
         best, best_cpu = None, None
@@ -212,6 +226,8 @@ def main(argv=None):
     res["load_avg_1m_end"] = os.getloadavg()[0]
 
     rows = [
+        ("CPU", precision_cpu(res["hardware"])),
+        ("precision", precision.name),
         ("cores", f"{cores}"),
         (f"matmul {args.dtype} GFLOP/s", f"{res['matmul_flops'] / 1e9:.0f}"),
         ("ceiling tok/s (FLOP/s / 2P)", f"{res['ceiling_tokens_per_s']:.0f}"),

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sft.py [--steps 5] [--samples 200] [--model embedded|tiny|DIR] [--out FILE]
 
-SmolLM2-135M-Instruct in bf16 with LoRA r16 (the GAtt and rejection-sampling setting), TRL's
+SmolLM2-135M-Instruct in the run's precision (--precision; auto: bf16 with bf16 units, else fp32) with LoRA r16 (the GAtt and rejection-sampling setting), TRL's
 padding-free `bfd` packing, 4 x 512 tokens a micro-batch, on GAtt training samples made by program from
 Alpaca/OASST answers (`align.gatt.build.reference_records`: only the last answer of each is trained).
 Both trainers are TRL's `SFTTrainer`; ours (`align.sft.sft_trainer_class`) replaces only the loss: on
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="both sides' precision")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "sft.json"), help="JSON output")
     args = ap.parse_args()
 
@@ -43,7 +44,11 @@ def main() -> None:
     from align.gatt.instructions import InstructionBank
     from align.gatt.stage import load_user_sequences
     from align.models import model_dir_from_arg, load_causal_lm, load_tokenizer
+    from align.precision import hardware, hardware_line, resolve_precision
     from align.sft import _lora_peft_config, sft_trainer_class, tokenize_conversations
+
+    precision = resolve_precision(args.precision)
+    print(hardware_line(precision), flush=True)
 
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"data_dir={ROOT.parent / 'shared' / 'data'}"])
     loaded, _ = load_user_sequences(SimpleNamespace(stage_cfg=cfg.gatt, cfg=cfg))
@@ -57,11 +62,11 @@ def main() -> None:
     dataset, stats = tokenize_conversations(tok, records, 512)
     targs = TRLSFTConfig(output_dir=str(Path(args.out).parent / "sft_ckpt"), max_length=512, packing=True,
                          packing_strategy="bfd", per_device_train_batch_size=4, use_cpu=True, report_to=[],
-                         bf16=True, gradient_checkpointing=False)
+                         bf16=precision.bf16, gradient_checkpointing=False)
     times: dict[str, list[float]] = {"trl": [], "ours": []}
     losses: dict[str, float] = {}
     for name, cls in (("trl", SFTTrainer), ("ours", sft_trainer_class())) * 2:
-        model = load_causal_lm(model_dir, "bfloat16")
+        model = load_causal_lm(model_dir, precision.dtype)
         use_varlen(model)
         trainer = cls(model=model, args=targs, train_dataset=dataset, processing_class=tok,
                       peft_config=_lora_peft_config(cfg.gatt.train.lora))
@@ -78,7 +83,7 @@ def main() -> None:
         losses[name] = float(loss)
         print(f"{name}: {statistics.median(times[name][-args.steps:]):.2f} s a step (median of {args.steps})", flush=True)
     trl_s, ours_s = statistics.median(times["trl"]), statistics.median(times["ours"])
-    out = {"trl_s_per_step": trl_s, "ours_s_per_step": ours_s, "speedup": trl_s / ours_s,
+    out = {"hardware": hardware(), "precision": precision.as_dict(), "trl_s_per_step": trl_s, "ours_s_per_step": ours_s, "speedup": trl_s / ours_s,
            "loss_last_batch": losses, "tokens_per_step": 4 * 512, "answer_token_share": stats["data/answer_tokens"] / stats["data/tokens"]}
     print(f"TRL fused head {trl_s:.2f} s a step, ours {ours_s:.2f} s: {trl_s / ours_s:.2f}x "
           f"(last-batch loss TRL {losses['trl']:.4f}, ours {losses['ours']:.4f}; "

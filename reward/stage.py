@@ -71,7 +71,7 @@ def run_reward(ctx) -> dict:
     ds_config = read_json(ctx.work_dir / "launch" / "ds_zero3.json") if ctx.world_size > 1 else None
     # Checkpoints live in the work directory so a killed stage resumes; finished outputs move to out_dir.
     summary = train_reward_model(ctx.init_model_dir, tokenizer, train, test, cfg, ctx.work_dir, ctx.cfg.seed,
-                                 logger=logger, base_dtype=ctx.cfg.model.dtype if cfg.train.lora.enabled else "float32",
+                                 logger=logger, bf16=ctx.cfg.compute.bf16,
                                  ds_config=ds_config)
     if not ctx.is_main:
         return {}

@@ -13,9 +13,9 @@ Why our own loop and not TRL's `RewardTrainer` (trl 1.16, read and measured):
   `rm/pad_share` logs it per step.
 A wall-clock comparison was not taken: the shared 2-core machine was saturated by other jobs.
 
-Levers for speed on a CPU with bf16 matrix units (PLATFORM.md): `train.bf16` (full fine-tuning: bf16
-weights with fp32 masters and the fused AdamW, align/launch/local.py; LoRA: autocast, optionally over
-bf16 frozen base weights, `base_dtype`); each pair as ONE row [prompt, chosen,
+Levers for speed on a CPU with bf16 matrix units: the run's precision (align/precision.py; full
+fine-tuning in bf16: bf16 weights with fp32 masters and the fused AdamW, align/launch/local.py; LoRA:
+autocast over bf16 frozen base weights, `base_dtype`); each pair as ONE row [prompt, chosen,
 rejected] with a 4-D mask (`shared_prefix`, reward/model.py: the prompt is forwarded once, 250
 instead of 2 x 196 tokens per HH pair); micro-batches grouped by row length.
 
@@ -29,7 +29,7 @@ the step, are those of one process on the same pairs (tests/reward/test_train.py
 gathered: rank 0 logs the step's global loss and accuracies. A non-finite loss stops every rank at
 once (its check is all-reduced before the backward). Rank 0 alone writes the model (gathered to full
 weights: it loads with `from_pretrained` like the one-process model), the evaluation and the summary.
-Under ZeRO-3, `train.bf16` is DeepSpeed's bf16 mode (bf16 weights, fp32 master copies) as in PPO and
+Under ZeRO-3, bf16 precision is DeepSpeed's bf16 mode (bf16 weights, fp32 master copies) as in PPO and
 SFT; one process does the same for full fine-tuning.
 
 Resumable: every `train.save_steps` optimizer steps, `out_dir/checkpoints/step-N/` is written
@@ -304,7 +304,7 @@ def uses_shared_prefix(cfg: "RewardConfig", model) -> bool:
 
 
 def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig", step: int, pad_id: int,
-               shared: bool) -> dict:
+               shared: bool, bf16: bool = False) -> dict:
     """Forward/backward of this rank's share of one optimizer step, then the (clipped) step.
 
     Args:
@@ -313,6 +313,7 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
             (N processes), each cut by `token_pieces` with ``cfg.micro_batch_tokens``.
         shared: one `shared_prefix_batch` row per pair (`uses_shared_prefix`), else chosen and rejected
             as rows of their own.
+        bf16: forward under bf16 autocast (the run's precision, align/precision.py).
 
     The losses are normalised by the pairs (and safety labels) of the WHOLE step, so accumulation
     over micro-batches and ranks gives the gradient of the full batch. Raises AlignError naming
@@ -337,7 +338,7 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     grad_norm = None
     for j, batch in enumerate(mine):
         b = len(batch)
-        with torch.autocast(learner.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+        with torch.autocast(learner.device.type, dtype=torch.bfloat16, enabled=bf16):
             if shared:  # one row per pair: [prompt, chosen, rejected], the prompt forwarded once
                 packed = shared_prefix_batch([(p.chosen_ids, p.rejected_ids) for p in batch], pad_id)
                 real_tokens, all_tokens = real_tokens + packed.real_tokens, all_tokens + packed.input_ids.numel()
@@ -388,7 +389,13 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     return metrics
 
 
-def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype: str, ds_config: Optional[dict]):
+def base_dtype(tc: "TrainConfig", bf16: bool) -> str:
+    """The dtype the RM's weights load in: LoRA keeps its frozen base in the run's precision; full
+    fine-tuning loads float32 (bf16 copies are made by the learner, over fp32 masters)."""
+    return "bfloat16" if bf16 and tc.lora is not None and tc.lora.enabled else "float32"
+
+
+def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool, ds_config: Optional[dict]):
     """(learner, optimizer, hf_ds_config): the model, its AdamW and, on N > 1 processes, the ZeRO-3 engine.
 
     Under ZeRO-3 the model loads while an `HfDeepSpeedConfig` is alive, so `from_pretrained` partitions
@@ -410,17 +417,17 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype
         if dist.world_size() != world:
             raise AlignError(f"rm train.num_processes={world}, but this process is one of {dist.world_size()}; "
                              "run it through `align rm train`, `align stage` or `align run`")
-        ds = resolve_config(ds_config, tc.micro_batch_size, tc.grad_accum, world, tc.max_grad_norm, tc.bf16)
+        ds = resolve_config(ds_config, tc.micro_batch_size, tc.grad_accum, world, tc.max_grad_norm, bf16)
         hf_ds = HfDeepSpeedConfig(ds)
     torch.manual_seed(seed)  # the new score head's initialisation
-    model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype)
+    model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype(tc, bf16))
     model.train()
     adamw = AdamW(tc.lr, ADAM_BETAS, ADAM_EPS, tc.weight_decay)
     if world == 1:
         # full fine-tuning in bf16: bf16 weights, fp32 masters (DeepSpeed's bf16 mode; align/launch/local.py)
         full = not (tc.lora is not None and tc.lora.enabled)
         learner = LocalLearner(model, adamw, tc.max_grad_norm, "cuda" if torch.cuda.is_available() else "cpu",
-                               bf16_weights=tc.bf16 and full)
+                               bf16_weights=bf16 and full)
         compile_layers(model, tc.compile)
         return learner, learner.optimizer, None
     from align.launch.zero3 import DeepSpeedLearner
@@ -429,14 +436,14 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype
     return DeepSpeedLearner(model, optimizer, ds), optimizer, hf_ds
 
 
-def gathered_model(model_dir, tokenizer, tc: "TrainConfig", seed: int, base_dtype: str,
+def gathered_model(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool,
                    trainable: dict[str, torch.Tensor]):
     """Rank 0 after ZeRO-3 training: an unsharded model with the gathered trainable weights."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # this model is loaded whole, on rank 0 alone
     torch.manual_seed(seed)  # LoRA: the frozen copy of the head, as in one process
-    model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype)
+    model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype(tc, bf16))
     load_trainable(model, trainable, Path(model_dir))
     return model
 
@@ -450,7 +457,7 @@ def train_reward_model(
     out_dir: str | Path,
     seed: int,
     logger=None,
-    base_dtype: str = "float32",
+    bf16: bool = False,
     ds_config: Optional[dict] = None,
 ) -> dict:
     """Train a reward model on preference pairs; resume from ``out_dir/checkpoints`` if present.
@@ -468,7 +475,8 @@ def train_reward_model(
             ``eval_gaps.png`` and ``train_summary.json``.
         seed: seeds the head's initialisation and the data order.
         logger: anything with ``log(metrics: dict, step: int)`` (`align.io.MetricsLogger`), or None.
-        base_dtype: ``bfloat16`` keeps LoRA's frozen base weights in bf16 (LoRA only).
+        bf16: train in bf16 (the run's precision, align/precision.py): full fine-tuning holds bf16 weights
+            with fp32 masters, LoRA a bf16 frozen base under autocast; the adapters and head stay fp32.
         ds_config: N > 1: the launch's ZeRO-3 JSON (align/launch, ``work_dir/launch/ds_zero3.json``).
 
     Returns:
@@ -490,7 +498,7 @@ def train_reward_model(
                          "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data")
     steps = total_steps(len(pairs), tc)
     warmup = math.ceil(tc.warmup_ratio * steps)
-    learner, optimizer, _hf_ds = build_learner(model_dir, tokenizer, tc, seed, base_dtype, ds_config)  # kept alive
+    learner, optimizer, _hf_ds = build_learner(model_dir, tokenizer, tc, seed, bf16, ds_config)  # kept alive
     main = learner.rank == 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, steps, tc.min_lr_ratio))
@@ -520,7 +528,7 @@ def train_reward_model(
     bar = tqdm(total=steps, initial=step, desc="reward model", unit="step", dynamic_ncols=True, disable=not main)
     while step < steps:
         micro = [[pairs[i] for i in next(stream)] for _ in range(per_step)]
-        metrics = train_step(learner, micro, cfg, step + 1, pad_id, shared)
+        metrics = train_step(learner, micro, cfg, step + 1, pad_id, shared, bf16)
         if metrics.pop("rm/skipped", 0.0):
             skipped += 1
             print(f"[align] reward model: non-finite loss or gradient at step {step + 1}, step skipped "
@@ -554,7 +562,7 @@ def train_reward_model(
     summary: dict = {}
     if main:
         model = learner.full_precision_net() if learner.world_size == 1 else gathered_model(model_dir, tokenizer, tc, seed,
-                                                                           base_dtype, final)
+                                                                           bf16, final)
         model.eval()
         with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:
             save_reward_model(model, tokenizer, tmp)
@@ -574,7 +582,7 @@ def train_reward_model(
             "final_train_metrics": metrics,
         }
         if eval_records:
-            scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=tc.bf16)
+            scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=bf16)
             results = evaluate(scorer, eval_records, batch_size=2 * tc.micro_batch_size)
             write_eval(results, out_dir)
             summary["eval"] = results["metrics"]

@@ -2,7 +2,7 @@
 
     from rollout import SamplingParams, make_engine
 
-    with make_engine(cfg.rollout, model_dir, seed=cfg.seed) as engine:
+    with make_engine(cfg.rollout, model_dir, seed=cfg.seed, dtype=cfg.compute.dtype) as engine:
         rollouts = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=128, seed=0))
         seconds = engine.update_weights(policy_model)
 
@@ -18,19 +18,20 @@ from rollout.types import Rollouts, SamplingParams, Timing
 __all__ = ["Engine", "Prompt", "Rollouts", "SamplingParams", "Timing", "make_engine", "push_weights"]
 
 
-def make_engine(cfg, model_dir: str | Path, seed: int = 0) -> Engine:
-    """The engine `cfg.engine` names (a `RolloutConfig`), loaded from the HF directory `model_dir`.
+def make_engine(cfg, model_dir: str | Path, seed: int = 0, *, dtype: str) -> Engine:
+    """The engine `cfg.engine` names (a `RolloutConfig`), loaded from the HF directory `model_dir` with
+    its weights in `dtype` (bfloat16 | float32: the run's precision, `PipelineConfig.compute.dtype`).
 
     vLLM start-up spawns processes (spawn start method): call it under
     `if __name__ == "__main__":` in scripts."""
     if cfg.engine == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(cfg, model_dir, seed)
+        return VLLMEngine(cfg, model_dir, seed, dtype=dtype)
     if cfg.engine == "transformers":
         from rollout.hf_engine import HFEngine
 
-        return HFEngine(cfg, model_dir, seed)
+        return HFEngine(cfg, model_dir, seed, dtype=dtype)
     raise ValueError(f"rollout.engine={cfg.engine!r}: must be 'vllm' or 'transformers'")
 
 

@@ -1,6 +1,6 @@
 """The engine interface every generation backend implements, and the prompt handling they share.
 
-    with make_engine(cfg.rollout, model_dir, seed=cfg.seed) as engine:
+    with make_engine(cfg.rollout, model_dir, seed=cfg.seed, dtype=cfg.compute.dtype) as engine:
         rollouts = engine.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(n=4))
         engine.update_weights(policy)      # after an optimizer step
 
@@ -31,10 +31,13 @@ class Engine(abc.ABC):
 
     name: str = "engine"
 
-    def __init__(self, cfg, model_dir: str | Path, seed: int = 0):
+    def __init__(self, cfg, model_dir: str | Path, seed: int = 0, *, dtype: str):
         from align.models import load_tokenizer
 
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"engine dtype={dtype!r}: must be 'bfloat16' or 'float32'")
         self.cfg = cfg
+        self.dtype_name = dtype
         self.model_dir = Path(model_dir)
         self.seed = seed
         self.tokenizer = load_tokenizer(self.model_dir)

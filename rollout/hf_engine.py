@@ -93,15 +93,15 @@ class _StopStrings:
 
 
 class HFEngine(Engine):
-    """transformers `generate` on the model loaded from `model_dir` in `cfg.dtype`."""
+    """transformers `generate` on the model loaded from `model_dir` in `dtype`."""
 
     name = "transformers"
 
-    def __init__(self, cfg, model_dir: str | Path, seed: int = 0):
-        super().__init__(cfg, model_dir, seed)
+    def __init__(self, cfg, model_dir: str | Path, seed: int = 0, *, dtype: str):
+        super().__init__(cfg, model_dir, seed, dtype=dtype)
         from align.models import load_causal_lm
 
-        self.model = load_causal_lm(self.model_dir, cfg.dtype).eval().requires_grad_(False)
+        self.model = load_causal_lm(self.model_dir, dtype).eval().requires_grad_(False)
         self.dtype = next(self.model.parameters()).dtype
         self.pad_id = self.tokenizer.pad_token_id
 

@@ -82,8 +82,8 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, cfg, model_dir: str | Path, seed: int = 0):
-        super().__init__(cfg, model_dir, seed)
+    def __init__(self, cfg, model_dir: str | Path, seed: int = 0, *, dtype: str):
+        super().__init__(cfg, model_dir, seed, dtype=dtype)
         import torch
         import vllm
         from vllm.platforms import current_platform
@@ -95,14 +95,14 @@ class VLLMEngine(Engine):
             # vLLM would build its process groups on the trainer's world and wait for the other ranks.
             raise AlignError("rollout.in_process=true cannot run inside a multi-process torch.distributed job "
                              f"(world size {dist.get_world_size()}); set rollout.in_process=false")
-        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype_name]
         env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.in_process else "1"}
         if not cfg.in_process:
             # The engine's processes start their own 1-process torch.distributed world: keep a launcher's
             # (torchrun, accelerate) rendezvous variables out of their environment.
             env.update({k: None for k in LAUNCHER_ENV})
         kwargs = dict(
-            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=cfg.dtype, seed=seed,
+            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self.dtype_name, seed=seed,
             max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
             # log p of the sampled token under the unmodified model distribution: what training recomputes.
             logprobs_mode="raw_logprobs", disable_log_stats=True,

@@ -125,11 +125,11 @@ def run_gatt(ctx) -> dict:
     engine = None
     try:
         if eval_dialogues and not before_file.is_file():
-            engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
+            engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
             answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "before")
             write_json_atomic(before_file, {"answers": answers, "recall": recall})
         if not sampled_file.is_file():
-            engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed)
+            engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
             answers, stats = roll_dialogues(engine.generate, train_dialogues, train_insts, sampling,
                                             every_turn=True, best_of=cfg.best_of, seed=seed, fits=fits,
                                             do_repair=cfg.repair, desc="sampling")
@@ -168,7 +168,7 @@ def run_gatt(ctx) -> dict:
 
     after = None
     if eval_dialogues:
-        engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed)
+        engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed, dtype=ctx.cfg.compute.dtype)
         try:
             after_answers, after_recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "after")
         finally:

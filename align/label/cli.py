@@ -152,7 +152,7 @@ def _generate(store, args) -> int:
     dir_b = resolve_model(cfg, label.init_b, run_dir, "label.init_b") if label.init_b else None
     assign = None if args.assign_to is None else [n for n in args.assign_to.split(",") if n]
     out = generate_round(store, prompts, cfg.rollout, label.sampling_a, label.sampling_b, dir_a, dir_b,
-                         seed=cfg.seed, round_number=number, labels_per_pair=label.labels_per_pair,
+                         dtype=cfg.compute.dtype, seed=cfg.seed, round_number=number, labels_per_pair=label.labels_per_pair,
                          assign_to=assign, names=(label.init, label.init_b or label.init))
     print(f"round {out['round']}: {out['label/pairs']} pairs from {out['label/prompts']} prompts "
           f"({out['label/dropped_empty']} empty, {out['label/dropped_identical']} identical left out)")

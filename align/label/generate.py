@@ -73,7 +73,7 @@ def build_pairs(prompts: Sequence[dict], side_a: Sequence[dict], side_b: Sequenc
 
 def generate_round(store, prompts: Sequence[dict], rollout_cfg, sampling_a: SamplingConfig,
                    sampling_b: SamplingConfig, model_dir_a: str | Path, model_dir_b: Optional[str | Path] = None,
-                   *, seed: int = 0, round_number: Optional[int] = None, labels_per_pair: int = 1,
+                   *, dtype: str, seed: int = 0, round_number: Optional[int] = None, labels_per_pair: int = 1,
                    assign_to: Optional[Sequence[str]] = None, names: tuple[str, str] = ("", "")) -> dict:
     """Sample both sides for ``prompts`` (records of kind prompt) and store them as one round.
 
@@ -81,7 +81,8 @@ def generate_round(store, prompts: Sequence[dict], rollout_cfg, sampling_a: Samp
         store: a `LabelStore`.
         prompts: ``[{"prompt": [messages ending with a user turn], "safety": bool, "source": str}]``;
             a safety-tagged prompt makes a ``safety`` pair, any other a ``helpfulness`` pair.
-        rollout_cfg: an `align.config.RolloutConfig` (which engine, dtype, max_model_len, threads).
+        rollout_cfg: an `align.config.RolloutConfig` (which engine, max_model_len, threads).
+        dtype: the engine's weights dtype (the run's precision: `PipelineConfig.compute.dtype`).
         sampling_a, sampling_b: the two sampling settings.
         model_dir_a: the HF directory of the policy that samples side A.
         model_dir_b: the one of side B (None = the same as A; one engine serves both sides).
@@ -107,7 +108,7 @@ def generate_round(store, prompts: Sequence[dict], rollout_cfg, sampling_a: Samp
             if engine is None or dirs[k] != dirs[k - 1]:
                 if engine is not None:
                     engine.close()
-                engine = make_engine(rollout_cfg, model_dir, seed=seed)
+                engine = make_engine(rollout_cfg, model_dir, seed=seed, dtype=dtype)
             side_seed = derive_seed(seed, 2 * number + k)
             out = sample_side(engine, prompts, sampling, side_seed)
             sides.append(out)

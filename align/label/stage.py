@@ -73,7 +73,7 @@ def run_label_round(cfg, label_cfg, round_number: int, out_dir: str | Path, *, d
             dir_b = resolve_model(cfg, label_cfg.init_b, run_dir, "label.init_b", stage_dirs) if label_cfg.init_b else None
             summary.update(generate_round(
                 store, prompts, cfg.rollout, label_cfg.sampling_a, label_cfg.sampling_b, dir_a, dir_b,
-                seed=cfg.seed, round_number=round_number, labels_per_pair=label_cfg.labels_per_pair,
+                dtype=cfg.compute.dtype, seed=cfg.seed, round_number=round_number, labels_per_pair=label_cfg.labels_per_pair,
                 assign_to=[name for name, _ in labelers], names=(label_cfg.init, label_cfg.init_b or label_cfg.init)))
         auto = label_cfg.auto
         helpful = safety = None

@@ -7,7 +7,7 @@ PPO loops take either.
 bf16 weights (``bf16_weights=True``): the model's weights are cast to bf16 and the optimizer steps
 float32 master copies of the trainable ones, written back after every step; gradients are added into
 the masters in float32 after every backward, so accumulation over micro-batches does not round. This
-is DeepSpeed's bf16 mode, so ``train.bf16`` means the same on one process and under ZeRO-3. Against
+is DeepSpeed's bf16 mode, so bf16 precision means the same on one process and under ZeRO-3. Against
 bf16 autocast over float32 weights it saves casting every weight at every forward. Measured on this
 2-core CPU (SmolLM2-135M reward model, 8 pairs of ~264 tokens, forward + backward): 2.89 s against
 3.15 s under autocast. The fused AdamW step (``fused=True``, torch >= 2.4 on CPU) took 0.08 s against

@@ -114,7 +114,7 @@ def make_optimizer(net: torch.nn.Module, cfg) -> torch.optim.AdamW:
 
 def torch_learner(net: "PolicyWithValue", cfg, device: str = "cpu") -> "LocalLearner":
     """One process: `align.launch.local.LocalLearner` (the reward models' too) with the config's AdamW.
-    The adapters and the value head train in float32 over a frozen base (``model.dtype``)."""
+    The adapters and the value head train in float32 over a frozen base in the run's precision."""
     from align.launch.local import LocalLearner
 
     return LocalLearner(net, adamw(cfg), cfg.max_grad_norm, device)
@@ -129,9 +129,9 @@ def value_head_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k[len(VALUE_HEAD) + 1:]: v for k, v in trainable.items() if k.startswith(VALUE_HEAD + ".")}
 
 
-def deepspeed_config(base: dict, cfg, world_size: int) -> dict:
+def deepspeed_config(base: dict, cfg, world_size: int, bf16: bool) -> dict:
     """The launch's ZeRO-3 JSON (align/launch) with its "auto" values filled from the PPO config."""
     from align.launch.zero3 import resolve_config
 
     gas = cfg.mini_batch_size // (cfg.micro_batch_size * world_size)
-    return resolve_config(base, cfg.micro_batch_size, gas, world_size, cfg.max_grad_norm, cfg.bf16)
+    return resolve_config(base, cfg.micro_batch_size, gas, world_size, cfg.max_grad_norm, bf16)

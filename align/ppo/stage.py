@@ -95,7 +95,7 @@ def plain(messages: Sequence[dict]) -> list[dict]:
 
 class RewardModels:
     """The helpfulness and safety RMs of the stages named in `RewardUseConfig`, each loaded with the
-    max_length and bf16 setting its own stage trained with; scoring is sharded over the ranks."""
+    max_length its own stage trained with, in the run's precision; scoring is sharded over the ranks."""
 
     def __init__(self, ctx, reward_cfg):
         from align.rejection.score import load_reward_scorers
@@ -213,14 +213,16 @@ def setup(ctx) -> Run:
     # Plain (unsharded) loads first: once an HfDeepSpeedConfig exists, from_pretrained partitions.
     rewards = RewardModels(ctx, cfg.reward)
     threads = torch.get_num_threads()
-    engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed=ctx.cfg.seed) if ctx.is_main else None
+    engine = (make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed=ctx.cfg.seed, dtype=ctx.cfg.compute.dtype)
+              if ctx.is_main else None)
     torch.set_num_threads(threads)  # an in-process engine pins its own thread count
-    lora_dtype = ctx.cfg.model.dtype  # frozen base weights; adapters and value head are float32
+    lora_dtype = ctx.cfg.compute.dtype  # frozen base weights; adapters and value head are float32
     hf_ds = None
     if multi:
         from transformers.integrations import HfDeepSpeedConfig
 
-        ds = deepspeed_config(read_json(ctx.work_dir / "launch" / "ds_zero3.json"), cfg, ctx.world_size)
+        ds = deepspeed_config(read_json(ctx.work_dir / "launch" / "ds_zero3.json"), cfg, ctx.world_size,
+                              ctx.cfg.compute.bf16)
         hf_ds = HfDeepSpeedConfig(ds)
         net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed)
         learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)
@@ -244,7 +246,7 @@ def setup(ctx) -> Run:
         _truncate_metrics(ctx.work_dir / "logs" / "metrics.jsonl", state["iteration"] if ckpts else -1)
         logger = ctx.logger()
     run = Run(learner=learner, engine=engine, rewards=rewards, tokenizer=tokenizer, pool=pool, heldout=heldout,
-              moments=moments, state=state, logger=logger, autocast=cfg.bf16, hf_ds_config=hf_ds)
+              moments=moments, state=state, logger=logger, autocast=ctx.cfg.compute.bf16, hf_ds_config=hf_ds)
     if engine is not None:
         run.closers.append(engine.close)
     if logger is not None:

@@ -36,8 +36,8 @@ from align.rejection.sample import sample_and_score
 class _EngineSlot:
     """At most one rollout engine alive at a time (they share the CPU and its memory)."""
 
-    def __init__(self, rollout_cfg, seed: int):
-        self.cfg, self.seed = rollout_cfg, seed
+    def __init__(self, rollout_cfg, seed: int, dtype: str):
+        self.cfg, self.seed, self.dtype = rollout_cfg, seed, dtype
         self.engine, self.model_dir = None, None
 
     def get(self, model_dir: Path):
@@ -46,7 +46,7 @@ class _EngineSlot:
         if self.engine is not None and self.model_dir == Path(model_dir):
             return self.engine
         self.close()
-        self.engine, self.model_dir = make_engine(self.cfg, model_dir, self.seed), Path(model_dir)
+        self.engine, self.model_dir = make_engine(self.cfg, model_dir, self.seed, dtype=self.dtype), Path(model_dir)
         return self.engine
 
     def close(self) -> None:
@@ -208,7 +208,7 @@ def run_rejection(ctx) -> dict:
                           max_new_tokens=cfg.sampling.max_new_tokens)
     # Held-out prompts are scored on samples from one fixed seed, so before and after see the same draw.
     eval_draw = replace(draw, n=cfg.eval_samples)
-    engines = _EngineSlot(ctx.cfg.rollout, seed)
+    engines = _EngineSlot(ctx.cfg.rollout, seed, ctx.cfg.compute.dtype)
     scorer = _Lazy(lambda: CombinedScorer.from_run(ctx, cfg.reward))
     logger = ctx.logger()
     if ctx.is_main:

@@ -97,7 +97,7 @@ def test_compiled_ppo_trajectory_and_update_equal_eager(tiny_dir):
     from align.ppo.train import build_batch, make_trajectory, ppo_update
 
     base = {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 4, "mini_batch_size": 2,
-            "micro_batch_size": 2, "bf16": False, "lr": 1e-2, "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "micro_batch_size": 2, "lr": 1e-2, "lora": {"enabled": True, "r": 4, "alpha": 8},
             "vf_coef": 0.5}
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 7, 5, 9)]

@@ -22,6 +22,12 @@ def _bench(name: str, *args: str, timeout: int = 600) -> None:
     res = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], cwd=ROOT, capture_output=True,
                          text=True, timeout=timeout)
     assert res.returncode == 0, f"bench/{name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    assert "precision: " in res.stdout and "bf16 units: " in res.stdout, "the CPU and the precision are printed"
+
+
+def _hardware_recorded(r: dict) -> None:
+    assert r["precision"]["name"] in ("bf16", "fp32") and r["precision"]["reason"]
+    assert r["hardware"]["cpu"] and r["hardware"]["cpu_isa"]
 
 
 @pytest.mark.slow
@@ -34,6 +40,7 @@ def test_sft_bench_compares_trl_and_ours(tmp_path, tiny_dir, shared_data):
     # the same batches through both losses: the same loss
     assert r["loss_last_batch"]["ours"] == pytest.approx(r["loss_last_batch"]["trl"], rel=1e-2)
     assert 0 < r["answer_token_share"] < 1
+    _hardware_recorded(r)
 
 
 @pytest.mark.slow
@@ -45,6 +52,7 @@ def test_reward_bench_compares_trl_and_ours(tmp_path, tiny_dir, shared_data):
     for side in ("ours", "trl"):
         assert r[side]["pairs_per_s"] > 0 and 0 <= r[side]["heldout_accuracy"] <= 1
     assert r["ours"]["train_pairs"] == 16 and 0 < r["trl"]["train_pairs"] <= 16
+    _hardware_recorded(r)
 
 
 @pytest.mark.slow
@@ -57,3 +65,4 @@ def test_rollout_bench_compares_vllm_and_transformers(tmp_path, tiny_dir, shared
     assert r["vllm_over_hf"] == pytest.approx(r["vllm"]["tokens_per_s"] / r["hf"]["tokens_per_s"])
     assert math.isfinite(r["update_weights_plain_s"]) and math.isfinite(r["update_weights_lora_s"])
     assert r["model"] == str(tiny_dir)
+    _hardware_recorded(r)

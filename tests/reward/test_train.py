@@ -28,11 +28,11 @@ class ListLogger:
         self.rows.append((step, dict(metrics)))
 
 
-def rm_config(max_steps=20, lr=1e-3, save_steps=100, bf16=False, lora=False, **kw) -> RewardConfig:
+def rm_config(max_steps=20, lr=1e-3, save_steps=100, lora=False, **kw) -> RewardConfig:
     return RewardConfig(
         primary=(DatasetSpec(format="synthetic_pref"),), margin="small", max_length=256,
         train=TrainConfig(lr=lr, min_lr_ratio=0.1, warmup_ratio=0.1, batch_size=8, micro_batch_size=4,
-                          max_steps=max_steps, save_steps=save_steps, save_total_limit=2, bf16=bf16,
+                          max_steps=max_steps, save_steps=save_steps, save_total_limit=2,
                           lora=LoraConfig(enabled=lora, r=8, alpha=16)),
         **kw)
 
@@ -260,14 +260,14 @@ def test_safety_aux_loss_runs_and_needs_labels(tiny_dir, tiny_tok, tmp_path, mak
 
 
 def test_bf16_autocast_run(tiny_dir, tiny_tok, tmp_path, make_pairs):
-    out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), make_pairs(8, seed=9), rm_config(max_steps=2, bf16=True),
-                             tmp_path, seed=0)
+    out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), make_pairs(8, seed=9), rm_config(max_steps=2),
+                             tmp_path, seed=0, bf16=True)
     assert math.isfinite(out["final_train_metrics"]["rm/loss"]) and out["params_moved"] > 0
 
 
 ROOT = Path(__file__).resolve().parents[2]
 RM_ARGS = ["stages=[rm_helpful]", "rm_helpful.init=base", "rm_helpful.train.micro_batch_size=4",
-           "rm_helpful.train.max_steps=4", "rm_helpful.train.save_steps=2", "rm_helpful.train.bf16=false"]
+           "rm_helpful.train.max_steps=4", "rm_helpful.train.save_steps=2", "precision=fp32"]
 
 
 def _loss_rows(run_dir: Path) -> list[dict]:

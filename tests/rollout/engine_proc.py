@@ -53,24 +53,24 @@ def main(mode: str) -> None:
     from align.models import load_causal_lm, tiny_model_dir
     from rollout import SamplingParams, make_engine
 
-    cfg = RolloutConfig(dtype="float32", kv_cache_gib=1, max_model_len=512, in_process=False)
+    cfg = RolloutConfig(kv_cache_gib=1, max_model_len=512, in_process=False)
     sp = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=0)
     prompts = [[{"role": "user", "content": "hi"}]]
     if mode == "exit":
-        engine = make_engine(cfg, tiny_model_dir())
+        engine = make_engine(cfg, tiny_model_dir(), dtype="float32")
         engine.generate(prompts, sp)
         print("CHILDREN", *all_descendants(), flush=True)
         return
     if mode == "raise":
         try:
-            with make_engine(cfg, tiny_model_dir()) as engine:
+            with make_engine(cfg, tiny_model_dir(), dtype="float32") as engine:
                 engine.generate(prompts, sp)
                 print("CHILDREN", *all_descendants(), flush=True)
                 raise RuntimeError("boom")
         except RuntimeError:
             print("AFTER_RAISE", *descendants_after(), flush=True)
         return
-    with make_engine(cfg, tiny_model_dir()) as engine:
+    with make_engine(cfg, tiny_model_dir(), dtype="float32") as engine:
         engine.generate(prompts, sp)
         print("CHILDREN", *all_descendants(), flush=True)
         if mode == "sigint":

@@ -11,7 +11,7 @@ from rollout import SamplingParams, make_engine
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    with make_engine(RolloutConfig(engine="transformers", dtype="float32", max_model_len=512), tiny_dir) as e:
+    with make_engine(RolloutConfig(engine="transformers", max_model_len=512), tiny_dir, dtype="float32") as e:
         yield e
 
 

@@ -25,7 +25,7 @@ ROOT = HERE.parents[1]
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
     # One in-process engine for the module: start-up costs seconds.
-    with make_engine(RolloutConfig(dtype="float32", kv_cache_gib=1, max_model_len=512, in_process=True), tiny_dir) as e:
+    with make_engine(RolloutConfig(kv_cache_gib=1, max_model_len=512, in_process=True), tiny_dir, dtype="float32") as e:
         yield e
 
 

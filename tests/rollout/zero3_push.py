@@ -55,7 +55,7 @@ def main(out: str) -> None:
     tiny = tiny_model_dir()
     engine = None
     if rank == 0:
-        engine = make_engine(RolloutConfig(dtype="float32", kv_cache_gib=1, max_model_len=512, in_process=False), tiny)
+        engine = make_engine(RolloutConfig(kv_cache_gib=1, max_model_len=512, in_process=False), tiny, dtype="float32")
     results = []
     try:
         for name, build in (("plain", checks.perturbed), ("lora", checks.lora_wrapped)):

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[3]
 YAML = """
 seed: 0
 stages: [sft]
-model: {source: tiny, dtype: float32}
-rollout: {engine: transformers, dtype: float32, threads: 1, max_model_len: 512}
+precision: fp32
+model: {source: tiny}
+rollout: {engine: transformers, threads: 1, max_model_len: 512}
 sft: {datasets: [{format: synthetic_sft}]}
 label:
   init: base

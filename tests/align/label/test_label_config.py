@@ -12,7 +12,8 @@ PROMPTS = (DatasetSpec(format="synthetic_prompts"),)
 YAML = """
 seed: 2
 stages: [sft]
-model: {source: tiny, dtype: float32}
+precision: fp32
+model: {source: tiny}
 sft: {datasets: [{format: synthetic_sft}]}
 label:
   init: base

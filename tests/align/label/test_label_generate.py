@@ -7,7 +7,7 @@ from align.config import DatasetSpec, RolloutConfig, SamplingConfig
 from align.data.load import load_records
 from align.label.generate import build_pairs, generate_round, select_prompts
 
-ROLLOUT = RolloutConfig(engine="transformers", dtype="float32", threads=1, max_model_len=512)
+ROLLOUT = RolloutConfig(engine="transformers", threads=1, max_model_len=512)
 COLD, HOT = SamplingConfig(temperature=0.7, max_new_tokens=8), SamplingConfig(temperature=1.3, max_new_tokens=8)
 
 
@@ -20,7 +20,7 @@ def prompts():
 def test_generate_round_stores_both_settings_and_the_samples_they_give(store, tiny_dir, prompts):
     from rollout import SamplingParams, make_engine
 
-    out = generate_round(store, prompts, ROLLOUT, COLD, HOT, tiny_dir, seed=3, assign_to=[])
+    out = generate_round(store, prompts, ROLLOUT, COLD, HOT, tiny_dir, dtype="float32", seed=3, assign_to=[])
     assert out["round"] == 1 and out["label/prompts"] == 6
     assert out["label/pairs"] + out["label/dropped_empty"] + out["label/dropped_identical"] == 6
     pairs = store.round_pairs(1)
@@ -34,7 +34,7 @@ def test_generate_round_stores_both_settings_and_the_samples_they_give(store, ti
         assert p["category"] == ("safety" if prompts[i]["safety"] else "helpfulness")
     assert {p["category"] for p in pairs} == {"helpfulness", "safety"}  # synthetic_prompts tags every 4th
     # The stored settings reproduce the stored texts: sample again with them.
-    with make_engine(ROLLOUT, tiny_dir, seed=3) as engine:
+    with make_engine(ROLLOUT, tiny_dir, seed=3, dtype="float32") as engine:
         for side in ("a", "b"):
             s = pairs[0][f"settings_{side}"]
             again = engine.generate([q["prompt"] for q in prompts],
@@ -45,7 +45,7 @@ def test_generate_round_stores_both_settings_and_the_samples_they_give(store, ti
                 if st["temperature"] == s["temperature"]:
                     assert p[f"response_{side}"] == again.texts[st["prompt_index"]]
     # A second round samples new responses (the round is in the seed).
-    out2 = generate_round(store, prompts, ROLLOUT, COLD, HOT, tiny_dir, seed=3, assign_to=[])
+    out2 = generate_round(store, prompts, ROLLOUT, COLD, HOT, tiny_dir, dtype="float32", seed=3, assign_to=[])
     assert out2["round"] == 2
     first = {p["response_a"] for p in pairs} | {p["response_b"] for p in pairs}
     assert not first & ({p["response_a"] for p in store.round_pairs(2)} | {p["response_b"] for p in store.round_pairs(2)})
@@ -55,7 +55,7 @@ def test_two_checkpoints_sample_one_side_each(store, tiny_dir, prompts):
     from align.models import tiny_model_dir
 
     other = tiny_model_dir(seed=1)
-    out = generate_round(store, prompts[:3], ROLLOUT, COLD, COLD, tiny_dir, other, seed=0, assign_to=[],
+    out = generate_round(store, prompts[:3], ROLLOUT, COLD, COLD, tiny_dir, other, dtype="float32", seed=0, assign_to=[],
                          names=("sft", "ppo"))
     policies = [{p["settings_a"]["policy"], p["settings_b"]["policy"]} for p in store.round_pairs(out["round"])]
     assert policies and all(pol == {"sft", "ppo"} for pol in policies)

@@ -28,7 +28,7 @@ def main(model_dir: str, traj_path: str, cfg_path: str, ds_path: str, out_dir: s
 
     init_distributed()
     cfg = build(PPOConfig, json.loads(Path(cfg_path).read_text()))
-    ds = deepspeed_config(json.loads(Path(ds_path).read_text()), cfg, dist.get_world_size())
+    ds = deepspeed_config(json.loads(Path(ds_path).read_text()), cfg, dist.get_world_size(), bf16=False)
     hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (ZeRO-3 loading while alive)
     net = build_policy(model_dir, cfg.lora, "float32", seed=0)
     learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)

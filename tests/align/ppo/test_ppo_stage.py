@@ -289,7 +289,7 @@ def test_two_process_update_equals_one_process_update(tmp_path, tiny_dir):
     from align.ppo.train import ppo_update
 
     base = {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8, "mini_batch_size": 4,
-            "ppo_epochs": 2, "lr": 1e-2, "bf16": False, "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "ppo_epochs": 2, "lr": 1e-2, "lora": {"enabled": True, "r": 4, "alpha": 8},
             "vf_coef": 0.5}
     one = build(PPOConfig, {**base, "micro_batch_size": 4})
     traj = _fixed_trajectory(tiny_dir, one)
@@ -330,7 +330,7 @@ def test_a_non_finite_mini_batch_stops_or_is_skipped_without_touching_the_weight
     from align.ppo.train import ppo_update
 
     cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
-                            "mini_batch_size": 4, "micro_batch_size": 2, "bf16": False, "lr": 1e-2,
+                            "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
                             "lora": {"enabled": True, "r": 4, "alpha": 8}, "nonfinite": mode})
     traj = _fixed_trajectory(tiny_dir, cfg)
     traj.advantages[:] = float("nan")  # every mini-batch's policy loss is NaN
@@ -354,7 +354,7 @@ def test_skip_counts_the_non_finite_mini_batch_and_trains_on_the_rest(tiny_dir):
     from align.ppo.train import ppo_update
 
     cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
-                            "mini_batch_size": 4, "micro_batch_size": 2, "bf16": False, "lr": 1e-2,
+                            "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
                             "lora": {"enabled": True, "r": 4, "alpha": 8}, "nonfinite": "skip"})
     traj = _fixed_trajectory(tiny_dir, cfg)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
