@@ -1,7 +1,7 @@
 """Each benchmark in bench/ runs end to end on the tiny random model and writes its comparison.
 
 `make test` runs no benchmark at full size (they take minutes, and tests never assert on time), so a
-change to a function a benchmark calls could break it unseen (session 8: `bench/sft.py` stopped with a
+change to a function a benchmark calls could break it unseen (once `bench/sft.py` stopped with a
 TypeError after `reference_records` gained an argument). These runs check that every benchmark still
 starts, measures both sides and writes its JSON; they assert on the figures' presence and sanity,
 never on their size. `bench/ppo.py` is not here: it builds its own SmolLM2 reward model and two
