@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     re_.add_argument("data", help="a preference file (any importer format)")
     re_.add_argument("--format", default="trl_jsonl", help="importer: hh | oasst | sharegpt_dpo | trl_jsonl (default)")
     re_.add_argument("--limit", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
-    re_.add_argument("--out", default="", help="directory for eval.json, eval.md and eval_gaps.png")
-    re_.add_argument("--max-length", type=int, default=1024, help="tokens per prompt+response")
+    re_.add_argument("--out", default="", help="directory for eval.json, eval.md, eval_gaps.png and eval_calibration.png")
+    re_.add_argument("--max-length", type=int, default=None,
+                     help="tokens per prompt+response (default: the RM's scorer.json, else 1024)")
     re_.add_argument("--bad-rows", default="skip", choices=["fail", "skip"], help="a malformed row: fail or skip")
     from align.label.cli import register as register_label
 
@@ -184,7 +185,7 @@ def _rm_eval(args) -> int:
         print(f"({report.n_skipped} bad rows skipped: {report.skipped})")
     if args.out:
         write_eval(results, args.out)
-        print(f"written to {args.out}/eval.json, eval.md, eval_gaps.png")
+        print(f"written to {args.out}/eval.json, eval.md, eval_gaps.png, eval_calibration.png")
     return 0
 
 

@@ -34,6 +34,7 @@ class DatasetSpec:
     path: str = option("", help="file path, relative to data_dir unless absolute (unused by synthetic_*)")
     limit: int = option(0, help="keep at most this many records after validation (0 = all)")
     category: Optional[Literal["helpfulness", "safety"]] = option(None, help="override the category of preference pairs (None = the importer's)")
+    source: str = option("", help="name the records' source (held-out splits and per-source tables go by it; empty = the format name)")
 
     def __post_init__(self):
         check(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 keeps all records)")
@@ -134,16 +135,19 @@ class RewardConfig:
     primary: tuple[DatasetSpec, ...] = option(factory=tuple, help="the RM's own data (all of it is used)")
     secondary: tuple[DatasetSpec, ...] = option(factory=tuple, help="data mixed in (the recipe: the other category)")
     secondary_share: float = option(0.5, help="share of the training mixture drawn from secondary (recipe: 0.5 helpfulness, 0.1 safety)")
-    test_size: int = option(100, help="pairs held out per source for evaluation (fixed by seed)")
+    test_size: int = option(100, help="pairs held out per source for evaluation, whole prompts at a time (fixed by seed; no test prompt is trained on)")
+    balance_length: bool = option(False, help="train on as many pairs whose chosen answer is shorter as longer, per source (the surplus is dropped): length alone cannot lower the loss")
     margin: Literal["none", "small", "large", "custom"] = option("small", help="margin table m(rating): recipe Table 27")
     margin_table: tuple[float, ...] = option(factory=tuple, help="custom margins, strongest rating first (margin: custom)")
     safety_aux_weight: float = option(0.0, help="weight of the safety auxiliary loss on per-response safety labels (0 = off)")
     max_length: int = option(512, help="tokens per prompt+response; longer pairs are truncated from the left of the prompt, never dropped")
     shared_prefix: bool = option(True, help="train on one row per pair, [prompt, chosen, rejected], the prompt forwarded once (same scores; needs sdpa or eager attention, else falls back)")
+    freeze_layers: int = option(0, help="freeze the embeddings and the lowest N decoder layers: the backward stops at layer N (0 = train all)")
     micro_batch_tokens: int = option(0, help="cut a micro-batch whose padded rows (rows x longest) exceed this many tokens into length-sorted pieces under it, one forward each (same gradient; 0 = off; one process)")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, min_lr_ratio=0.1, epochs=1.0), help="optimisation")
 
     def __post_init__(self):
+        check(self.freeze_layers >= 0, "freeze_layers", self.freeze_layers, "must be >= 0 (0 trains every layer)")
         check(self.micro_batch_tokens >= 0, "micro_batch_tokens", self.micro_batch_tokens, "must be >= 0 (0 = off)")
         check(self.micro_batch_tokens == 0 or self.train.num_processes == 1, "micro_batch_tokens",
               self.micro_batch_tokens, "runs on one process only (ZeRO-3 ranks must run the same number of "
@@ -400,8 +404,7 @@ class AutoLabelConfig:
     tie_below: float = option(0.0, help="a score gap below this is a tie (0 = the judge never says tie)")
     safe_threshold: float = option(0.5, help="a response is safe when sigmoid(safety RM score) >= this")
     flip_prob: float = option(0.0, help="chance that an auto labeler swaps its choice (simulates disagreement between labelers)")
-    max_length: int = option(512, help="tokens per prompt + response scored by the RMs (truncated from the left of the prompt)")
-    batch_size: int = option(8, help="pairs fetched and scored per step")
+    batch_size: int = option(8, help="pairs fetched and scored per step (each RM scores with the settings it trained with, its model/scorer.json)")
 
     def __post_init__(self):
         check(len(self.rating_gaps) == 3 and all(g >= 0 for g in self.rating_gaps)
@@ -410,7 +413,6 @@ class AutoLabelConfig:
         check(self.tie_below >= 0, "tie_below", self.tie_below, "must be >= 0 (0 = never a tie)")
         check(0 < self.safe_threshold < 1, "safe_threshold", self.safe_threshold, "must be in (0, 1)")
         check(0 <= self.flip_prob <= 0.5, "flip_prob", self.flip_prob, "must be in [0, 0.5] (above 0.5 the judge is inverted)")
-        check(self.max_length >= 8, "max_length", self.max_length, "must be >= 8 tokens")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
 

@@ -97,7 +97,7 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
     from align.pipeline import latest_dir
 
     h_dir, s_dir = rm_dirs or (latest_dir(cfg, run_dir, ecfg.reward.helpful_rm), latest_dir(cfg, run_dir, ecfg.reward.safety_rm))
-    helpful = RewardScorer.from_pretrained(h_dir / "model")
+    helpful = RewardScorer.from_pretrained(h_dir / "model")  # each with the settings it trained with (scorer.json)
     safety = RewardScorer.from_pretrained(s_dir / "model")
     per: dict[str, dict] = {}
     for name in names:

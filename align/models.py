@@ -199,6 +199,22 @@ def decoder_layers(model):
     return best
 
 
+def freeze_lower_layers(model, n: int) -> int:
+    """Freeze the input embeddings and the lowest ``n`` decoder layers (`decoder_layers`); returns how
+    many parameters were frozen. Nothing below layer n then needs a gradient, so autograd's backward
+    stops there: a step costs the forward plus the backward of the upper layers only."""
+    if n <= 0:
+        return 0
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise AlignError(f"freeze_layers={n}: the model has {len(layers)} decoder layers")
+    frozen = [p for layer in layers[:n] for p in layer.parameters()]
+    frozen += list(model.get_input_embeddings().parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    return len(frozen)
+
+
 def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend (inductor) would use, or None."""
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")

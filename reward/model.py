@@ -13,15 +13,19 @@ the reward is read at the end-of-turn token (``<|im_end|>`` in ChatML).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from align.errors import AlignError
 
 ADAPTER_SUBDIR = "adapter"
+SCORER_FILE = "scorer.json"
+TRUNCATION = "prompt_left"  # `format_pair`: the prompt loses tokens from its left first, then the answer its end
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,15 +316,65 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_reward_model(model, tokenizer, out_dir: str | Path) -> Path:
+def chat_template_sha(tokenizer) -> str:
+    """A short hash of the tokenizer's chat template: a scorer refuses a tokenizer whose template changed."""
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """How a reward model reads a (prompt, answer): saved beside it as ``scorer.json`` by the stage that
+    trained it, and read by every consumer (rejection sampling, PPO, the eval stage, `align label auto`,
+    `align rm eval`), so each scores exactly as the RM was trained."""
+
+    max_length: int                 # tokens of prompt + answer (`format_pair`)
+    dtype: str = "float32"          # "bfloat16" | "float32": the precision the RM trained and scores in
+    truncation: str = TRUNCATION    # which tokens go first when a pair is too long
+    chat_template_sha: str = ""     # `chat_template_sha` of the tokenizer it trained with ("" = unchecked)
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float32"):
+            raise AlignError(f"{SCORER_FILE}: dtype {self.dtype!r} must be 'bfloat16' or 'float32'")
+        if self.truncation != TRUNCATION:
+            raise AlignError(f"{SCORER_FILE}: truncation {self.truncation!r} is not one this version reads "
+                             f"({TRUNCATION!r})")
+        if self.max_length < 8:
+            raise AlignError(f"{SCORER_FILE}: max_length {self.max_length} must be >= 8")
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
+
+    def save(self, model_dir: str | Path) -> Path:
+        path = Path(model_dir) / SCORER_FILE
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Optional["ScorerSettings"]:
+        """The settings saved in ``model_dir``, or None for an RM saved elsewhere (e.g. by TRL)."""
+        path = Path(model_dir) / SCORER_FILE
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**raw)
+        except (ValueError, TypeError, AlignError) as e:
+            raise AlignError(f"{path}: not a scorer settings file ({e}); delete it to score with the defaults, "
+                             f"or retrain the reward model") from e
+
+
+def save_reward_model(model, tokenizer, out_dir: str | Path, settings: Optional[ScorerSettings] = None) -> Path:
     """Write a reward model that reloads with ``AutoModelForSequenceClassification.from_pretrained``.
 
     Full fine-tuning: the model as is. LoRA: the adapter (with the trained `score` head) in
-    ``out_dir/adapter/``, and the model with the adapter merged, in float32, in ``out_dir``. The
-    caller makes ``out_dir`` atomic (`align.io.atomic_dir`).
+    ``out_dir/adapter/``, and the model with the adapter merged, in float32, in ``out_dir``. ``settings``
+    go to ``out_dir/scorer.json``. The caller makes ``out_dir`` atomic (`align.io.atomic_dir`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        settings.save(out_dir)
     if is_peft(model):
         model.save_pretrained(str(out_dir / ADAPTER_SUBDIR))
         merged = copy.deepcopy(model).float().merge_and_unload()
@@ -351,18 +405,38 @@ class RewardScorer:
         self.truncated = 0  # responses truncated so far (prompt or response side)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_length: int = 1024, bf16: bool = False) -> "RewardScorer":
-        """A scorer for a saved reward model directory (its own tokenizer).
+    def from_pretrained(cls, path: str | Path, max_length: Optional[int] = None,
+                        bf16: Optional[bool] = None) -> "RewardScorer":
+        """A scorer for a saved reward model directory (its own tokenizer), with the settings of its
+        ``scorer.json`` (`ScorerSettings`); an RM saved without one scores with 1,024 tokens in fp32.
 
-        With ``bf16`` the weights are held in bf16 (scoring only, nothing trains): the matrix products
-        are those of bf16 autocast, without casting every weight at every call. Measured on this
-        2-core CPU, SmolLM2-135M, 16 sequences: 1.0-1.1 s a call against 1.4 s under autocast.
+        ``max_length`` / ``bf16`` override the saved settings (`align rm eval --max-length`). With bf16
+        the weights are held in bf16 (scoring only, nothing trains): the matrix products are those of
+        bf16 autocast, without casting every weight at every call (on a 2-core CPU with AMX,
+        SmolLM2-135M, 16 sequences: 1.0-1.1 s a call against 1.4 s under autocast).
         """
         from align.models import load_tokenizer
 
+        settings = ScorerSettings.load(path)
         tok = load_tokenizer(path)
+        if settings is not None and settings.chat_template_sha and settings.chat_template_sha != chat_template_sha(tok):
+            raise AlignError(f"{Path(path) / SCORER_FILE}: the tokenizer's chat template in {path} is not the one "
+                             "the reward model trained with; restore its tokenizer files or retrain it")
+        if max_length is None:
+            max_length = settings.max_length if settings is not None else 1024
+        if bf16 is None:
+            bf16 = settings.bf16 if settings is not None else False
         model = load_reward_model(path, tok)
         return cls(model.to(torch.bfloat16) if bf16 else model, tok, max_length=max_length, bf16=bf16)
+
+    def settings(self) -> ScorerSettings:
+        """The `ScorerSettings` this scorer reads with (saved beside a trained RM)."""
+        return ScorerSettings(self.max_length, "bfloat16" if self.bf16 else "float32",
+                              chat_template_sha=chat_template_sha(self.tokenizer))
+
+    def response_tokens(self, responses: Sequence[str]) -> list[int]:
+        """Each response's length in tokens (without the template's turn markers)."""
+        return [len(ids) for ids in self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
 
     def encode(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[list[int]]:
         if len(prompts) != len(responses):

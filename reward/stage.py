@@ -1,7 +1,7 @@
 """Reward-model stages `rm_helpful` and `rm_safety` (Llama 2 sec. 3.2.2).
 
 setup (data: held-out split per source, then the recipe's mixture) -> train (reward/train.py,
-resumable from the stage's work directory) -> save (model/, eval.json, eval.md, eval_gaps.png).
+resumable from the stage's work directory) -> save (model/ with scorer.json, eval.json, eval.md, eval_gaps.png, eval_calibration.png).
 With `train.num_processes` N > 1 the pipeline runs this on N ranks under DeepSpeed ZeRO-3 (reward/train.py).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def load_pairs(ctx_cfg, specs, seed: int):
 
 def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[dict], list[dict], dict]:
     """(train mixture, held-out test pairs, data stats) for one reward-model config."""
-    from reward.mixture import holdout, mix
+    from reward.mixture import balance_length, drop_prompts, holdout, mix
 
     primary, p_reports = load_pairs(pipeline_cfg, cfg.primary, seed)
     secondary, s_reports = load_pairs(pipeline_cfg, cfg.secondary, seed)
@@ -38,6 +38,9 @@ def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[d
         p_reports += reports
     p_train, p_test = holdout(primary, cfg.test_size, seed)
     s_train, s_test = holdout(secondary, cfg.test_size, seed)
+    p_train, s_train = drop_prompts(p_train, p_test + s_test), drop_prompts(s_train, p_test + s_test)
+    if cfg.balance_length:
+        p_train, s_train = balance_length(p_train, seed), balance_length(s_train, seed)
     train = mix(p_train, s_train, cfg.secondary_share if secondary else 0.0, seed)
     if not train:
         raise AlignError("reward model: no training pairs after the held-out split; add data or lower test_size")
@@ -76,7 +79,7 @@ def run_reward(ctx) -> dict:
     if not ctx.is_main:
         return {}
     logger.close()
-    for name in ("model", "eval.json", "eval.md", "eval_gaps.png", "train_summary.json"):
+    for name in ("model", "eval.json", "eval.md", "eval_gaps.png", "eval_calibration.png", "train_summary.json"):
         src = ctx.work_dir / name
         if src.exists():
             shutil.move(str(src), str(ctx.out_dir / name))
@@ -84,4 +87,17 @@ def run_reward(ctx) -> dict:
            "rm/truncated_pairs": summary["truncated_pairs"], "model_dir": str(ctx.run_dir / ctx.name / "model")}
     for k, v in summary.get("eval", {}).items():
         out[f"eval/{k}" if not k.startswith("eval/") else k] = v
+    for category, metrics in summary.get("eval_by_category", {}).items():
+        out.update({f"eval/{category}/{k}": v for k, v in metrics.items()})
+        print(f"[align] {ctx.name}: held-out {category} pairs: {headline(metrics)}", flush=True)
     return out
+
+
+def headline(m: dict) -> str:
+    """One line of `reward.evaluate.summary_metrics`: accuracy [CI] (n), length-balanced, longer wins."""
+    from align.stats import fmt_share
+
+    return (f"accuracy {fmt_share(m['rm/accuracy'], m['rm/accuracy/ci_low'], m['rm/accuracy/ci_high'], int(m['rm/n']))}, "
+            f"length-balanced {m['rm/length/balanced_accuracy'] * 100:.1f}%, \"longer wins\" "
+            f"{m['rm/length/longer_wins'] * 100:.1f}%, corr(reward, tokens) {m['rm/length/reward_corr']:+.2f}, "
+            f"ECE {m['rm/calibration/ece'] * 100:.1f}%")

@@ -59,7 +59,7 @@ from align.faults import fault
 from align.io import atomic_dir, read_json, write_json_atomic
 from align.launch import dist
 from align.launch.local import AdamW, LocalLearner
-from align.models import compile_layers
+from align.models import compile_layers, freeze_lower_layers
 from reward.losses import RATING_LEVELS, accuracy_by_level, margin_table, ranking_loss, safety_aux_loss
 from reward.model import (RewardScorer, format_pair, load_reward_model, pad_batch, save_reward_model, sequence_scores,
                           shared_prefix_batch, shared_prefix_length, shared_prefix_scores, supports_shared_prefix)
@@ -395,7 +395,8 @@ def base_dtype(tc: "TrainConfig", bf16: bool) -> str:
     return "bfloat16" if bf16 and tc.lora is not None and tc.lora.enabled else "float32"
 
 
-def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool, ds_config: Optional[dict]):
+def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool, ds_config: Optional[dict],
+                  freeze_layers: int = 0):
     """(learner, optimizer, hf_ds_config): the model, its AdamW and, on N > 1 processes, the ZeRO-3 engine.
 
     Under ZeRO-3 the model loads while an `HfDeepSpeedConfig` is alive, so `from_pretrained` partitions
@@ -421,6 +422,7 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool
         hf_ds = HfDeepSpeedConfig(ds)
     torch.manual_seed(seed)  # the new score head's initialisation
     model = load_reward_model(model_dir, tokenizer, lora=tc.lora, base_dtype=base_dtype(tc, bf16))
+    freeze_lower_layers(model, freeze_layers)
     model.train()
     adamw = AdamW(tc.lr, ADAM_BETAS, ADAM_EPS, tc.weight_decay)
     if world == 1:
@@ -498,11 +500,10 @@ def train_reward_model(
                          "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data")
     steps = total_steps(len(pairs), tc)
     warmup = math.ceil(tc.warmup_ratio * steps)
-    learner, optimizer, _hf_ds = build_learner(model_dir, tokenizer, tc, seed, bf16, ds_config)  # kept alive
+    learner, optimizer, _hf_ds = build_learner(model_dir, tokenizer, tc, seed, bf16, ds_config, cfg.freeze_layers)  # kept alive
     main = learner.rank == 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, steps, tc.min_lr_ratio))
-    initial = learner.trainable_state()  # every rank: ZeRO-3 gathers; None off rank 0
     fingerprint = run_fingerprint(cfg, seed, pairs)
     ckpt_root = out_dir / CHECKPOINTS_SUBDIR
     step, consumed, pairs_seen = 0, 0, 0
@@ -558,14 +559,15 @@ def train_reward_model(
     seconds = time.perf_counter() - t0
 
     # ---- save (rank 0; the others only take part in the gathers)
-    final = learner.trainable_state()
+    final = learner.trainable_state() if learner.world_size > 1 else None  # ZeRO-3: every rank takes part in the gather
     summary: dict = {}
     if main:
         model = learner.full_precision_net() if learner.world_size == 1 else gathered_model(model_dir, tokenizer, tc, seed,
                                                                            bf16, final)
         model.eval()
+        scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=bf16)
         with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:
-            save_reward_model(model, tokenizer, tmp)
+            save_reward_model(model, tokenizer, tmp, scorer.settings())  # scorer.json: how every consumer scores
         summary = {
             "steps": steps,
             "warmup_steps": warmup,
@@ -575,17 +577,16 @@ def train_reward_model(
             "truncated_pairs": n_truncated,
             "train_seconds": seconds,
             "pairs_per_s": (pairs_seen - pairs_at_start) / max(seconds, 1e-9),
-            "params_moved": sum(not torch.equal(initial[n], final[n]) for n in initial),
-            "params_trainable": len(initial),
+            "params_trainable": sum(getattr(p, "ds_numel", p.numel()) for p in learner.module.parameters() if p.requires_grad),
             "processes": tc.num_processes,
             "model_dir": str(out_dir / MODEL_SUBDIR),
             "final_train_metrics": metrics,
         }
         if eval_records:
-            scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=bf16)
             results = evaluate(scorer, eval_records, batch_size=2 * tc.micro_batch_size)
             write_eval(results, out_dir)
             summary["eval"] = results["metrics"]
+            summary["eval_by_category"] = results["by_category"]
             if logger is not None:  # under eval/: the train loop logs rm/accuracy too
                 logger.log({f"eval/{k}": v for k, v in results["metrics"].items()}, step)
         write_json_atomic(out_dir / "train_summary.json", summary)

@@ -40,7 +40,7 @@ def load_records(spec: DatasetSpec, kind: str, data_dir: str | Path,
 
     ``limit`` keeps a seeded random sample of that many valid records, in file order (the first N
     would take one end of a file that is sorted by topic or tree). ``category`` (preference only)
-    replaces every pair's category.
+    replaces every pair's category, ``source`` every record's source.
     """
     if spec.category is not None and kind != "preference":
         raise DataError(f"dataset {spec.format} {spec.path!r}: category {spec.category!r} applies to "
@@ -55,6 +55,9 @@ def load_records(spec: DatasetSpec, kind: str, data_dir: str | Path,
     if spec.category is not None:
         for record in records:
             record["category"] = spec.category
+    if spec.source:
+        for record in records:
+            record["source"] = spec.source
     report.n_kept = len(records)
     return records, report
 

@@ -83,8 +83,8 @@ class RewardJudge:
         from reward.model import RewardScorer
 
         self.cfg = cfg
-        self.helpful = RewardScorer.from_pretrained(helpful_dir, max_length=cfg.max_length)
-        self.safety = RewardScorer.from_pretrained(safety_dir, max_length=cfg.max_length)
+        self.helpful = RewardScorer.from_pretrained(helpful_dir)  # each with its scorer.json
+        self.safety = RewardScorer.from_pretrained(safety_dir)
 
     def scores(self, pairs):
         prompts = [p["prompt"] for p in pairs] * 2

@@ -52,8 +52,9 @@ class LocalLearner:
         adamw: the optimizer's settings (`optimizer` is built here, over the masters with bf16 weights).
         max_grad_norm: clip of the global gradient norm.
         device: where the model runs.
-        bf16_weights: cast the model to bf16 and keep float32 masters of the trainable weights. Every
-            weight must be trainable (full fine-tuning): a frozen weight would be rounded to bf16 for good.
+        bf16_weights: cast the model to bf16 and keep float32 masters of the trainable weights. Frozen
+            weights (lower layers frozen: `align.models.freeze_lower_layers`) stay bf16 for good: the
+            upper layers train on their bf16 outputs, and the saved model holds those same values.
     """
 
     rank, world_size = 0, 1
@@ -67,10 +68,6 @@ class LocalLearner:
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.bf16_weights = bf16_weights
         if bf16_weights:
-            frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
-            if frozen:
-                raise AlignError(f"bf16 weights with fp32 masters need every weight trainable; {frozen[0]} is frozen "
-                                 "(LoRA: keep autocast over the base, or load the base in bf16)")
             self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
             net.to(torch.bfloat16)
         else:

@@ -95,7 +95,7 @@ def plain(messages: Sequence[dict]) -> list[dict]:
 
 class RewardModels:
     """The helpfulness and safety RMs of the stages named in `RewardUseConfig`, each loaded with the
-    max_length its own stage trained with, in the run's precision; scoring is sharded over the ranks."""
+    settings it trained with (its model/scorer.json); scoring is sharded over the ranks."""
 
     def __init__(self, ctx, reward_cfg):
         from align.rejection.score import load_reward_scorers

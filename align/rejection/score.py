@@ -17,8 +17,7 @@ import torch
 
 def load_reward_scorers(ctx, reward_cfg) -> tuple:
     """(helpfulness, safety) `reward.model.RewardScorer`s of the stages named in ``reward_cfg`` (a
-    `RewardUseConfig`), each with the max_length its own stage trained with, in the run's precision. Used by
-    rejection sampling and PPO."""
+    `RewardUseConfig`), each scoring as it trained (its model/scorer.json). Used by rejection sampling and PPO."""
     from align.errors import AlignError
     from reward.model import RewardScorer
 
@@ -26,8 +25,7 @@ def load_reward_scorers(ctx, reward_cfg) -> tuple:
         path = Path(ctx.stage_dir(stage)) / "model"
         if not path.is_dir():
             raise AlignError(f"{ctx.name}: reward model stage '{stage}' has no model at {path}; run it first")
-        rm_cfg = ctx.cfg.stage(stage)
-        return RewardScorer.from_pretrained(path, max_length=rm_cfg.max_length, bf16=ctx.cfg.compute.bf16)
+        return RewardScorer.from_pretrained(path)
 
     return load(reward_cfg.helpful_rm), load(reward_cfg.safety_rm)
 

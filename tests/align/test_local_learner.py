@@ -1,8 +1,6 @@
 """align/launch/local.py: the one-process learner, with float32 weights and with bf16 weights + fp32 masters."""
-import pytest
 import torch
 
-from align.errors import AlignError
 from align.launch.local import AdamW, LocalLearner
 
 ADAMW = AdamW(lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
@@ -60,11 +58,17 @@ def test_bf16_weights_accumulate_gradients_in_float32():
     assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in learner.masters)
 
 
-def test_bf16_weights_refuse_frozen_weights_and_save_load_round_trip(tmp_path):
+def test_bf16_weights_keep_frozen_weights_fixed_in_bf16():
     net = _net()
     net[0].weight.requires_grad_(False)
-    with pytest.raises(AlignError, match="every weight trainable"):
-        LocalLearner(net, ADAMW, 1.0, bf16_weights=True)
+    before = net[0].weight.detach().clone()
+    learner = LocalLearner(net, ADAMW, 1.0, bf16_weights=True)
+    assert "0.weight" not in learner.trainable_state()
+    _steps(learner, n_steps=2)
+    assert torch.equal(learner.full_precision_net()[0].weight, before.bfloat16().float())  # rounded once, never trained
+
+
+def test_bf16_weights_save_load_round_trip(tmp_path):
     a = LocalLearner(_net(), ADAMW, 1.0, bf16_weights=True)
     _steps(a, n_steps=1)
     a.save(tmp_path)

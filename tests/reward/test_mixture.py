@@ -1,10 +1,11 @@
 from collections import Counter
 
-from reward.mixture import holdout, mix
+from reward.mixture import balance_length, drop_prompts, holdout, mix, prompt_key
 
 
-def _recs(source, n):
-    return [{"source": source, "i": i} for i in range(n)]
+def _recs(source, n, per_prompt=1):
+    return [{"source": source, "i": i, "prompt": [{"role": "user", "content": f"{source} {i // per_prompt}"}]}
+            for i in range(n)]
 
 
 def test_holdout_takes_test_size_per_source_and_is_fixed_by_seed():
@@ -25,3 +26,34 @@ def test_mix_equal_share_and_90_10():
     assert Counter(r["source"] for r in tenth) == {"p": 90, "s": 10}
     assert Counter(r["source"] for r in mix(p, s[:5], 0.5, seed=0)) == {"p": 90, "s": 5}  # capped
     assert Counter(r["source"] for r in mix(p, s, 0.0, seed=0)) == {"p": 90}
+
+
+def test_holdout_takes_whole_prompts():
+    recs = _recs("a", 120, per_prompt=6)  # 20 prompts of 6 pairs
+    train, test = holdout(recs, 20, seed=0)
+    assert len(test) == 24  # 4 whole prompts: the last drawn takes it past 20
+    assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in test}
+    assert len(train) + len(test) == len(recs)
+
+
+def test_drop_prompts_removes_a_held_out_prompt_from_another_source():
+    a, b = _recs("a", 10), _recs("a", 10)
+    for r in b:
+        r["source"] = "b"  # same prompts, another source
+    assert drop_prompts(b, a[:3]) == b[3:]
+
+
+def test_balance_length_evens_chosen_longer_and_shorter_per_source():
+    recs = []
+    for i in range(40):  # source a: 30 chosen longer, 10 shorter; source b: 5 and 5; 2 ties
+        longer = i < 30
+        recs.append({"source": "a", "chosen": "x" * (20 if longer else 5), "rejected": "y" * 10, "i": i})
+    recs += [{"source": "b", "chosen": "x" * (20 if i < 5 else 5), "rejected": "y" * 10, "i": i} for i in range(10)]
+    recs += [{"source": "b", "chosen": "same", "rejected": "four", "i": 99}] * 2
+    out = balance_length(recs, seed=0)
+    count = Counter((r["source"], len(r["chosen"]) > len(r["rejected"]), len(r["chosen"]) == len(r["rejected"]))
+                    for r in out)
+    assert count == {("a", True, False): 10, ("a", False, False): 10, ("b", True, False): 5, ("b", False, False): 5,
+                     ("b", False, True): 2}
+    assert out == [r for r in recs if r in out]  # order kept
+    assert balance_length(recs, seed=0) == out

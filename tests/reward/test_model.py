@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from align.config import LoraConfig
-from reward.model import (ADAPTER_SUBDIR, RewardScorer, format_pair, load_reward_model, pad_batch,
-                          save_reward_model, sequence_scores, shared_prefix_batch, shared_prefix_scores)
+from align.errors import AlignError
+from reward.model import (ADAPTER_SUBDIR, SCORER_FILE, RewardScorer, ScorerSettings, chat_template_sha, format_pair,
+                          load_reward_model, pad_batch, save_reward_model, sequence_scores, shared_prefix_batch,
+                          shared_prefix_scores)
 
 PROMPTS = [[{"role": "user", "content": "hi" * k}] for k in range(1, 8)]
 RESPONSES = ["Hello there. " * k for k in range(7, 0, -1)]
@@ -92,6 +94,47 @@ def test_save_and_reload_full_model(rm, tiny_tok, tmp_path):
     assert torch.allclose(a, b, atol=1e-6)
     c = RewardScorer.from_pretrained(tmp_path).score(PROMPTS, RESPONSES)
     assert torch.allclose(a, c, atol=1e-6)
+
+
+def test_a_user_loading_with_from_pretrained_gets_the_scorers_scores(rm, tiny_tok, tmp_path):
+    """AutoModelForSequenceClassification + the saved tokenizer, padded as a user pads, reads the same
+    last real token as RewardScorer (TRL issue 937: a head that read a pad token kept an RM near 60%)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    save_reward_model(rm, tiny_tok, tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = [tok.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False).rstrip()
+             for p, r in zip(PROMPTS, RESPONSES)]
+    batch = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    assert (batch["input_ids"] == tok.pad_token_id).any()  # the batch does hold pad tokens
+    with torch.no_grad():
+        theirs = model(**batch).logits[:, 0]
+    ours = RewardScorer.from_pretrained(tmp_path).score(PROMPTS, RESPONSES, batch_size=3)
+    assert torch.allclose(theirs, ours, atol=1e-5)
+
+
+def test_scorer_settings_are_saved_with_the_model_and_read_back(rm, tiny_tok, tmp_path):
+    settings = ScorerSettings(max_length=96, dtype="bfloat16", chat_template_sha=chat_template_sha(tiny_tok))
+    save_reward_model(rm, tiny_tok, tmp_path / "a", settings)
+    scorer = RewardScorer.from_pretrained(tmp_path / "a")
+    assert scorer.settings() == settings == ScorerSettings.load(tmp_path / "a")
+    assert scorer.max_length == 96 and scorer.bf16 and next(scorer.model.parameters()).dtype == torch.bfloat16
+    assert RewardScorer.from_pretrained(tmp_path / "a", max_length=64, bf16=False).max_length == 64  # explicit wins
+    save_reward_model(rm, tiny_tok, tmp_path / "b")  # no scorer.json: an RM saved by another tool
+    assert RewardScorer.from_pretrained(tmp_path / "b").settings().max_length == 1024
+
+
+def test_scorer_settings_refuse_a_changed_template_and_a_bad_file(rm, tiny_tok, tmp_path):
+    save_reward_model(rm, tiny_tok, tmp_path, ScorerSettings(max_length=96, chat_template_sha="0" * 16))
+    with pytest.raises(AlignError, match="chat template"):
+        RewardScorer.from_pretrained(tmp_path)
+    (tmp_path / SCORER_FILE).write_text('{"max_length": 96, "dtype": "float16"}')
+    with pytest.raises(AlignError, match=f"{SCORER_FILE}.*dtype"):
+        RewardScorer.from_pretrained(tmp_path)
+    (tmp_path / SCORER_FILE).write_text("{not json")
+    with pytest.raises(AlignError, match=f"{tmp_path / SCORER_FILE}: not a scorer settings file"):
+        RewardScorer.from_pretrained(tmp_path)
 
 
 def test_lora_head_trains_and_saves_merged_and_adapter(tiny_dir, tiny_tok, tmp_path):

@@ -37,6 +37,13 @@ def rm_config(max_steps=20, lr=1e-3, save_steps=100, lora=False, **kw) -> Reward
         **kw)
 
 
+def moved(init_dir, rm_dir) -> dict[str, bool]:
+    """Per backbone tensor of the saved RM: whether it differs from the model it started from."""
+    before = load_file(str(Path(init_dir) / "model.safetensors"))
+    after = load_file(str(Path(rm_dir) / "model.safetensors"))
+    return {n: not torch.equal(before[n].float(), after[n].float()) for n in before if n in after}
+
+
 def test_lr_factor_warmup_then_cosine_to_min():
     # 2 warm-up steps of 10: 1/2, 1; then cosine from 1 (step 2) to 0.1 (step 9)
     f = [lr_factor(s, warmup=2, total=10, min_ratio=0.1) for s in range(10)]
@@ -87,7 +94,8 @@ def test_tiny_rm_learns_an_easy_preference(tiny_dir, tiny_tok, tmp_path, make_pa
                   - before.score(prompts, [r["rejected"] for r in held_out]))
     logger = ListLogger()
     out = train_reward_model(tiny_dir, tiny_tok, train, held_out, cfg, tmp_path, seed=0, logger=logger)
-    assert out["params_moved"] == out["params_trainable"] > 0  # every trained tensor moved
+    change = moved(tiny_dir, tmp_path / "model")
+    assert change and all(change.values()) and out["params_trainable"] > 0  # every backbone tensor trained
     assert out["eval"]["rm/accuracy"] >= 0.9
     assert out["eval"]["rm/gap/mean"] > gap_before.mean().item() + 1.0
     for level in ("significantly_better", "better", "slightly_better", "negligibly_better"):
@@ -262,7 +270,21 @@ def test_safety_aux_loss_runs_and_needs_labels(tiny_dir, tiny_tok, tmp_path, mak
 def test_bf16_autocast_run(tiny_dir, tiny_tok, tmp_path, make_pairs):
     out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), make_pairs(8, seed=9), rm_config(max_steps=2),
                              tmp_path, seed=0, bf16=True)
-    assert math.isfinite(out["final_train_metrics"]["rm/loss"]) and out["params_moved"] > 0
+    assert math.isfinite(out["final_train_metrics"]["rm/loss"]) and any(moved(tiny_dir, tmp_path / "model").values())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_frozen_lower_layers_stay_as_loaded(tiny_dir, tiny_tok, tmp_path, make_pairs, bf16):
+    out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), [], rm_config(max_steps=2, freeze_layers=1),
+                             tmp_path, seed=0, bf16=bf16)
+    before = load_file(str(tiny_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    lower = [n for n in before if n.startswith("model.layers.0.") or "embed_tokens" in n]
+    upper = [n for n in before if n.startswith("model.layers.1.")]
+    assert lower and upper and out["params_trainable"] > 0
+    for n in lower:  # in bf16 a frozen weight is its bf16 rounding, never trained (align/launch/local.py)
+        assert torch.equal(after[n], before[n].bfloat16().float() if bf16 else before[n]), n
+    assert all(not torch.equal(after[n], before[n]) for n in upper)
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -109,17 +109,19 @@ def live_server(store):
 
 @pytest.fixture(scope="session")
 def rm_dirs(tmp_path_factory, tiny_dir):
-    """Two tiny reward models (random score heads of different seeds) saved as RM directories."""
+    """Two tiny reward models (random score heads of different seeds) saved as RM directories, each
+    scoring 128 tokens (its scorer.json)."""
     import torch
 
     from align.models import load_tokenizer
-    from reward.model import load_reward_model, save_reward_model
+    from reward.model import ScorerSettings, chat_template_sha, load_reward_model, save_reward_model
 
     tok = load_tokenizer(tiny_dir)
     out = []
     for seed, name in ((1, "rm_helpful"), (2, "rm_safety")):
         torch.manual_seed(seed)
         path = tmp_path_factory.mktemp(name)
-        save_reward_model(load_reward_model(tiny_dir, tok), tok, path)
+        save_reward_model(load_reward_model(tiny_dir, tok), tok, path,
+                          ScorerSettings(max_length=128, chat_template_sha=chat_template_sha(tok)))
         out.append(path)
     return out

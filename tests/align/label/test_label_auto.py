@@ -75,14 +75,15 @@ def test_reward_judge_labels_over_a_live_server_as_its_scores_say(store, live_se
     helpful_dir, safety_dir = rm_dirs
     pairs = [h.pair(i, "safety" if i % 2 else "helpfulness") for i in range(6)]
     store.create_round(pairs, labels_per_pair=1, assign_to=[])
-    cfg = AutoLabelConfig(rating_gaps=(0.05, 0.02, 0.01), max_length=128)
+    cfg = AutoLabelConfig(rating_gaps=(0.05, 0.02, 0.01))
     judge = make_judge(cfg, helpful_dir, safety_dir)
     assert isinstance(judge, RewardJudge)
+    assert judge.helpful.max_length == judge.safety.max_length == 128  # read from each RM's scorer.json
     counts = label_round(store, 1, cfg, judge, labelers=auto_labelers(store, 1), url=live_server.url)
     assert counts["auto/labeled"] == 6
 
     # Score independently and check each stored label against the rule of the module docstring.
-    hs, ss = RewardScorer.from_pretrained(helpful_dir, max_length=128), RewardScorer.from_pretrained(safety_dir, max_length=128)
+    hs, ss = RewardScorer.from_pretrained(helpful_dir), RewardScorer.from_pretrained(safety_dir)
     for p in store.round_pairs(1):
         (lab,) = p["labels"]
         prompts, responses = [p["prompt"]] * 2, [p["response_a"], p["response_b"]]

@@ -1,0 +1,49 @@
+"""Intervals and correlations for reported figures: pure functions of Python numbers (imports only math).
+
+Every rate the project reports (an accuracy, a win rate, a refusal rate) carries its n and a 95%
+interval; `wilson` is that interval for a share of n independent trials.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share ``successes / n`` (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n successes.
+    ``successes`` may be fractional (a tie counted as half). n = 0 gives (0, 1): nothing is known.
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson: need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's correlation of two equal-length sequences; NaN when either is constant or n < 2."""
+    if len(x) != len(y):
+        raise ValueError(f"pearson: {len(x)} x values but {len(y)} y values")
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return float("nan")
+    return sxy / math.sqrt(sxx * syy)
+
+
+def fmt_share(share: float, lo: float, hi: float, n: int) -> str:
+    """``62.0% [55.1, 68.4] (n=150)``: a share with its interval and n, in percent."""
+    return f"{share * 100:.1f}% [{lo * 100:.1f}, {hi * 100:.1f}] (n={n})"
