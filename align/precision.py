@@ -76,8 +76,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_bf16() -> tuple[bool, bool, str]:
-    """(CUDA available, bf16 supported on it, device name)."""
+    """(CUDA available, bf16 supported on it, device name); probed once per process."""
     import torch
 
     if not torch.cuda.is_available():
@@ -148,9 +149,14 @@ def slow_bf16_warning(precision: Precision) -> str:
             f"set precision=auto (fp32 here)")
 
 
+def cpu_line(hw: dict) -> str:
+    """``Intel(R) Xeon(R) Processor (AVX512; bf16 units: amx_bf16, avx512_bf16)`` from `hardware()`."""
+    units = ", ".join(hw["cpu_bf16_units"]) if isinstance(hw["cpu_bf16_units"], list) else "none"
+    return f"{hw['cpu']} ({hw['cpu_isa']}; bf16 units: {units})"
+
+
 def hardware_line(precision: Precision) -> str:
     """One line for benchmark output: the CPU (or GPU), its bf16 capability and the precision."""
     hw = hardware()
-    units = ", ".join(hw["cpu_bf16_units"]) if isinstance(hw["cpu_bf16_units"], list) else "none"
     gpu = f"; GPU {hw['gpu']} (bf16: {'yes' if hw['gpu_bf16'] else 'no'})" if "gpu" in hw else ""
-    return f"CPU {hw['cpu']} ({hw['cpu_isa']}; bf16 units: {units}){gpu}; {precision.line()}"
+    return f"CPU {cpu_line(hw)}{gpu}; {precision.line()}"

@@ -82,11 +82,6 @@ def matmul_flops(dtype, size: int = 2048, reps: int = 10) -> float:
     return 2 * size**3 / best
 
 
-def precision_cpu(hw: dict) -> str:
-    units = ", ".join(hw["cpu_bf16_units"]) if isinstance(hw["cpu_bf16_units"], list) else "no bf16 units"
-    return f"{hw['cpu']} ({hw['cpu_isa']}, {units})"
-
-
 def tree_cpu_seconds() -> float:
     """User + system CPU seconds of this process and its live children (the engine's processes)."""
     import psutil
@@ -151,7 +146,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from align.precision import hardware, hardware_line, resolve_precision
+    from align.precision import cpu_line, hardware, hardware_line, resolve_precision
 
     precision = resolve_precision(args.precision)
     args.dtype = precision.dtype
@@ -226,7 +221,7 @@ def main(argv=None):
     res["load_avg_1m_end"] = os.getloadavg()[0]
 
     rows = [
-        ("CPU", precision_cpu(res["hardware"])),
+        ("CPU", cpu_line(res["hardware"])),
         ("precision", precision.name),
         ("cores", f"{cores}"),
         (f"matmul {args.dtype} GFLOP/s", f"{res['matmul_flops'] / 1e9:.0f}"),

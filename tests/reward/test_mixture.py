@@ -57,3 +57,12 @@ def test_balance_length_evens_chosen_longer_and_shorter_per_source():
                      ("b", False, True): 2}
     assert out == [r for r in recs if r in out]  # order kept
     assert balance_length(recs, seed=0) == out
+
+
+def test_balance_length_balances_within_length_ratio_bins():
+    # chosen much longer (2x) in 10 pairs, slightly shorter (0.9x) in 10: no bin holds both, nothing survives
+    far = [{"source": "a", "chosen": "x" * 40, "rejected": "y" * 20}] * 10
+    near = [{"source": "a", "chosen": "x" * 18, "rejected": "y" * 20}] * 10
+    assert balance_length(far + near, seed=0) == []
+    both = far + near + [{"source": "a", "chosen": "x" * 20, "rejected": "y" * 40}] * 3
+    assert len(balance_length(both, seed=0)) == 6  # 3 + 3 in the 2x bin
