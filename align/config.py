@@ -136,7 +136,7 @@ class RewardConfig:
     secondary: tuple[DatasetSpec, ...] = option(factory=tuple, help="data mixed in (the recipe: the other category)")
     secondary_share: float = option(0.5, help="share of the training mixture drawn from secondary (recipe: 0.5 helpfulness, 0.1 safety)")
     test_size: int = option(100, help="pairs held out per source for evaluation, whole prompts at a time (fixed by seed; no test prompt is trained on)")
-    balance_length: bool = option(False, help="train on as many pairs whose chosen answer is shorter as longer, per source (the surplus is dropped): length alone cannot lower the loss")
+    balance_length: bool = option(False, help="train on as many pairs whose chosen answer is shorter as longer, per source and bin of the length ratio (the surplus is dropped): length alone cannot lower the loss")
     margin: Literal["none", "small", "large", "custom"] = option("small", help="margin table m(rating): recipe Table 27")
     margin_table: tuple[float, ...] = option(factory=tuple, help="custom margins, strongest rating first (margin: custom)")
     safety_aux_weight: float = option(0.0, help="weight of the safety auxiliary loss on per-response safety labels (0 = off)")
