@@ -136,6 +136,7 @@ class RewardConfig:
     secondary: tuple[DatasetSpec, ...] = option(factory=tuple, help="data mixed in (the recipe: the other category)")
     secondary_share: float = option(0.5, help="share of the training mixture drawn from secondary (recipe: 0.5 helpfulness, 0.1 safety)")
     test_size: int = option(100, help="pairs held out per source for evaluation, whole prompts at a time (fixed by seed; no test prompt is trained on)")
+    test_pairs_per_prompt: int = option(0, help="at most this many test pairs per held-out prompt, its other pairs used nowhere: a test set over more prompts (0 = all its pairs)")
     balance_length: bool = option(False, help="train on as many pairs whose chosen answer is shorter as longer, per source and bin of the length ratio (the surplus is dropped): length alone cannot lower the loss")
     margin: Literal["none", "small", "large", "custom"] = option("small", help="margin table m(rating): recipe Table 27")
     margin_table: tuple[float, ...] = option(factory=tuple, help="custom margins, strongest rating first (margin: custom)")
@@ -156,6 +157,7 @@ class RewardConfig:
         check(self.margin != "custom" or len(self.margin_table) == 4, "margin_table", self.margin_table,
               "margin: custom needs 4 margins, strongest rating first, e.g. [3, 2, 1, 0]")
         check(self.test_size >= 0, "test_size", self.test_size, "must be >= 0")
+        check(self.test_pairs_per_prompt >= 0, "test_pairs_per_prompt", self.test_pairs_per_prompt, "must be >= 0 (0 = all)")
         check(len(self.primary) > 0, "primary", self.primary, "list at least one preference dataset")
 
 

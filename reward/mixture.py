@@ -18,19 +18,23 @@ def prompt_key(record: dict) -> str:
     return json.dumps(record["prompt"], sort_keys=True, ensure_ascii=False)
 
 
-def holdout(records: Sequence[dict], test_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+def holdout(records: Sequence[dict], test_size: int, seed: int, per_prompt: int = 0) -> tuple[list[dict], list[dict]]:
     """Split off about `test_size` records per `source` as a fixed test set, by prompt; returns (train, test).
 
-    Whole prompts go to the test set (every pair of a drawn prompt, until the source has `test_size`
-    pairs: the last prompt drawn may take it a little over), so no test prompt is trained on; in the
-    AlpacaEval pairs one instruction has ~33 pairs. A source with fewer than 2 * test_size records
-    gives at most half of them to the test set, so none is trained on in full while reported on empty.
+    Whole prompts go to the test set (the pairs of a drawn prompt, until the source has `test_size`
+    pairs: the last prompt drawn may take it a little over), so no test prompt is trained on. With
+    ``per_prompt`` > 0 a drawn prompt puts at most that many of its pairs in the test set and the rest
+    in neither set: the test set then spans more prompts (one AlpacaEval instruction has ~33 pairs, so
+    120 test pairs would otherwise come from ~4 instructions). A source with fewer than 2 * test_size
+    records gives at most half of them to the test set, so none is trained on in full while reported
+    on empty.
     """
     by_source: dict[str, dict[str, list[int]]] = defaultdict(dict)
     for i, r in enumerate(records):
         by_source[r["source"]].setdefault(prompt_key(r), []).append(i)
     rng = random.Random(seed)
     test_idx: set[int] = set()
+    held: set[int] = set()  # every pair of a test prompt
     for source in sorted(by_source):
         groups = list(by_source[source].values())  # first-appearance order, then shuffled by the seed
         rng.shuffle(groups)
@@ -39,11 +43,13 @@ def holdout(records: Sequence[dict], test_size: int, seed: int) -> tuple[list[di
         for g in groups:
             if taken >= cap:
                 break
-            if taken + len(g) > 2 * cap and taken > 0:
+            pick = rng.sample(g, per_prompt) if 0 < per_prompt < len(g) else g
+            if taken + len(pick) > 2 * cap and taken > 0:
                 continue  # a prompt with many pairs would overshoot by far: draw the next
-            test_idx.update(g)
-            taken += len(g)
-    train = [r for i, r in enumerate(records) if i not in test_idx]
+            test_idx.update(pick)
+            held.update(g)
+            taken += len(pick)
+    train = [r for i, r in enumerate(records) if i not in held]
     test = [r for i, r in enumerate(records) if i in test_idx]
     return train, test
 

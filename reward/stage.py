@@ -36,8 +36,8 @@ def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[d
         primary += [r for r in rows if r["category"] == cfg.category]
         secondary += [r for r in rows if r["category"] != cfg.category]
         p_reports += reports
-    p_train, p_test = holdout(primary, cfg.test_size, seed)
-    s_train, s_test = holdout(secondary, cfg.test_size, seed)
+    p_train, p_test = holdout(primary, cfg.test_size, seed, cfg.test_pairs_per_prompt)
+    s_train, s_test = holdout(secondary, cfg.test_size, seed, cfg.test_pairs_per_prompt)
     p_train, s_train = drop_prompts(p_train, p_test + s_test), drop_prompts(s_train, p_test + s_test)
     if cfg.balance_length:
         p_train, s_train = balance_length(p_train, seed), balance_length(s_train, seed)

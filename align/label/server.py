@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
@@ -146,6 +147,14 @@ def create_app(store: LabelStore) -> FastAPI:
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError):
         return JSONResponse({"detail": str(exc)}, status_code=STATUS.get(type(exc), 400))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes the bad input, which may be a non-finite float (1e400 parses as
+        # inf) that JSON cannot hold: it answered 500. The location and message say enough.
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     def me(request: Request) -> LabelerInfo:
         return request.state.labeler

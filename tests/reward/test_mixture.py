@@ -66,3 +66,11 @@ def test_balance_length_balances_within_length_ratio_bins():
     assert balance_length(far + near, seed=0) == []
     both = far + near + [{"source": "a", "chosen": "x" * 20, "rejected": "y" * 40}] * 3
     assert len(balance_length(both, seed=0)) == 6  # 3 + 3 in the 2x bin
+
+
+def test_holdout_per_prompt_spreads_the_test_set_over_more_prompts():
+    recs = _recs("a", 120, per_prompt=6)  # 20 prompts of 6 pairs
+    train, test = holdout(recs, 20, seed=0, per_prompt=2)
+    assert len(test) == 20 and len({prompt_key(r) for r in test}) == 10
+    assert len(train) == 120 - 10 * 6  # a test prompt's other pairs are used nowhere
+    assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in test}

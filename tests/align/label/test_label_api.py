@@ -2,6 +2,8 @@
 idempotent resubmission and per-labeler isolation (in process, through Starlette's TestClient)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 PAIR = {"prompt": [{"role": "user", "content": "What is a kite?"}],
@@ -172,3 +174,23 @@ def test_labelers_see_only_their_own_work(client, tokens, h):
     assert client.get("/api/labels", headers=bob).json()["labels"] == []
     assert {x["labeler"] for x in client.get("/api/labels", headers=ann).json()["labels"]} == {"ann"}
     assert client.get("/api/progress", headers=bob).json() == {"labeled": 0, "assigned": 2, "available": 0}
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"NaN", b"Infinity"])
+def test_non_finite_numbers_in_any_body_are_422_and_write_nothing(client, tokens, h, db, number):
+    """JSON numbers that parse to inf or NaN: FastAPI's default handler echoed them and failed with 500."""
+    _round(client, h, tokens)
+    ann, root = h.auth(tokens["ann"]), h.auth(tokens["root"])
+    client.get("/api/pairs/next", headers=ann)
+    before = h.counts(db)
+    pair = json.dumps(PAIR).encode()
+    bodies = [("/api/labels", ann, b'{"pair_id": %s, "choice": "skip"}' % number),
+              ("/api/labels", ann, b'{"pair_id": 1, "choice": "a", "rating": %s, "a_safe": true, "b_safe": true}' % number),
+              ("/api/admin/rounds", root, b'{"pairs": [%s], "labels_per_pair": %s}' % (pair, number)),
+              ("/api/admin/rounds", root, b'{"pairs": [%s], "round": %s}' % (pair, number)),
+              ("/api/admin/labelers", root, b'{"name": %s}' % number)]
+    for path, auth, body in bodies:
+        res = client.post(path, headers={**auth, "Content-Type": "application/json"}, content=body)
+        assert res.status_code == 422, (path, body, res.status_code, res.text)
+        assert res.json()["detail"][0]["loc"]  # says where
+    assert h.counts(db) == before
