@@ -110,6 +110,22 @@ def test_yaml_errors_are_config_errors(tmp_path):
         load_config(lst)
 
 
+def test_a_key_given_twice_names_the_key_and_both_lines(tmp_path):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("seed: 0\nsft:\n  train:\n    lr: 1.0e-5\n    epochs: 1\n    lr: 2.0e-5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'lr' is given twice in one section, at lines 4 and 6"):
+        load_config(cfg)
+    top = tmp_path / "top.yaml"
+    top.write_text("seed: 0\nseed: 1\n")
+    with pytest.raises(ConfigError, match="key 'seed' is given twice.*lines 1 and 2"):
+        load_config(top)
+    ok = tmp_path / "ok.yaml"  # the same key in two sections is fine
+    ok.write_text("rm_helpful:\n  max_length: 256\nrm_safety:\n  max_length: 256\n")
+    from align.configlib import read_yaml
+
+    assert read_yaml(ok) == {"rm_helpful": {"max_length": 256}, "rm_safety": {"max_length": 256}}
+
+
 def test_every_key_has_help():
     for line in help_lines(PipelineConfig):
         assert line.split("#", 1)[1].strip(), f"no help text: {line}"
