@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -221,6 +222,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                break  # the base constructor reports it ("found unhashable key"), a YAMLError
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise _DuplicateKey(key, seen[key], line)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from align.errors import AlignError
+from align.io import read_json, write_json_atomic
 
 ADAPTER_SUBDIR = "adapter"
 SCORER_FILE = "scorer.json"
@@ -347,7 +347,7 @@ class ScorerSettings:
 
     def save(self, model_dir: str | Path) -> Path:
         path = Path(model_dir) / SCORER_FILE
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        write_json_atomic(path, asdict(self))
         return path
 
     @classmethod
@@ -357,8 +357,7 @@ class ScorerSettings:
         if not path.is_file():
             return None
         try:
-            raw = json.loads(path.read_text())
-            return cls(**raw)
+            return cls(**read_json(path))
         except (ValueError, TypeError, AlignError) as e:
             raise AlignError(f"{path}: not a scorer settings file ({e}); delete it to score with the defaults, "
                              f"or retrain the reward model") from e

@@ -119,6 +119,10 @@ def test_a_key_given_twice_names_the_key_and_both_lines(tmp_path):
     top.write_text("seed: 0\nseed: 1\n")
     with pytest.raises(ConfigError, match="key 'seed' is given twice.*lines 1 and 2"):
         load_config(top)
+    unhashable = tmp_path / "unhashable.yaml"  # still a YAML error, as before the duplicate check
+    unhashable.write_text("seed: 0\n? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="(?s)not valid YAML.*found unhashable key"):
+        load_config(unhashable)
     ok = tmp_path / "ok.yaml"  # the same key in two sections is fine
     ok.write_text("rm_helpful:\n  max_length: 256\nrm_safety:\n  max_length: 256\n")
     from align.configlib import read_yaml
