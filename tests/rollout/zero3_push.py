@@ -70,10 +70,12 @@ def main(out: str) -> None:
                     results.append(f"{name}_match")
                 except AssertionError as e:
                     print(f"{name} mismatch:", e, flush=True)
-        dist.barrier()
     finally:
         if engine is not None:
             engine.close()
+    # ranks leave together, after rank 0's engine has shut down: a rank that tore down its gloo group
+    # while the other still had work in flight aborted ("terminate called without an active exception")
+    dist.barrier()
     if rank == 0:
         Path(out).write_text(" ".join(results) + "\n")
     dist.destroy_process_group()
