@@ -388,6 +388,7 @@ class DataConfig:
 STAGE_KINDS = {"sft": "sft", "rm_helpful": "reward", "rm_safety": "reward",
                "rejection_sampling": "rejection", "ppo": "ppo", "gatt": "gatt", "eval": "eval", "label": "label"}
 POLICY_KINDS = ("sft", "rejection", "ppo", "gatt")  # stages whose output is a policy checkpoint
+ENGINE_KINDS = ("rejection", "ppo", "gatt", "eval", "label")  # stages that generate with the rollout engine
 
 
 # The preference-labeling round (Llama 2 sec. 3.2.1); used by align/label/.
@@ -494,16 +495,17 @@ class PipelineConfig:
         return getattr(self, name)
 
     def stage_hash(self, name: str) -> str:
-        """Hash of what a stage's result depends on in the config (its section, model, seed, resolved
-        precision, data_dir)."""
+        """Hash of what a stage's result depends on in the config: its section, model, seed, resolved
+        precision, data_dir, and the rollout engine's settings only for stages that generate."""
         payload = {
             "stage": to_dict(self.stage(name)),
             "model": to_dict(self.model),
             "seed": self.seed,
             "precision": self.compute.name,
             "data_dir": self.data_dir,
-            "rollout": to_dict(self.rollout),
         }
+        if STAGE_KINDS[name] in ENGINE_KINDS:
+            payload["rollout"] = to_dict(self.rollout)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

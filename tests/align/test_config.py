@@ -97,6 +97,13 @@ def test_stage_hash_changes_with_its_section_only():
     assert a.stage_hash("sft") == c.stage_hash("sft")
 
 
+def test_engine_settings_rerun_only_the_stages_that_generate():
+    path = ROOT / "configs" / "default.yaml"
+    a, b = load_config(path), load_config(path, ["rollout.kv_cache_gib=3"])
+    changed = {name for name in a.stages if a.stage_hash(name) != b.stage_hash(name)}
+    assert changed == {"rejection_sampling", "ppo", "gatt", "eval"}
+
+
 def test_yaml_errors_are_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [sft\n")
