@@ -121,10 +121,13 @@ class SFTConfig:
     datasets: tuple[DatasetSpec, ...] = option(factory=tuple, help="conversation datasets (alpaca, oasst, synthetic_sft)")
     max_length: int = option(512, help="tokens per (packed) sequence; longer conversations are truncated at a turn boundary")
     packing: bool = option(True, help="pack several conversations into one sequence (attention kept within each)")
+    test_size: int = option(0, help="whole conversations held out (by seed); their answer loss is measured before "
+                                    "and after training, with a 95% interval (0 = none)")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=2e-5, epochs=2.0), help="optimisation")
 
     def __post_init__(self):
         check(self.max_length >= 16, "max_length", self.max_length, "must be >= 16 tokens")
+        check(self.test_size >= 0, "test_size", self.test_size, "must be >= 0 (0 = no held-out conversations)")
         check(len(self.datasets) > 0, "datasets", self.datasets, "list at least one conversation dataset")
 
 

@@ -39,6 +39,42 @@ def tokenize_conversations(tokenizer, records: list[dict], max_length: int):
     return Dataset.from_list(rows), stats
 
 
+def split_heldout(records: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, test)``: ``n`` whole conversations drawn by ``seed`` are held out, the rest trained on."""
+    import random
+
+    if n <= 0:
+        return records, []
+    if n >= len(records):
+        raise AlignError(f"sft.test_size={n} holds out every one of the {len(records)} conversations: "
+                         "lower test_size or add data")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    test = set(order[:n])
+    return [r for i, r in enumerate(records) if i not in test], [records[i] for i in sorted(test)]
+
+
+def answer_losses(model_dir: Path, dtype: str, rows) -> list[float]:
+    """Each tokenised conversation's mean next-token loss over its trained (answer) tokens, in fp32.
+
+    Only the trained positions go through the LM head, so a 49k-token vocabulary costs little."""
+    import torch
+
+    from align.models import load_causal_lm
+
+    model = load_causal_lm(model_dir, dtype).eval()
+    losses = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]])
+            targets = torch.tensor(row["assistant_masks"][1:], dtype=torch.bool)
+            hidden = model.model(input_ids=ids).last_hidden_state[0, :-1][targets]
+            logits = model.lm_head(hidden).float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:][targets])
+            losses.append(float(nll))
+    return losses
+
+
 def latest_checkpoint(directory: Path) -> str | None:
     """The newest complete Trainer checkpoint (one with its trainer state written last)."""
     if not directory.is_dir():
@@ -324,10 +360,33 @@ def run_sft(ctx) -> dict:
     tokenizer = load_tokenizer(ctx.init_model_dir)
     records, reports = load_datasets(cfg.datasets, "conversation", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows,
                                      ctx.cfg.seed)
-    dataset, stats = tokenize_conversations(tokenizer, list(records), cfg.max_length)
+    train_records, test_records = split_heldout(list(records), cfg.test_size, ctx.cfg.seed)
+    dataset, stats = tokenize_conversations(tokenizer, train_records, cfg.max_length)
     if ctx.is_main:
         print(f"[align] {ctx.name}: {stats['data/conversations']} conversations, {stats['data/tokens']} tokens "
-              f"({stats['data/answer_tokens']} trained), {stats['data/dropped_too_long']} too long", flush=True)
+              f"({stats['data/answer_tokens']} trained), {stats['data/dropped_too_long']} too long"
+              f"{f', {len(test_records)} held out' if test_records else ''}", flush=True)
+    test_rows = tokenize_conversations(tokenizer, test_records, cfg.max_length)[0] if test_records else []
+    before = answer_losses(ctx.init_model_dir, ctx.cfg.compute.dtype, test_rows) if ctx.is_main else []
     summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, cfg.packing)
     skipped = sum(sum(r.skipped.values()) for r in reports)
-    return {**stats, "data/bad_rows_skipped": skipped, **summary}
+    return {**stats, "data/bad_rows_skipped": skipped, **summary, **_heldout_summary(ctx, before, test_rows)}
+
+
+def _heldout_summary(ctx, before: list[float], test_rows) -> dict:
+    """The held-out answer loss before and after training, and its change with a 95% interval."""
+    if not before:
+        return {}
+    from align.stats import bootstrap_mean, fmt_change, paired_change
+
+    after = answer_losses(ctx.out_dir / "model", ctx.cfg.compute.dtype, test_rows)
+    change = paired_change(before, after, seed=ctx.cfg.seed)
+    print(f"[align] {ctx.name}: held-out answer loss {sum(before) / len(before):.3f} -> "
+          f"{sum(after) / len(after):.3f}, change {fmt_change(change)}", flush=True)
+    out = {"heldout/n": len(before), "heldout/loss_change": change["change"],
+           "heldout/loss_change_lo": change["lo"], "heldout/loss_change_hi": change["hi"],
+           "heldout/within_noise": change["within_noise"]}
+    for name, values in (("before", before), ("after", after)):
+        mean, lo, hi = bootstrap_mean(values, seed=ctx.cfg.seed)
+        out.update({f"heldout/loss_{name}": mean, f"heldout/loss_{name}_lo": lo, f"heldout/loss_{name}_hi": hi})
+    return out

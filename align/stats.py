@@ -1,11 +1,14 @@
 """Intervals and correlations for reported figures: pure functions of Python numbers (imports only math).
 
 Every rate the project reports (an accuracy, a win rate, a refusal rate) carries its n and a 95%
-interval; `wilson` is that interval for a share of n independent trials.
+interval; `wilson` is that interval for a share of n independent trials, `bootstrap_mean` the
+percentile-bootstrap interval of a mean, and `paired_change` the interval of a before/after change
+measured on the same items (a change whose interval holds 0 is within noise).
 """
 from __future__ import annotations
 
 import math
+import random
 from typing import Sequence
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -47,3 +50,39 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def fmt_share(share: float, lo: float, hi: float, n: int) -> str:
     """``62.0% [55.1, 68.4] (n=150)``: a share with its interval and n, in percent."""
     return f"{share * 100:.1f}% [{lo * 100:.1f}, {hi * 100:.1f}] (n={n})"
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated ``q`` quantile (0..1) of an ascending list."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean of ``values`` and its 95% percentile-bootstrap interval (items resampled
+    with replacement, ``n_boot`` times, seeded). One value gives a zero-width interval; none is an error."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("bootstrap_mean: no values")
+    mean = sum(values) / n
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return mean, _percentile(means, 0.025), _percentile(means, 0.975)
+
+
+def paired_change(before: Sequence[float], after: Sequence[float], n_boot: int = 2000,
+                  seed: int = 0) -> dict:
+    """The mean change ``after - before`` over the same items, its 95% bootstrap interval, n, and whether
+    the interval holds 0 (``within_noise``)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired_change: {len(before)} values before but {len(after)} after")
+    change, lo, hi = bootstrap_mean([a - b for a, b in zip(after, before)], n_boot, seed)
+    return {"change": change, "lo": lo, "hi": hi, "n": len(before), "within_noise": lo <= 0.0 <= hi}
+
+
+def fmt_change(c: dict, digits: int = 3) -> str:
+    """``-0.112 [-0.150, -0.071] (n=40)``, with ``, within noise`` where the interval holds 0."""
+    text = f"{c['change']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}] (n={c['n']})"
+    return text + (", within noise" if c["within_noise"] else "")

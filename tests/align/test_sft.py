@@ -81,11 +81,16 @@ def test_tiny_sft_run_learns_and_saves_a_loadable_checkpoint(tmp_path, tiny_dir)
 
     from align.pipeline import run_pipeline
 
-    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=12"])
+    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=12",
+                             "sft.test_size=8"])
     (m,) = run_pipeline(cfg)
     s = m["summary"]
     assert m["status"] == "done" and s["train/steps"] == 12
     assert s["train/loss_last"] < s["train/loss_first"] - 0.5
+    # the 8 held-out conversations' answer loss fell beyond its 95% interval
+    assert s["heldout/n"] == 8 and s["data/conversations"] == 40
+    assert s["heldout/loss_change_hi"] < 0 and not s["heldout/within_noise"]
+    assert s["heldout/loss_after"] < s["heldout/loss_before"]
     out = Path(cfg.run_dir) / "sft" / "model"
     before, after = _weights(tiny_dir), _weights(out)
     moved = [k for k in before if not torch.equal(before[k], after[k])]
@@ -287,3 +292,27 @@ def test_trained_token_loss_is_cross_entropy_over_the_trained_tokens():
     # under gradient accumulation the sum is divided by the step's trained tokens
     loss12, *_ = trained_token_loss(logits, labels, num_items=12)
     assert float(loss12) == pytest.approx(float(ref) / 2, rel=1e-6)
+
+
+def test_heldout_split_and_answer_losses(tiny_dir, tiny_tok):
+    from align.errors import AlignError
+    from align.models import load_causal_lm
+    from align.sft import answer_losses, split_heldout, tokenize_conversations
+
+    records = [{"messages": c, "i": i} for i, c in enumerate(CHATS * 3)]
+    train, test = split_heldout(records, 2, seed=0)
+    assert len(test) == 2 and len(train) == len(records) - 2
+    assert {r["i"] for r in train}.isdisjoint(r["i"] for r in test)
+    assert split_heldout(records, 2, seed=0) == (train, test)
+    with pytest.raises(AlignError, match="test_size"):
+        split_heldout(records, len(records), seed=0)
+    # the loss over answer tokens only equals the full-vocabulary cross entropy at the trained positions
+    dataset, _ = tokenize_conversations(tiny_tok, test, 512)
+    model = load_causal_lm(tiny_dir, "float32").eval()
+    for row, loss in zip(dataset, answer_losses(tiny_dir, "float32", dataset)):
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        keep = torch.tensor(row["assistant_masks"][1:], dtype=torch.bool)
+        expected = torch.nn.functional.cross_entropy(logits[keep], ids[0, 1:][keep])
+        assert loss == pytest.approx(float(expected), rel=1e-5)

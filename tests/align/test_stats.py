@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from align.stats import fmt_share, pearson, wilson
+from align.stats import bootstrap_mean, fmt_change, fmt_share, paired_change, pearson, wilson
 
 
 def test_wilson_known_values():
@@ -23,3 +23,32 @@ def test_pearson():
 
 def test_fmt_share():
     assert fmt_share(0.62, 0.551, 0.684, 150) == "62.0% [55.1, 68.4] (n=150)"
+
+
+def test_bootstrap_mean_of_a_constant_has_no_width():
+    assert bootstrap_mean([2.5] * 7) == (2.5, 2.5, 2.5)
+
+
+def test_bootstrap_mean_matches_the_normal_interval_of_a_fair_share():
+    # 50 zeros and 50 ones: mean 0.5, standard error sqrt(0.25 / 100) = 0.05, normal 95% interval 0.402..0.598
+    mean, lo, hi = bootstrap_mean([0.0] * 50 + [1.0] * 50, n_boot=4000)
+    assert mean == 0.5
+    assert lo == pytest.approx(0.402, abs=0.02) and hi == pytest.approx(0.598, abs=0.02)
+
+
+def test_bootstrap_mean_is_seeded_and_refuses_nothing():
+    assert bootstrap_mean([1.0, 3.0, 8.0], seed=3) == bootstrap_mean([1.0, 3.0, 8.0], seed=3)
+    with pytest.raises(ValueError):
+        bootstrap_mean([])
+
+
+def test_paired_change_outside_and_inside_noise():
+    before = [1.0, 2.0, 3.0, 4.0]
+    fell = paired_change(before, [b - 0.5 for b in before])
+    assert (fell["change"], fell["lo"], fell["hi"], fell["n"]) == (-0.5, -0.5, -0.5, 4)
+    assert not fell["within_noise"] and fmt_change(fell) == "-0.500 [-0.500, -0.500] (n=4)"
+    mixed = paired_change(before, [2.0, 1.0, 4.0, 3.0])  # changes +1, -1, +1, -1: mean 0
+    assert mixed["change"] == 0.0 and mixed["lo"] < 0 < mixed["hi"] and mixed["within_noise"]
+    assert fmt_change(mixed).endswith(", within noise")
+    with pytest.raises(ValueError):
+        paired_change([1.0], [1.0, 2.0])
