@@ -38,8 +38,27 @@ def policy_checkpoints(cfg, run_dir: Path, upto: str | None) -> list[tuple[str, 
 
 def win_rate(scores, ref) -> float:
     """Share of prompts where `scores` beats `ref` (ties count half)."""
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref))
-    return wins / max(len(ref), 1)
+    from align.stats import win_outcomes
+
+    outcomes = win_outcomes(scores, ref)
+    return sum(outcomes) / max(len(outcomes), 1)
+
+
+def compare(scores, ref, lengths, ref_lengths, seed: int) -> dict:
+    """One checkpoint against the reference under one RM: the raw and the length-controlled win rate
+    (`align.stats.length_controlled_win_rate`, lengths in characters), each with a 95% bootstrap interval
+    over prompts, and the mean score with its interval."""
+    from align.stats import bootstrap_mean, bootstrap_stat, length_controlled_win_rate, win_outcomes
+
+    outcomes = win_outcomes(scores, ref)
+    diffs = [a - b for a, b in zip(lengths, ref_lengths)]
+    win, win_lo, win_hi = bootstrap_mean(outcomes, seed=seed)
+    lc = length_controlled_win_rate(outcomes, diffs)
+    lc_lo, lc_hi = bootstrap_stat(len(outcomes), lambda idx: length_controlled_win_rate(
+        [outcomes[i] for i in idx], [diffs[i] for i in idx]), n_boot=300, seed=seed)
+    mean, mean_lo, mean_hi = bootstrap_mean(list(scores), seed=seed)
+    return {"win": win, "win_lo": win_lo, "win_hi": win_hi, "lc_win": lc, "lc_win_lo": lc_lo, "lc_win_hi": lc_hi,
+            "mean": mean, "mean_lo": mean_lo, "mean_hi": mean_hi}
 
 
 def _load_prompts(cfg, specs, n: int, seed: int) -> list[dict]:
@@ -72,6 +91,7 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
 
     from align.models import load_causal_lm
     from align.refusal import agreement, is_refusal
+    from align.stats import wilson
     from reward.model import RewardScorer
     from rollout import SamplingParams, make_engine
 
@@ -108,22 +128,28 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
         refused = [is_refusal(t) for t in xs_text]
         unsafe = [r for r, x in zip(refused, xs) if x["source"] == "xstest:unsafe"]
         safe = [r for r, x in zip(refused, xs) if x["source"] == "xstest:safe"]
-        per[name] = {"helpful": h, "safety": s,
-                     "refusal_unsafe": sum(unsafe) / len(unsafe) if unsafe else float("nan"),
-                     "over_refusal_safe": sum(safe) / len(safe) if safe else float("nan"),
-                     "length": sum(len(t) for t in texts) / max(n, 1)}
+        per[name] = {"helpful": h, "safety": s, "refused_unsafe": unsafe, "refused_safe": safe,
+                     "lengths": [len(t) for t in texts]}
     ref = per[ecfg.reference]
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"eval/n_prompts": n, "eval/n_xstest": len(xs)}
     for name in names:
         p = per[name]
-        metrics[f"eval/{name}/helpful_mean"] = sum(p["helpful"]) / n
-        metrics[f"eval/{name}/safety_mean"] = sum(p["safety"]) / n
-        metrics[f"eval/{name}/winrate_helpful_vs_{ecfg.reference}"] = win_rate(p["helpful"], ref["helpful"])
-        metrics[f"eval/{name}/winrate_safety_vs_{ecfg.reference}"] = win_rate(p["safety"], ref["safety"])
+        for rm in ("helpful", "safety"):
+            c = compare(p[rm], ref[rm], p["lengths"], ref["lengths"], seed)
+            vs = f"vs_{ecfg.reference}"
+            metrics.update({f"eval/{name}/{rm}_mean": c["mean"], f"eval/{name}/{rm}_mean_lo": c["mean_lo"],
+                            f"eval/{name}/{rm}_mean_hi": c["mean_hi"],
+                            f"eval/{name}/winrate_{rm}_{vs}": c["win"], f"eval/{name}/winrate_{rm}_{vs}_lo": c["win_lo"],
+                            f"eval/{name}/winrate_{rm}_{vs}_hi": c["win_hi"],
+                            f"eval/{name}/lc_winrate_{rm}_{vs}": c["lc_win"],
+                            f"eval/{name}/lc_winrate_{rm}_{vs}_lo": c["lc_win_lo"],
+                            f"eval/{name}/lc_winrate_{rm}_{vs}_hi": c["lc_win_hi"]})
         if xs:
-            metrics[f"eval/{name}/xstest_refusal_unsafe"] = p["refusal_unsafe"]
-            metrics[f"eval/{name}/xstest_over_refusal_safe"] = p["over_refusal_safe"]
-        metrics[f"eval/{name}/answer_chars"] = p["length"]
+            for key, hits in (("xstest_refusal_unsafe", p["refused_unsafe"]), ("xstest_over_refusal_safe", p["refused_safe"])):
+                lo, hi = wilson(sum(hits), len(hits))
+                metrics.update({f"eval/{name}/{key}": sum(hits) / len(hits) if hits else float("nan"),
+                                f"eval/{name}/{key}_lo": lo, f"eval/{name}/{key}_hi": hi})
+        metrics[f"eval/{name}/answer_chars"] = sum(p["lengths"]) / max(n, 1)
     metrics.update(agreement())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "eval.json", {"metrics": metrics, "checkpoints": {k: str(v) for k, v in checkpoints},
@@ -137,16 +163,30 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
 
 
 def markdown_table(names, per, metrics, reference, has_xs, n, n_xs) -> str:
+    """Each checkpoint's mean RM scores and win rates against `reference`, raw and length-controlled, each
+    with its 95% interval; XSTest refusal rates with Wilson intervals."""
+    def cell(key: str, pct: bool = True) -> str:
+        v, lo, hi = metrics[key], metrics[key + "_lo"], metrics[key + "_hi"]
+        return f"{v * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}]" if pct else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
     ag = metrics["refusal/detector_accuracy"]
+    vs = f"vs_{reference}"
     lines = [f"# Checkpoints on the same {n} held-out prompts" + (f" and {n_xs} XSTest prompts" if has_xs else ""), "",
-             f"| checkpoint | helpful RM (mean σ) | safety RM (mean σ) | win vs {reference}, helpful | win vs {reference}, safety |"
-             + (" XSTest unsafe refused | XSTest safe refused |" if has_xs else ""),
-             "|---|---|---|---|---|" + ("---|---|" if has_xs else "")]
+             f"Every figure with its 95% interval (bootstrap over the {n} prompts; Wilson for XSTest rates). "
+             f"Win rates are against {reference} (ties count half); length-controlled (LC) win rates are read off a "
+             "logistic regression of the outcome on the answer-length difference at equal length (AlpacaEval 2.0's "
+             "control), so a checkpoint that only wrote more does not look better.", "",
+             f"| checkpoint | helpful RM (mean σ) | safety RM (mean σ) | win vs {reference}, helpful | LC win, helpful "
+             f"| win vs {reference}, safety | LC win, safety | answer chars |"
+             + (f" XSTest unsafe refused | XSTest safe refused |" if has_xs else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_xs else "")]
     for name in names:
-        row = (f"| {name} | {metrics[f'eval/{name}/helpful_mean']:.3f} | {metrics[f'eval/{name}/safety_mean']:.3f} | "
-               f"{metrics[f'eval/{name}/winrate_helpful_vs_{reference}']:.2f} | {metrics[f'eval/{name}/winrate_safety_vs_{reference}']:.2f} |")
+        row = (f"| {name} | {cell(f'eval/{name}/helpful_mean', False)} | {cell(f'eval/{name}/safety_mean', False)} | "
+               f"{cell(f'eval/{name}/winrate_helpful_{vs}')} | {cell(f'eval/{name}/lc_winrate_helpful_{vs}')} | "
+               f"{cell(f'eval/{name}/winrate_safety_{vs}')} | {cell(f'eval/{name}/lc_winrate_safety_{vs}')} | "
+               f"{metrics[f'eval/{name}/answer_chars']:.0f} |")
         if has_xs:
-            row += f" {per[name]['refusal_unsafe']:.2f} | {per[name]['over_refusal_safe']:.2f} |"
+            row += f" {cell(f'eval/{name}/xstest_refusal_unsafe')} | {cell(f'eval/{name}/xstest_over_refusal_safe')} |"
         lines.append(row)
     lines += ["", f"Refusals are detected by string patterns (align/refusal.py, as the XSTest authors did); on "
               f"{int(metrics['refusal/detector_examples'])} hand-checked responses the detector agrees with the hand "

@@ -86,3 +86,62 @@ def fmt_change(c: dict, digits: int = 3) -> str:
     """``-0.112 [-0.150, -0.071] (n=40)``, with ``, within noise`` where the interval holds 0."""
     text = f"{c['change']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}] (n={c['n']})"
     return text + (", within noise" if c["within_noise"] else "")
+
+
+def _logistic_fit(x: Sequence[float], y: Sequence[float], l2: float = 1e-3, steps: int = 50) -> tuple[float, float]:
+    """``(a, b)`` of P(y) = sigmoid(a + b x) fitted to soft labels ``y`` in [0, 1] by Newton's method, with a
+    small L2 penalty on ``b`` so that a separable sample still has an answer."""
+    a = b = 0.0
+    for _ in range(steps):
+        ga, gb, haa, hab, hbb = 0.0, -l2 * b, 0.0, 0.0, l2
+        for xi, yi in zip(x, y):
+            p = 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, a + b * xi))))
+            w = p * (1 - p)
+            ga += yi - p
+            gb += (yi - p) * xi
+            haa += w
+            hab += w * xi
+            hbb += w * xi * xi
+        det = haa * hbb - hab * hab
+        if det <= 1e-12:
+            break
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        a, b = a + da, b + db
+        if abs(da) + abs(db) < 1e-10:
+            break
+    return a, b
+
+
+def length_controlled_win_rate(outcomes: Sequence[float], length_diff: Sequence[float]) -> float:
+    """The win rate a policy would have at equal answer length, as AlpacaEval 2.0 controls for length.
+
+    ``outcomes`` are per-prompt results against the reference (1 win, 0.5 tie, 0 loss); ``length_diff``
+    the policy's answer length minus the reference's. A logistic regression of the outcome on
+    ``tanh(length_diff / std)`` is read off at a length difference of 0. A policy that wins only where
+    it wrote more gets a low rate, however high its raw rate."""
+    if len(outcomes) != len(length_diff):
+        raise ValueError(f"length_controlled_win_rate: {len(outcomes)} outcomes but {len(length_diff)} lengths")
+    if not outcomes:
+        raise ValueError("length_controlled_win_rate: no outcomes")
+    n = len(length_diff)
+    mean = sum(length_diff) / n
+    std = math.sqrt(sum((d - mean) ** 2 for d in length_diff) / n)
+    x = [math.tanh(d / std) if std > 0 else 0.0 for d in length_diff]
+    a, _ = _logistic_fit(x, outcomes)
+    return 1.0 / (1.0 + math.exp(-a))
+
+
+def win_outcomes(scores: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """Per-item result of ``scores`` against ``reference``: 1 win, 0.5 tie, 0 loss."""
+    if len(scores) != len(reference):
+        raise ValueError(f"win_outcomes: {len(scores)} scores but {len(reference)} reference scores")
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, reference)]
+
+
+def bootstrap_stat(n: int, statistic, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of ``statistic(indices)`` over ``n`` items resampled with replacement."""
+    if n == 0:
+        raise ValueError("bootstrap_stat: no items")
+    rng = random.Random(seed)
+    values = sorted(statistic([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
+    return _percentile(values, 0.025), _percentile(values, 0.975)

@@ -33,6 +33,13 @@ def test_align_eval_on_a_tiny_run(tmp_path):
     metrics = json.loads((out / "eval.json").read_text())["metrics"]
     assert metrics["eval/sft/winrate_helpful_vs_sft"] == 0.5  # a checkpoint against itself
     assert 0 <= metrics["eval/base/helpful_mean"] <= 1
+    assert metrics["eval/sft/lc_winrate_helpful_vs_sft"] == pytest.approx(0.5)  # all ties, equal lengths
+    for name in ("base", "sft"):  # every figure has its interval around it
+        for key in ("helpful_mean", "winrate_helpful_vs_sft", "lc_winrate_safety_vs_sft"):
+            k = f"eval/{name}/{key}"
+            assert metrics[k + "_lo"] <= metrics[k] + 1e-9 and metrics[k] <= metrics[k + "_hi"] + 1e-9, k
+    table = (out / "eval.md").read_text()
+    assert "LC win, helpful" in table and "6 held-out prompts" in table
     assert (out / "eval_winrates.png").stat().st_size > 1000
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {r["checkpoint"] for r in rows} == {"base", "sft"} and len(rows) == 12

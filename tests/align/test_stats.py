@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from align.stats import bootstrap_mean, fmt_change, fmt_share, paired_change, pearson, wilson
+from align.stats import (bootstrap_mean, bootstrap_stat, fmt_change, fmt_share, length_controlled_win_rate, paired_change,
+                         pearson, wilson, win_outcomes)
 
 
 def test_wilson_known_values():
@@ -52,3 +53,27 @@ def test_paired_change_outside_and_inside_noise():
     assert fmt_change(mixed).endswith(", within noise")
     with pytest.raises(ValueError):
         paired_change([1.0], [1.0, 2.0])
+
+
+def test_length_controlled_win_rate_sees_through_a_policy_that_only_got_longer():
+    # 100 prompts. On 50 the policy answers like the reference (same length) and wins 10 of them; on the other
+    # 50 it writes 400 more characters and wins 45. Raw win rate 55%; at equal length it wins 20%.
+    outcomes = [1.0] * 10 + [0.0] * 40 + [1.0] * 45 + [0.0] * 5
+    diffs = [0.0] * 50 + [400.0] * 50
+    raw = sum(outcomes) / len(outcomes)
+    lc = length_controlled_win_rate(outcomes, diffs)
+    assert raw == 0.55 and lc == pytest.approx(0.20, abs=0.01)
+
+
+def test_length_controlled_win_rate_without_length_differences_is_the_raw_rate():
+    outcomes = win_outcomes([3, 1, 2, 5, 2], [1, 1, 3, 4, 1])  # win, tie, loss, win, win
+    assert outcomes == [1.0, 0.5, 0.0, 1.0, 1.0]
+    assert length_controlled_win_rate(outcomes, [7.0] * 5) == pytest.approx(0.7, abs=1e-6)
+    with pytest.raises(ValueError):
+        length_controlled_win_rate([1.0], [])
+
+
+def test_bootstrap_stat_interval_holds_the_statistic():
+    values = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    lo, hi = bootstrap_stat(len(values), lambda idx: sum(values[i] for i in idx) / len(idx))
+    assert 0.0 <= lo < 5 / 8 < hi <= 1.0
