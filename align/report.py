@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -75,6 +76,49 @@ def _plot_panels(rows: list[dict]) -> list[tuple[str, bytes]]:
     return out
 
 
+def _change(s: dict, key: str, lo: str, hi: str, n: str, what: str, noise: str) -> str:
+    text = f"{what} {s[key]:+.3f} [{s[lo]:+.3f}, {s[hi]:+.3f}] (n={s[n]})"
+    return text + (" <b>within noise</b>" if s.get(noise) else "")
+
+
+def headline(kind: str, s: dict) -> str:
+    """A stage's headline effect with its n and 95% interval, as HTML ('' when the stage measured none)."""
+    from align.stats import fmt_share
+
+    try:
+        if kind == "sft" and "heldout/loss_change" in s:
+            return (f"held-out answer loss {s['heldout/loss_before']:.3f} &rarr; {s['heldout/loss_after']:.3f}: "
+                    + _change(s, "heldout/loss_change", "heldout/loss_change_lo", "heldout/loss_change_hi",
+                              "heldout/n", "change", "heldout/within_noise"))
+        if kind == "reward":
+            cats = sorted({k.split("/")[1] for k in s if k.startswith("eval/") and k.endswith("/rm/accuracy")})
+            return "; ".join(
+                f"{c}: accuracy {fmt_share(s[f'eval/{c}/rm/accuracy'], s[f'eval/{c}/rm/accuracy/ci_low'], s[f'eval/{c}/rm/accuracy/ci_high'], int(s[f'eval/{c}/rm/n']))}, "
+                f"length-balanced {s[f'eval/{c}/rm/length/balanced_accuracy'] * 100:.1f}%" for c in cats)
+        if kind == "rejection" and "rejection/reward_gain_lo" in s:
+            return _change(s, "rejection/reward_gain", "rejection/reward_gain_lo", "rejection/reward_gain_hi",
+                           "rejection/heldout_n", "held-out reward", "rejection/within_noise")
+        if kind == "ppo" and "eval/reward_heldout_change" in s:
+            return (_change(s, "eval/reward_heldout_change", "eval/reward_heldout_change_lo",
+                            "eval/reward_heldout_change_hi", "eval/heldout_n", "held-out reward", "eval/within_noise")
+                    + f"; KL to the reference {s['kl/ref_final']:.3f}")
+        if kind == "gatt":
+            turns = sorted(int(m.group(1)) for k in s if (m := re.fullmatch(r"gatt/recall_after/turn(\d+)_lo", k)))
+            return "recall " + ", ".join(
+                f"turn {t}: {s[f'gatt/recall_before/turn{t}'] * 100:.0f}% &rarr; {s[f'gatt/recall_after/turn{t}'] * 100:.0f}% "
+                f"[{s[f'gatt/recall_after/turn{t}_lo'] * 100:.0f}, {s[f'gatt/recall_after/turn{t}_hi'] * 100:.0f}] "
+                f"(n={s[f'gatt/recall_after/turn{t}_n']})" for t in turns)
+        if kind == "eval":
+            wins = sorted(k for k in s if k.startswith("eval/") and "/lc_winrate_helpful_vs_" in k
+                          and not k.endswith(("_lo", "_hi")))
+            return "; ".join(
+                f"{k.split('/')[1]}: LC win {s[k] * 100:.0f}% [{s[k + '_lo'] * 100:.0f}, {s[k + '_hi'] * 100:.0f}]"
+                f" (raw {s[k.replace('lc_winrate', 'winrate')] * 100:.0f}%)" for k in wins)
+    except KeyError:  # a manifest written before a figure existed: no headline rather than no report
+        return ""
+    return ""
+
+
 def _summary_table(summary: dict) -> str:
     rows = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not rows:
@@ -127,8 +171,9 @@ def build_report(run_dir: str | Path, stages: list[str] | None = None) -> Path:
         m = read_json(mpath)
         from align.pipeline import one_line
 
+        effect = headline(m["kind"], m["summary"]) or html.escape(one_line(m))
         rows.append(f'<tr><td><a href="#{name}">{name}</a></td><td class="status-done">done</td>'
-                    f'<td>{m["wall_s"]:.0f} s</td><td style="text-align:left">{html.escape(one_line(m))}</td></tr>')
+                    f'<td>{m["wall_s"]:.0f} s</td><td style="text-align:left">{effect}</td></tr>')
         sections.append(stage_section(run_dir, name))
     cfg = run["config"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>align run {html.escape(run_dir.name)}</title>
@@ -136,7 +181,7 @@ def build_report(run_dir: str | Path, stages: list[str] | None = None) -> Path:
 <h1>align run <code>{html.escape(run_dir.name)}</code></h1>
 <p class="muted">model: {html.escape(json.dumps(cfg.get("model", {})))} · seed {cfg.get("seed", "")} ·
 report built {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
-<table><tr><th>stage</th><th>status</th><th>wall</th><th>summary</th></tr>{"".join(rows)}</table>
+<table><tr><th>stage</th><th>status</th><th>wall</th><th>headline effect (n, 95% interval)</th></tr>{"".join(rows)}</table>
 {"".join(sections)}
 </body></html>"""
     out = run_dir / "report.html"

@@ -39,6 +39,16 @@ def _pct(x: Optional[float]) -> str:
     return "n/a (context)" if x is None else f"{100 * x:.0f}%"
 
 
+def _pct_ci(cell: dict) -> str:
+    """``28% [24, 33] (n=200)``: a recall with its Wilson interval."""
+    from align.stats import wilson
+
+    if cell["recall"] is None:
+        return _pct(None)
+    lo, hi = wilson(min(cell["n"], cell["recall"] * cell["n"]), cell["n"])
+    return f"{_pct(cell['recall'])} [{lo * 100:.0f}, {hi * 100:.0f}] (n={cell['n']})"
+
+
 def markdown_table(before: dict, after: dict, turns: Sequence[int]) -> str:
     """Recipe Table 30's layout: rows before / after GAtt, columns the measured turns; then per kind."""
     head = "| | " + " | ".join(f"Turn {t}" for t in turns) + " |\n|---|" + "---|" * len(turns) + "\n"
@@ -46,7 +56,8 @@ def markdown_table(before: dict, after: dict, turns: Sequence[int]) -> str:
              "Share of answers that keep the first-turn instruction (program-checked), Llama 2 Table 30 layout.",
              "", head.rstrip("\n")]
     for name, res in (("Before GAtt", before), ("After GAtt", after)):
-        lines.append(f"| {name} | " + " | ".join(_pct(res["overall"][t]["recall"]) for t in turns) + " |")
+        lines.append(f"| {name} | " + " | ".join(_pct_ci(res["overall"][t]) for t in turns) + " |")
+    lines += ["", "Each cell: recall [Wilson 95% interval] (n answers)."]
     lines += ["", "Per constraint kind (before -> after; n = answers that reached the turn: held-out dialogues x "
               "eval_repeats):", "", head.rstrip("\n")]
     for kind in sorted(after["by_kind"]):

@@ -182,10 +182,17 @@ def run_gatt(ctx) -> dict:
     write_text_atomic(out / "reference.jsonl", "".join(json.dumps(r) + "\n" for r in reference))
     summary: dict = {}
     if eval_dialogues:
+        from align.stats import wilson
+
         rb, ra = _keyed(before["recall"]), after["recall"]
         for name, rec in (("before", rb), ("after", ra)):
             for t in cfg.eval_turns:
-                summary[f"gatt/recall_{name}/turn{t}"] = rec["overall"][t]["recall"]
+                cell = rec["overall"][t]
+                summary[f"gatt/recall_{name}/turn{t}"] = cell["recall"]
+                if cell["recall"] is not None:
+                    lo, hi = wilson(min(cell["n"], cell["recall"] * cell["n"]), cell["n"])
+                    summary.update({f"gatt/recall_{name}/turn{t}_lo": lo, f"gatt/recall_{name}/turn{t}_hi": hi,
+                                    f"gatt/recall_{name}/turn{t}_n": cell["n"]})
         for name, rec in (("before", rb), ("after", ra)):
             for kind, table in rec["by_kind"].items():
                 for t in cfg.eval_turns:

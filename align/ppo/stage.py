@@ -300,16 +300,16 @@ def generate(run: Run, prompts: list[dict], cfg, seed: int):
     return dist.broadcast_object(rollouts)
 
 
-def evaluate(run: Run, cfg, seed: int) -> float:
-    """Mean LOGIT(Rc) (the combined reward before whitening: comparable across iterations) of one
-    sample per held-out prompt, drawn with a fixed seed."""
+def evaluate(run: Run, cfg, seed: int) -> list[float]:
+    """LOGIT(Rc) (the combined reward before whitening: comparable across iterations) of one sample per
+    held-out prompt, drawn with a fixed seed; the stage reports their mean."""
     from reward.combined import combined_reward
 
     rollouts = generate(run, run.heldout, cfg, sampling_seed(seed, 0))
     rs, rh = run.rewards.score([p["prompt"] for p in run.heldout], rollouts.texts)
     flags = torch.tensor([bool(p["safety"]) for p in run.heldout])
     score, _ = combined_reward(rs, rh, flags, None, cfg.reward.safety_threshold, whiten=False)
-    return score.mean().item()
+    return score.tolist()
 
 
 def record_eval(state: dict, value: float, iteration: int, patience: int) -> bool:
@@ -338,8 +338,10 @@ def train(ctx, run: Run) -> None:
     pad_id = run.tokenizer.pad_token_id
     if run.heldout and state["heldout_before"] is None:
         t0 = time.perf_counter()
-        before = evaluate(run, cfg, seed)
-        state.update(heldout_before=before, best_heldout=before, best_iteration=0)
+        scores = evaluate(run, cfg, seed)
+        before = sum(scores) / len(scores)
+        state.update(heldout_before=before, best_heldout=before, best_iteration=0, heldout_before_scores=scores,
+                     heldout_last_scores=scores)
         if run.logger:
             run.logger.log({"eval/reward_heldout": before, "time/eval_s": time.perf_counter() - t0}, 0)
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc="ppo", unit="it", dynamic_ncols=True,
@@ -380,7 +382,9 @@ def train(ctx, run: Run) -> None:
         row = {}
         if run.heldout and (it % cfg.eval_every == 0 or it == cfg.iterations):
             t0 = time.perf_counter()
-            value = evaluate(run, cfg, seed)
+            scores = evaluate(run, cfg, seed)
+            value = sum(scores) / len(scores)
+            state["heldout_last_scores"] = scores
             timing["eval"] = time.perf_counter() - t0
             row["eval/reward_heldout"] = value
             record_eval(state, value, it, cfg.early_stop_patience)
@@ -455,6 +459,19 @@ def save(ctx, run: Run) -> dict:
     return summary
 
 
+def _heldout_change(state: dict) -> dict:
+    """The last evaluation's held-out reward minus the one before training, prompt by prompt, with its 95%
+    paired-bootstrap interval."""
+    from align.stats import paired_change
+
+    before, last = state.get("heldout_before_scores"), state.get("heldout_last_scores")
+    if not before or not last:
+        return {}
+    c = paired_change(before, last)
+    return {"eval/reward_heldout_change": c["change"], "eval/reward_heldout_change_lo": c["lo"],
+            "eval/reward_heldout_change_hi": c["hi"], "eval/heldout_n": c["n"], "eval/within_noise": c["within_noise"]}
+
+
 def summarize(rows: list[dict], state: dict, model_dir: str) -> dict:
     its = [r for r in rows if r["step"] >= 1]
     evals = [r for r in rows if r.get("eval/reward_heldout") is not None]
@@ -472,6 +489,7 @@ def summarize(rows: list[dict], state: dict, model_dir: str) -> dict:
         "eval/reward_heldout_after": evals[-1]["eval/reward_heldout"] if evals else float("nan"),
         "eval/reward_heldout_best": state["best_heldout"] if state["best_heldout"] is not None else float("nan"),
         "eval/best_iteration": state["best_iteration"],
+        **_heldout_change(state),
         "kl/ref_final": its[-1]["kl/ref_mean"] if its else float("nan"),
         "ppo/approx_kl_last": its[-1]["ppo/approx_kl"] if its else float("nan"),
         **{f"time/{p}_mean_s": mean(f"time/{p}_s") for p in PHASES},

@@ -180,9 +180,33 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def heldout_change(before: list[dict], after: list[dict], seed: int) -> dict:
+    """The held-out reward's change, prompt by prompt (each prompt's mean over its samples), with its 95%
+    paired-bootstrap interval."""
+    from align.stats import paired_change
+
+    def per_prompt(samples):
+        scores: dict[int, list[float]] = {}
+        for s in samples:
+            scores.setdefault(int(s["prompt_id"]), []).append(s["score"])
+        return {k: sum(v) / len(v) for k, v in scores.items()}
+
+    b, a = per_prompt(before), per_prompt(after)
+    ids = sorted(set(b) & set(a))
+    if not ids:
+        return {}
+    c = paired_change([b[i] for i in ids], [a[i] for i in ids], seed=seed)
+    return {"rejection/reward_gain_lo": c["lo"], "rejection/reward_gain_hi": c["hi"], "rejection/heldout_n": c["n"],
+            "rejection/within_noise": c["within_noise"]}
+
+
 def _report(summary: dict, curves: dict[int, dict]) -> str:
     before, after = summary["rejection/reward_before"], summary["rejection/reward_after"]
     held = (f"before {before:.4f}, after {after:.4f}" if before is not None else "not measured (heldout_prompts: 0)")
+    if "rejection/reward_gain_lo" in summary:
+        held += (f"; change {summary['rejection/reward_gain']:+.4f} [{summary['rejection/reward_gain_lo']:+.4f}, "
+                 f"{summary['rejection/reward_gain_hi']:+.4f}] (n={summary['rejection/heldout_n']} prompts, paired "
+                 f"bootstrap 95%){', within noise' if summary['rejection/within_noise'] else ''}")
     lines = ["# Rejection sampling", "",
              f"Mean combined reward (LOGIT(Rc)) on {summary['data/heldout_prompts']} held-out prompts: {held}.", "",
              "Best-of-N reward (exact expectation over N-subsets of the K samples, mean over prompts):", "",
@@ -275,6 +299,7 @@ def run_rejection(ctx) -> dict:
         "rejection/reward_before": reward_before,
         "rejection/reward_after": reward_after,
         "rejection/reward_gain": None if reward_before is None else reward_after - reward_before,
+        **heldout_change(before, after, seed),
         "rejection/samples": len(samples),
         "rejection/kept": len(kept),
         **stats,

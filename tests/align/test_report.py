@@ -11,7 +11,7 @@ from align.config import load_config
 from align.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["stages=[sft,rm_helpful,rm_safety]", "sft.train.max_steps=3", "rm_helpful.train.max_steps=2",
+FAST = ["stages=[sft,rm_helpful,rm_safety]", "sft.train.max_steps=3", "sft.test_size=4", "rm_helpful.train.max_steps=2",
         "rm_safety.train.max_steps=2"]
 
 
@@ -29,6 +29,7 @@ def test_report_shows_every_stage_with_plots_and_tables(report):
     for name in ("sft", "rm_helpful", "rm_safety"):
         assert f'id="{name}"' in page
     assert "Accuracy (%) by rating level" in page  # the RM's Table 28 layout
+    assert "held-out answer loss" in page and "(n=4)" in page  # the opening table: SFT's effect with its n
     imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(imgs) >= 5
     for b64 in imgs:
@@ -54,3 +55,22 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
         browser.close()
     assert len(sizes) >= 5
     assert all(done and width > 0 for done, width in sizes), sizes
+
+
+def test_headline_gives_each_stage_its_effect_with_interval():
+    from align.report import headline
+
+    sft = {"heldout/loss_before": 1.5, "heldout/loss_after": 1.4, "heldout/loss_change": -0.1,
+           "heldout/loss_change_lo": -0.15, "heldout/loss_change_hi": -0.05, "heldout/n": 40, "heldout/within_noise": False}
+    assert headline("sft", sft) == ("held-out answer loss 1.500 &rarr; 1.400: change -0.100 [-0.150, -0.050] (n=40)")
+    ppo = {"eval/reward_heldout_change": 0.02, "eval/reward_heldout_change_lo": -0.01,
+           "eval/reward_heldout_change_hi": 0.05, "eval/heldout_n": 8, "eval/within_noise": True, "kl/ref_final": 0.4}
+    assert headline("ppo", ppo) == ("held-out reward +0.020 [-0.010, +0.050] (n=8) <b>within noise</b>; "
+                                    "KL to the reference 0.400")
+    gatt = {"gatt/recall_before/turn2": 0.1, "gatt/recall_after/turn2": 0.3, "gatt/recall_after/turn2_lo": 0.2,
+            "gatt/recall_after/turn2_hi": 0.4, "gatt/recall_after/turn2_n": 200, "gatt/recall_after/turn2/emoji": 0.5}
+    assert headline("gatt", gatt) == "recall turn 2: 10% &rarr; 30% [20, 40] (n=200)"
+    ev = {"eval/ppo/lc_winrate_helpful_vs_sft": 0.4, "eval/ppo/lc_winrate_helpful_vs_sft_lo": 0.3,
+          "eval/ppo/lc_winrate_helpful_vs_sft_hi": 0.5, "eval/ppo/winrate_helpful_vs_sft": 0.6}
+    assert headline("eval", ev) == "ppo: LC win 40% [30, 50] (raw 60%)"
+    assert headline("sft", {}) == "" and headline("ppo", {"eval/reward_heldout_change": 1.0}) == ""
