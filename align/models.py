@@ -226,9 +226,8 @@ def compile_layers(model, enabled: bool = True) -> int:
     Eager PyTorch runs a layer's RMSNorms, rotary embedding, SiLU-times-up and LoRA's scale-and-add as
     separate memory-bound kernels; inductor fuses them. The layers share one code object, so one graph
     is compiled (forward, and backward when trained) and reused by every layer, also across models of
-    the same architecture in one process. Measured here (SmolLM2-135M, LoRA r 16, bf16, 2 cores): a
-    no-grad forward of 16 x ~120 tokens 0.88 -> 0.55 s, a 4-row forward + backward 1.07 -> 0.76 s; the
-    compile costs ~45 s on first use and ~11 s later (inductor's cache, /tmp/torchinductor_$USER).
+    the same architecture in one process. The compile is paid once per process (inductor caches it in
+    /tmp/torchinductor_$USER); what it saves and costs on a CPU is measured in docs/compile.md.
 
     Returns the number of layers compiled; 0, with a message saying why, where it is off or there is
     no C++ compiler (inductor's CPU backend needs one), in which case the model runs eager unchanged.

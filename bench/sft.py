@@ -54,7 +54,7 @@ def main() -> None:
     loaded, _ = load_user_sequences(SimpleNamespace(stage_cfg=cfg.gatt, cfg=cfg))
     bank, rng = InstructionBank.load(), random.Random(0)
     kinds = bank.checkable_names((), "bench")
-    # answers of up to 600 characters: the workload of the README's figure
+    # answers of up to 600 characters: the workload of bench/README.md's figure
     records, _ = reference_records([p for _, p in loaded if p], args.samples, 3,
                                    lambda: bank.sample(rng, 0.5, only=kinds), True, rng, 600)
     model_dir = model_dir_from_arg(args.model)

@@ -11,7 +11,7 @@ Why our own loop and not TRL's `RewardTrainer` (trl 1.16, read and measured):
   grouped by length: on those HH pairs, batches of 8 pairs, the pad share of the forwards falls from
   53% to 18% at 512 tokens (808 -> 466 padded tokens per pair) and from 35% to 12% at 256.
   `rm/pad_share` logs it per step.
-A wall-clock comparison was not taken: the shared 2-core machine was saturated by other jobs.
+The wall-clock comparison with TRL is bench/reward.py (bench/README.md).
 
 Levers for speed on a CPU with bf16 matrix units: the run's precision (align/precision.py; full
 fine-tuning in bf16: bf16 weights with fp32 masters and the fused AdamW, align/launch/local.py; LoRA:

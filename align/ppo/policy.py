@@ -60,7 +60,7 @@ class PolicyWithValue(torch.nn.Module):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state[:, start:start + length]
         # Contiguous first: on a strided 3-d slice, torch's linear falls back to a batched matmul that
-        # copies the (V, H) head once per row (measured: 4 of the 7.6 s of a 16-row log-prob pass here).
+        # copies the (V, H) head once per row (about half of a log-prob pass: docs/ppo.md).
         hidden = hidden.contiguous()
         logits = lm.lm_head(hidden)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
