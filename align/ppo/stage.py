@@ -453,7 +453,7 @@ def save(ctx, run: Run) -> dict:
         run.tokenizer.save_pretrained(str(out / "model"))
         save_file(value_head_state(trainable), str(out / "value_head.safetensors"))
         rows = read_metrics(ctx.work_dir / "logs" / "metrics.jsonl")
-        plot_curve(rows, out / "ppo_curve.png")
+        plot_curve(rows, out / "ppo_curve.png", ctx.stage_cfg.kl_bound)
         summary = summarize(rows, run.state, str(ctx.run_dir / ctx.name / "model"))
     dist.barrier()
     return summary
@@ -499,8 +499,10 @@ def summarize(rows: list[dict], state: dict, model_dir: str) -> dict:
     return summary
 
 
-def plot_curve(rows: list[dict], path: Path) -> None:
-    """Reward (training batch and held-out) and KL to the reference per iteration."""
+def plot_curve(rows: list[dict], path: Path, kl_bound: float | None = None) -> None:
+    """Four panels: reward (training batch and held-out) and KL to the reference per iteration; the
+    over-optimisation picture, held-out reward against KL at each evaluation (Llama 2 sec. 3.2.3, Gao et
+    al. 2022); and the mean response length per iteration, where length hacking shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,19 +510,31 @@ def plot_curve(rows: list[dict], path: Path) -> None:
 
     its = [r for r in rows if r["step"] >= 1]
     evals = [r for r in rows if r.get("eval/reward_heldout") is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(10, 7.5))
     ax1.plot([r["step"] for r in its], [r["reward/combined_mean"] for r in its], marker="o", label="batch LOGIT(Rc)")
     ax1.plot([r["step"] for r in evals], [r["eval/reward_heldout"] for r in evals], marker="s", label="held-out LOGIT(Rc)")
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("combined reward (before whitening)")
     ax1.legend()
-    ax1.grid(alpha=0.3)
     ax2.plot([r["step"] for r in its], [r["kl/ref_mean"] for r in its], marker="o", color="tab:red", label="k1")
     ax2.plot([r["step"] for r in its], [r["kl/ref_k3_mean"] for r in its], marker=".", color="tab:orange", label="k3")
+    if kl_bound is not None:
+        ax2.axhline(kl_bound, color="black", linewidth=0.8, linestyle="--", label="kl_bound")
     ax2.set_xlabel("iteration")
     ax2.set_ylabel("KL(pi || pi_0) per sequence (nats)")
     ax2.legend()
-    ax2.grid(alpha=0.3)
+    kl = [r.get("kl/ref_mean", 0.0) if r["step"] >= 1 else 0.0 for r in evals]  # before training: the reference
+    ax3.plot(kl, [r["eval/reward_heldout"] for r in evals], marker="s", color="tab:green")
+    for x, r in zip(kl, evals):
+        ax3.annotate(str(r["step"]), (x, r["eval/reward_heldout"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax3.set_xlabel("KL(pi || pi_0) per sequence at the evaluation (nats)")
+    ax3.set_ylabel("held-out LOGIT(Rc)")
+    ax3.set_title("reward against KL (labels: iteration)", fontsize=9)
+    ax4.plot([r["step"] for r in its], [r["rollout/response_length"] for r in its], marker="o", color="tab:purple")
+    ax4.set_xlabel("iteration")
+    ax4.set_ylabel("mean response length (tokens)")
+    for ax in (ax1, ax2, ax3, ax4):
+        ax.grid(alpha=0.3)
     fig.suptitle("PPO (Llama 2 sec. 3.2.3)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
