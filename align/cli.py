@@ -1,6 +1,6 @@
 """`align`: run the pipeline, one stage, validate a config, show a run's status.
 
-    align run CONFIG [key.sub=value ...]        run every stage (skips finished, resumes partial)
+    align run CONFIG [key.sub=value ...] [--wait [S]]  run every stage (skips finished, resumes partial)
     align stage NAME CONFIG [key.sub=value ...]  run one stage alone (its inputs must exist)
     align validate CONFIG [key.sub=value ...]   load and check a config without running anything
     align status RUN_DIR                        the state of every stage of a run
@@ -10,10 +10,15 @@
     align rm train CONFIG [key.sub=value ...]   train only the reward-model stages of a config
     align rm eval CHECKPOINT DATA --format FMT  evaluate a reward model on a preference file
     align label COMMAND ...                     preference labeling: add-labeler, generate, serve, auto, export, status
+
+Exit codes: 0 done; 2 bad input or a failed stage (the message says what to fix); 3 a round labeled by
+people (label.judge: people) is not complete yet: label it on the page, then rerun (or use --wait);
+130 interrupted (Ctrl-C). After 2, 3 and 130 the same command resumes where the run stopped.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -25,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the pipeline of a config")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key.sub=value")
+    r.add_argument("--wait", type=float, nargs="?", const=math.inf, default=None, metavar="SECONDS",
+                   help="a round labeled by people (label.judge: people) that is not complete: show its progress "
+                        "and wait for it (at most SECONDS; no value = until it is complete) instead of stopping; "
+                        "give it after the overrides")
     s = sub.add_parser("stage", help="run one stage of a config")
     s.add_argument("name")
     s.add_argument("config")
@@ -69,16 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from align.configlib import ConfigError
-    from align.errors import AlignError
+    from align.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_LABELING, AlignError, LabelingPending
 
     try:
         return _dispatch(args)
+    except LabelingPending as e:
+        print(f"align: {e}", file=sys.stderr)
+        return EXIT_LABELING
     except (ConfigError, AlignError) as e:
         print(f"align: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("align: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _dispatch(args) -> int:
@@ -145,7 +157,7 @@ def _dispatch(args) -> int:
     from align import pipeline
 
     if args.cmd == "run":
-        manifests = pipeline.run_pipeline(cfg, args.config, tuple(args.overrides))
+        manifests = pipeline.run_pipeline(cfg, args.config, tuple(args.overrides), wait_s=args.wait)
         print(f"[align] run finished: {len(manifests)} stage(s) in {cfg.run_dir}")
         return 0
     if args.cmd == "stage":

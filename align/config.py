@@ -401,6 +401,7 @@ ENGINE_KINDS = ("rejection", "ppo", "gatt", "eval", "label")  # stages that gene
 # The preference-labeling round (Llama 2 sec. 3.2.1); used by align/label/.
 TIE_POLICIES = ("drop", "negligible")
 SKIP_POLICIES = ("ignore", "drop_pair")
+LABEL_JUDGES = ("auto", "people")
 
 
 @dataclass(frozen=True)
@@ -439,11 +440,19 @@ class LabelConfig:
     skips: Literal[SKIP_POLICIES] = option("ignore", help="a skip vote: ignore it (the other votes decide; no vote left = dropped), or drop_pair (any skip drops the pair)")
     drop_unsafe_chosen: bool = option(True, help="drop pairs whose chosen response is unsafe and rejected safe (recipe sec. 3.2.1)")
     auto: AutoLabelConfig = option(factory=AutoLabelConfig, help="the automatic labeler")
+    judge: Literal[LABEL_JUDGES] = option("auto", help="who labels a pipeline round: auto = the automatic "
+                                          "labeler (label.auto); people = labelers on the labeling page "
+                                          "(`align run` stops, exit code 3, until the round is labeled)")
+    db: str = option("", help="the label store: a SQLite file or a database URL; '' = <run_dir>/labels.db")
+    min_complete_share: float = option(1.0, help="judge people: the round is done once this share of its pairs "
+                                       "has labels_per_pair labels each; the other pairs are dropped")
 
     def __post_init__(self):
         check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
         check(self.prompts_per_round >= 0, "prompts_per_round", self.prompts_per_round, "must be >= 0 (0 = all prompts)")
         check(1 <= self.labels_per_pair <= 16, "labels_per_pair", self.labels_per_pair, "must be in 1..16")
+        check(0 < self.min_complete_share <= 1, "min_complete_share", self.min_complete_share,
+              "must be in (0, 1]: the share of pairs that must be fully labeled (1 = every pair)")
         check(self.init_b != "" or self.sampling_a != self.sampling_b, "sampling_b", self.sampling_b,
               "with one policy (init_b: '') the two sampling settings must differ, or both responses come "
               "from the same distribution; change a temperature or set init_b")

@@ -29,7 +29,7 @@ from typing import Callable
 from align.config import STAGE_KINDS, PipelineConfig
 from align.configlib import build, init_dict, to_dict
 from align.configlib import ConfigError
-from align.errors import AlignError
+from align.errors import AlignError, LabelingPending
 from align.faults import fault
 from align.io import MetricsLogger, fsync_dir, read_json, read_metrics, write_json_atomic
 
@@ -52,6 +52,7 @@ class StageContext:
     world_size: int = 1
     stage: str = ""           # the config section (rm_helpful for rm_helpful.r2)
     round: int = 1
+    wait_s: float | None = None  # a stage waiting on people (label, judge people) polls this long; None = stops
 
     @property
     def stage_cfg(self):
@@ -238,8 +239,10 @@ def _num_processes(cfg: PipelineConfig, name: str) -> int:
     return train.num_processes if train is not None else 1
 
 
-def run_stage(cfg: PipelineConfig, name: str, config_path: str | None = None, overrides: tuple = ()) -> dict:
-    """Run one stage to completion (resuming if it can) and return its manifest."""
+def run_stage(cfg: PipelineConfig, name: str, config_path: str | None = None, overrides: tuple = (),
+              wait_s: float | None = None) -> dict:
+    """Run one stage to completion (resuming if it can) and return its manifest; ``wait_s``: see
+    `StageContext.wait_s`."""
     t0 = time.time()
     n = _num_processes(cfg, name)
     with disk_full_as_error(name, Path(cfg.run_dir)):
@@ -251,6 +254,7 @@ def run_stage(cfg: PipelineConfig, name: str, config_path: str | None = None, ov
             summary = read_json(ctx.work_dir / "summary.json")
         else:
             ctx = prepare(cfg, name)
+            ctx.wait_s = wait_s
             summary = _stage_fn(ctx.stage)(ctx)
         return finalize(ctx, summary, time.time() - t0)
 
@@ -341,8 +345,11 @@ def preflight(cfg: PipelineConfig, names: list[str]) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides: tuple = (),
-                 only: str | None = None) -> list[dict]:
-    """Run every stage in order, skipping finished ones; returns their manifests."""
+                 only: str | None = None, wait_s: float | None = None) -> list[dict]:
+    """Run every stage in order, skipping finished ones; returns their manifests.
+
+    Raises `LabelingPending` when a label stage labeled by people finds its round incomplete (after
+    waiting ``wait_s`` seconds, if given): the stages before it are done, it and the rest are not."""
     run_dir = Path(cfg.run_dir)
     names = [i[0] for i in instances(cfg)]
     todo = [n for n in names if (only is None or n == only) and stage_status(cfg, n, run_dir) != "done"]
@@ -364,7 +371,9 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
             verb = {"partial": "resuming", "stale": "config or inputs changed, rerunning"}.get(status, "starting")
             print(f"[align] {name}: {verb}", flush=True)
             try:
-                m = run_stage(cfg, name, config_path, overrides)
+                m = run_stage(cfg, name, config_path, overrides, wait_s)
+            except LabelingPending:
+                raise  # not a failure: the round stays in the store and the stage's work directory stays
             except (AlignError, ConfigError) as e:
                 work = run_dir / ".work" / name
                 if work.is_dir():  # kept for `align status` and the next run
@@ -429,6 +438,9 @@ def status_table(cfg: PipelineConfig) -> str:
             ckpts = sorted((run_dir / ".work" / name).glob("checkpoints/*"))
             rows = read_metrics(run_dir / ".work" / name / "logs" / "metrics.jsonl")
             extra = f"{len(ckpts)} checkpoint(s), last logged step {rows[-1]['step'] if rows else '-'}"
+            pending = run_dir / ".work" / name / "pending.json"
+            if pending.is_file():
+                extra = f"waiting on labelers: {read_json(pending)['message']}"
             failed = run_dir / ".work" / name / "failed.json"
             if failed.is_file():
                 extra += f"; last attempt failed: {read_json(failed)['error']}"

@@ -9,7 +9,7 @@
     align label auto --db PATH --round N [--judge rules|reward --helpful-rm DIR --safety-rm DIR]
                                                            label round N with the automatic judge
     align label export --db PATH --round N --out DIR       majority labels -> preference.jsonl
-    align label status --db PATH                           rounds with their counts
+    align label status --db PATH                           rounds with their counts, agreement (kappa) and pace
 
 ``--db`` is a SQLite file (created if missing) or a database URL. Only argparse and the config
 dataclasses are imported here; each command imports what it needs.
@@ -114,9 +114,14 @@ def dispatch(args) -> int:
             rounds = store.rounds()
             if not rounds:
                 print("no rounds yet")
+            from align.label.agreement import format_agreement, round_agreement
+
             for r in rounds:
                 print(f"round {r['round']}: {r['pairs']} pairs x {r['labels_per_pair']} labels; {r['labels']} labels, "
                       f"{r['skips']} skips, {r['complete_pairs']} pairs complete")
+                if r["labels"] or r["skips"]:
+                    print("\n".join(format_agreement(round_agreement(store.round_pairs(r["round"]),
+                                                                        r["labels_per_pair"]))))
             return 0
         if cmd == "generate":
             return _generate(store, args)

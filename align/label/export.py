@@ -2,6 +2,9 @@
 
 Per pair (the votes are the latest label of each labeler):
 
+0. ``min_votes`` (the pipeline's rounds labeled by people: the round's labels_per_pair): a pair
+   with fewer votes that are not skips is dropped ("incomplete"): its round was called complete
+   without it (``label.min_complete_share``).
 1. Skips: ``skips="ignore"`` leaves skip votes out (the other votes decide); ``"drop_pair"`` drops a
    pair that any labeler skipped (a skip often means both answers are unusable).
 2. Majority: the choice (a | b | tie) with the most votes wins; a tie for the most votes (1 a, 1 b)
@@ -47,6 +50,7 @@ class ExportPolicy:
     skips: str = _DEFAULT["skips"]
     drop_unsafe_chosen: bool = _DEFAULT["drop_unsafe_chosen"]
     seed: int = 0
+    min_votes: int = 0  # votes (not skips) a pair needs to be kept; 0 = any
 
     def __post_init__(self):
         if self.ties not in TIE_POLICIES:
@@ -55,8 +59,9 @@ class ExportPolicy:
             raise AlignError(f"skips={self.skips!r}: must be one of {', '.join(SKIP_POLICIES)}")
 
     @classmethod
-    def from_config(cls, cfg: LabelConfig, seed: int = 0) -> "ExportPolicy":
-        return cls(ties=cfg.ties, skips=cfg.skips, drop_unsafe_chosen=cfg.drop_unsafe_chosen, seed=seed)
+    def from_config(cls, cfg: LabelConfig, seed: int = 0, min_votes: int = 0) -> "ExportPolicy":
+        return cls(ties=cfg.ties, skips=cfg.skips, drop_unsafe_chosen=cfg.drop_unsafe_chosen, seed=seed,
+                   min_votes=min_votes)
 
 
 def _majority_flag(flags: Sequence[Optional[bool]]) -> Optional[bool]:
@@ -84,6 +89,8 @@ def resolve_pair(pair: dict, number: int, policy: ExportPolicy) -> tuple[Optiona
 
     if not labels:
         return drop("unlabeled")
+    if sum(votes[c] for c in ("a", "b", "tie")) < policy.min_votes:
+        return drop("incomplete")
     if policy.skips == "drop_pair" and votes["skip"]:
         return drop("skipped")
     counted = [lab for lab in labels if lab["choice"] != "skip"]
@@ -138,7 +145,7 @@ def resolve_round(pairs: Sequence[dict], number: int, policy: ExportPolicy) -> t
              "label/labels": sum(sum(r["votes"].values()) for r in rows),
              "label/mean_agreement": sum(agreements) / len(agreements) if agreements else None,
              "label/full_agreement_share": (sum(a == 1.0 for a in agreements) / len(agreements)) if agreements else None}
-    for reason in ("unlabeled", "skipped", "no_majority", "tie", "unsafe_chosen"):
+    for reason in ("unlabeled", "incomplete", "skipped", "no_majority", "tie", "unsafe_chosen"):
         stats[f"label/dropped/{reason}"] = dropped.get(reason, 0)
     for rating in RATINGS:
         stats[f"label/rating/{rating}"] = sum(r["rating"] == rating for r in records)
@@ -149,7 +156,8 @@ def resolve_round(pairs: Sequence[dict], number: int, policy: ExportPolicy) -> t
     stats["label/safety/both_unsafe"] = bins[(False, False)]
     stats["label/safety/unknown"] = sum(v for k, v in bins.items() if None in k)
     stats["policy"] = {"ties": policy.ties, "skips": policy.skips,
-                       "drop_unsafe_chosen": policy.drop_unsafe_chosen, "seed": policy.seed}
+                       "drop_unsafe_chosen": policy.drop_unsafe_chosen, "seed": policy.seed,
+                       "min_votes": policy.min_votes}
     return records, rows, stats
 
 

@@ -123,8 +123,10 @@ def generate_round(store, prompts: Sequence[dict], rollout_cfg, sampling_a: Samp
     if not pairs:
         raise AlignError(f"label generate: all {len(prompts)} prompts gave an empty or identical pair of responses; "
                          "raise max_new_tokens or make the two sampling settings differ more")
-    round_settings = {"seed": seed, "sampling_a": settings[0], "sampling_b": settings[1], "prompts": len(prompts)}
+    counts = {"label/prompts": len(prompts), "label/pairs": len(pairs), **dropped, "label/generated_tokens": tokens}
+    # The counts travel with the round: a stage that finishes on a later run (judge: people) reports them.
+    round_settings = {"seed": seed, "sampling_a": settings[0], "sampling_b": settings[1], "prompts": len(prompts),
+                      "counts": counts}
     store.create_round(pairs, number=number, labels_per_pair=labels_per_pair, assign_to=assign_to,
                        settings=round_settings)
-    return {"round": number, "label/prompts": len(prompts), "label/pairs": len(pairs), **dropped,
-            "label/generated_tokens": tokens}
+    return {"round": number, **counts}

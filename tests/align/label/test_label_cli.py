@@ -66,8 +66,11 @@ def test_generate_auto_export_status(tmp_path, capsys):
     assert _run("export", "--db", str(db), "--round", "1", "--out", str(out), "--ties", "negligible") == 0
     assert len(load_export(out, cache_dir=tmp_path / "hf")) > 0
     assert _run("status", "--db", str(db)) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    out_lines = capsys.readouterr().out.strip().splitlines()
+    line, quality, *per_labeler = out_lines[next(i for i, x in enumerate(out_lines) if " pairs x " in x):]
     assert line.startswith("round 1:") and "x 2 labels" in line
+    assert "agreement with the majority" in quality and "kappa" in quality  # two auto labelers: Cohen's
+    assert [x.split(":")[0].strip() for x in per_labeler] == ["auto-1", "auto-2"]
     with pytest.raises(AlignError, match="no round 9"):
         _run("export", "--db", str(db), "--round", "9", "--out", str(out))
     with pytest.raises(AlignError, match="reward models"):
