@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     re_ = rm.add_parser("eval", help="evaluate a reward-model checkpoint on preference data")
     re_.add_argument("checkpoint", help="a reward-model directory (from_pretrained)")
     re_.add_argument("data", help="a preference file (any importer format)")
-    re_.add_argument("--format", default="trl_jsonl", help="importer: hh | oasst | sharegpt_dpo | trl_jsonl (default)")
+    re_.add_argument("--format", default="trl_jsonl",
+                     help="importer: hh | oasst | sharegpt_dpo | trl_jsonl (default) | ultrafeedback")
     re_.add_argument("--limit", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
     re_.add_argument("--out", default="", help="directory for eval.json, eval.md, eval_gaps.png and eval_calibration.png")
     re_.add_argument("--max-length", type=int, default=None,

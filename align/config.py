@@ -25,21 +25,37 @@ from align.configlib import (
 )
 
 DATA_FORMATS = ("alpaca", "oasst", "hh", "xstest", "sharegpt_dpo", "trl_jsonl", "oasst_prompts",
+                "messages", "sharegpt", "prompts", "ultrafeedback",
                 "synthetic_sft", "synthetic_pref", "synthetic_prompts")
+# Formats whose numbers (a score gap, a numeric margin or rating) DatasetSpec.rating_thresholds maps to ratings.
+RATING_RULE_FORMATS = ("trl_jsonl", "ultrafeedback")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    format: Literal[DATA_FORMATS] = option(help="importer: alpaca | oasst | hh | xstest | sharegpt_dpo | trl_jsonl | oasst_prompts | synthetic_*")
-    path: str = option("", help="file path, relative to data_dir unless absolute (unused by synthetic_*)")
+    format: Literal[DATA_FORMATS] = option(help="importer of the file's format; docs/data.md shows a row of each "
+                                           "and the stages that take it")
+    path: str = option("", help="file, or datasets.save_to_disk folder, relative to data_dir unless absolute; "
+                       ".json/.jsonl(.gz), .parquet and .arrow are read (unused by synthetic_*)")
     limit: int = option(0, help="keep at most this many records after validation (0 = all)")
     category: Optional[Literal["helpfulness", "safety"]] = option(None, help="override the category of preference pairs (None = the importer's)")
     source: str = option("", help="name the records' source (held-out splits and per-source tables go by it; empty = the format name)")
+    rating_thresholds: tuple[float, ...] = option(
+        factory=tuple, help="trl_jsonl, ultrafeedback: 3 cut-offs, largest first; a number >= the 1st is "
+        "significantly_better, >= the 2nd better, >= the 3rd slightly_better, below negligibly_better. The number "
+        "is the score gap (ultrafeedback; () = [3, 2, 1]) or a numeric rating, else margin, column (trl_jsonl; "
+        "() = numeric ratings are an error)")
 
     def __post_init__(self):
         check(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 keeps all records)")
         check(self.path != "" or self.format.startswith("synthetic"), "path", self.path,
               f"format {self.format!r} reads a file: set path")
+        if self.rating_thresholds:
+            check(self.format in RATING_RULE_FORMATS, "rating_thresholds", self.rating_thresholds,
+                  f"applies to formats {', '.join(RATING_RULE_FORMATS)} only, not {self.format}: remove it")
+            check(len(self.rating_thresholds) == 3 and list(self.rating_thresholds) == sorted(self.rating_thresholds,
+                  reverse=True), "rating_thresholds", self.rating_thresholds,
+                  "give 3 cut-offs, largest first (significantly_better, better, slightly_better), e.g. [3, 2, 1]")
 
 
 @dataclass(frozen=True)
@@ -118,7 +134,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SFTConfig:
     init: str = option("base", help="start from 'base' (model:) or the output of an earlier stage, by name")
-    datasets: tuple[DatasetSpec, ...] = option(factory=tuple, help="conversation datasets (alpaca, oasst, synthetic_sft)")
+    datasets: tuple[DatasetSpec, ...] = option(factory=tuple, help="conversation datasets (alpaca, oasst, messages, "
+                                                                   "sharegpt, synthetic_sft)")
     max_length: int = option(512, help="tokens per (packed) sequence; longer conversations are truncated at a turn boundary")
     packing: bool = option(True, help="pack several conversations into one sequence (attention kept within each)")
     test_size: int = option(0, help="whole conversations held out (by seed); their answer loss is measured before "
@@ -218,7 +235,8 @@ class RewardUseConfig:
 class RejectionConfig:
     init: str = option("sft", help="the policy fine-tuned on the kept samples: 'base' or an earlier stage")
     sampler: str = option("", help="the model that samples: '' = the policy (init) itself; or 'base', an earlier stage, or a local HF dir (distillation from a larger teacher); a stage name wins over a directory of that name")
-    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets (oasst_prompts, xstest, hh, synthetic_prompts)")
+    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets (prompts, messages, sharegpt, "
+                                              "oasst_prompts, xstest, hh, synthetic_prompts)")
     heldout_prompts: int = option(16, help="prompts held out to measure the policy's mean combined reward before and after")
     k: int = option(4, help="samples per prompt (the recipe's K)")
     rounds: int = option(1, help="rounds in this stage; round r keeps, per prompt, the best answer of all rounds <= r")
@@ -431,7 +449,8 @@ class AutoLabelConfig:
 class LabelConfig:
     init: str = option("sft", help="the policy that samples response A: 'base' or an earlier stage (its model/)")
     init_b: str = option("", help="the policy that samples response B: '' = the same as init (only the sampling differs), 'base', an earlier stage, or a local HF dir")
-    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets (records of kind prompt: oasst_prompts, xstest, hh, synthetic_prompts)")
+    prompts: tuple[DatasetSpec, ...] = option(factory=tuple, help="prompt datasets (records of kind prompt: prompts, "
+                                              "messages, sharegpt, oasst_prompts, xstest, hh, synthetic_prompts)")
     prompts_per_round: int = option(64, help="prompts sampled (by seed and round) per round; 0 = all")
     sampling_a: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=0.7), help="sampling of response A")
     sampling_b: SamplingConfig = option(factory=lambda: SamplingConfig(temperature=1.2), help="sampling of response B (recipe: two temperatures and/or two model variants)")

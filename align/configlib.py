@@ -263,7 +263,17 @@ def to_dict(obj: Any) -> Any:
 
 
 def help_lines(cls: type, prefix: str = "") -> list[str]:
-    """`key: type = default  # help` for every key, nested sections included."""
+    """`key: type = default  # help` for every key, nested sections included. The keys of a list's item
+    dataclass (DatasetSpec) follow once at the end, under `<ItemClass>.`, not once per list."""
+    items: dict[type, list[str]] = {}
+    out = _help_lines(cls, prefix, items)
+    for item, lists in items.items():
+        out.append(f"<{item.__name__}>:  # each entry of the lists {', '.join(lists)}")
+        out.extend(_help_lines(item, f"<{item.__name__}>", items))
+    return out
+
+
+def _help_lines(cls: type, prefix: str, items: dict[type, list[str]]) -> list[str]:
     out = []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
@@ -273,10 +283,15 @@ def help_lines(cls: type, prefix: str = "") -> list[str]:
         tp = _unwrap_optional(hints[f.name])
         if is_dataclass(tp):
             out.append(f"{full}:  # {f.metadata.get('help', '')}")
-            out.extend(help_lines(tp, full))
+            out.extend(_help_lines(tp, full, items))
             continue
+        item = (get_args(tp) or (None,))[0] if get_origin(tp) in (list, tuple) else None
+        type_name = _type_name(hints[f.name])
+        if is_dataclass(item):
+            items.setdefault(item, []).append(full)
+            type_name = f"list of <{item.__name__}>"
         default = f.default if f.default is not MISSING else ("<list>" if f.default_factory is not MISSING else "<required>")
-        out.append(f"{full}: {_type_name(hints[f.name])} = {default!r}  # {f.metadata.get('help', '')}")
+        out.append(f"{full}: {type_name} = {default!r}  # {f.metadata.get('help', '')}")
     return out
 
 

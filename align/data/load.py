@@ -16,7 +16,7 @@ from align.data.validate import DataError, DataReport, RowPolicy
 
 
 def resolve_path(spec: DatasetSpec, data_dir: str | Path) -> Optional[Path]:
-    """The file a dataset reads: ``spec.path``, relative to ``data_dir`` unless absolute.
+    """The file (or save_to_disk folder) a dataset reads: ``spec.path``, relative to ``data_dir`` unless absolute.
 
     None for synthetic_* (they read no file). A missing file is a `DataError` naming both.
     """
@@ -29,9 +29,15 @@ def resolve_path(spec: DatasetSpec, data_dir: str | Path) -> Optional[Path]:
                 f" (path {spec.path!r} is relative to data_dir {str(data_dir)!r}: set the config's "
                 f"data_dir key to the folder that holds it, or give an absolute path)")
         raise DataError(f"data file {path} does not exist{hint}")
-    if not path.is_file():
-        raise DataError(f"{path} is a directory, not a data file: point path at the file inside it")
+    if path.is_dir() and not is_saved_dataset(path):
+        raise DataError(f"{path} is a directory, not a data file nor a datasets.save_to_disk folder (it has no "
+                        f"state.json or dataset_dict.json): point path at the file inside it")
     return path
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by `datasets` ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 def load_records(spec: DatasetSpec, kind: str, data_dir: str | Path,

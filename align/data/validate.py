@@ -49,7 +49,8 @@ class DataReport:
     synthetic_*). n_records counts the canonical records that passed validation (an OASST tree
     gives several), n_kept those left after ``limit``. ``skipped`` counts dropped rows by reason
     (a row that gives several records, such as an OASST tree, counts each bad record); ``examples``
-    quotes the first few as "line N: reason".
+    quotes the first few as "line N: reason". ``unit`` names a row's position: "line" (1-based) in
+    a text file, "index" (0-based, as `datasets` numbers rows) in a Parquet/Arrow table.
     """
 
     path: str
@@ -60,6 +61,7 @@ class DataReport:
     n_kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    unit: str = "line"
 
     @property
     def n_skipped(self) -> int:
@@ -84,16 +86,16 @@ class RowPolicy:
         self.bad_rows = bad_rows
 
     def bad(self, line: int, problem: BadRow) -> None:
-        """Raise (fail) or count (skip) the bad row at ``line`` (1-based)."""
+        """Raise (fail) or count (skip) the bad row at ``line`` (in the report's unit)."""
         if self.bad_rows == "fail":
             fix = "fix the row or set data.bad_rows: skip"
             if self.report.n_records == 0 and not self.report.skipped and self.report.n_read == 1:
                 # The very first row: more likely the wrong format or file than one bad row.
                 fix += f" (if every row looks like this, this is not a {self.report.format} file: check format and path)"
-            raise DataError(f"{self.report.path} line {line}: {problem.reason}{problem.detail}; {fix}")
+            raise DataError(f"{self.report.path} {self.report.unit} {line}: {problem.reason}{problem.detail}; {fix}")
         self.report.skipped[problem.reason] = self.report.skipped.get(problem.reason, 0) + 1
         if len(self.report.examples) < N_EXAMPLES:
-            self.report.examples.append(f"line {line}: {problem.reason}{problem.detail}")
+            self.report.examples.append(f"{self.report.unit} {line}: {problem.reason}{problem.detail}")
 
     def file_error(self, problem: str) -> DataError:
         """A problem with the whole file, which no policy can skip."""

@@ -44,6 +44,11 @@ CONFIG_CASES = [
     ("rollout-memory-negative", ["rollout.kv_cache_gib=-1"], "kv_cache_gib=-1.0"),
     ("gatt-eval-repeats-zero", ["gatt.eval_repeats=0"], "gatt.eval_repeats=0: must be >= 1"),
     ("gatt-reference-max-parts-negative", ["gatt.reference_max_parts=-1"], "gatt.reference_max_parts=-1: must be >= 0"),
+    ("rating-thresholds-unsorted",
+     ["rm_helpful.primary=[{format: ultrafeedback, path: x, rating_thresholds: [1, 2, 3]}]"],
+     "rating_thresholds=(1.0, 2.0, 3.0): give 3 cut-offs, largest first"),
+    ("rating-thresholds-wrong-format", ["sft.datasets=[{format: messages, path: x, rating_thresholds: [3, 2, 1]}]"],
+     "applies to formats trl_jsonl, ultrafeedback only"),
 ]
 
 
@@ -93,6 +98,21 @@ def _jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def _parquet(rows) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue()
+
+
+def _turn(role, content):
+    return {"role": role, "content": content}
+
+
 GOOD = {"prompt": "Say hi", "chosen": "Hi there!", "rejected": "no."}
 # (id, file name, content (str or bytes), format, kind field, text the message must contain)
 DATA_CASES = [
@@ -117,6 +137,19 @@ DATA_CASES = [
                                                               "rejected": "\n\nHuman: a\n\nAssistant: c"}]).encode())[:-8],
      "hh", "rm", "h.jsonl.gz"),
     ("oasst-json-list", "o.jsonl", json.dumps([{"prompt": {}}]), "oasst", "sft", "o.jsonl"),
+    ("messages-ends-with-user", "c.jsonl", _jsonl([{"messages": [_turn("user", "hi")]}]), "messages", "sft",
+     "line 1: 'messages' ends with a user turn"),
+    ("messages-parquet-bad-row", "c.parquet", _parquet([{"messages": [_turn("user", "hi"), _turn("assistant", "yo")]},
+                                                        {"messages": [_turn("user", "hi")]}]), "messages", "sft",
+     "index 1: 'messages' ends with a user turn"),
+    ("prompts-given-to-sft", "p.jsonl", _jsonl([{"prompt": "hi"}]), "prompts", "sft", "cannot give conversation"),
+    ("implicit-pair-no-shared-prompt", "p.jsonl", _jsonl([{"chosen": [_turn("user", "a"), _turn("assistant", "b")],
+                                                           "rejected": [_turn("user", "x"), _turn("assistant", "y")]}]),
+     "trl_jsonl", "rm", "line 1: 'chosen' and 'rejected' share no prompt"),
+    ("ultrafeedback-tie", "u.jsonl", _jsonl([{"chosen": [_turn("user", "a"), _turn("assistant", "b")],
+                                              "rejected": [_turn("user", "a"), _turn("assistant", "c")],
+                                              "score_chosen": 5, "score_rejected": 5}]),
+     "ultrafeedback", "rm", "line 1: 'score_chosen' is not above 'score_rejected'"),
 ]
 
 
