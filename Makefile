@@ -31,6 +31,8 @@ run: setup
 	$(BIN)/align run $(CONFIG)
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

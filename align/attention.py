@@ -13,6 +13,7 @@ row split at the boundaries, so the backward is one concatenation); without them
 generation) it is transformers' sdpa unchanged. The masks are sdpa's, so every other input is handled
 as before. Equal to sdpa with the block-diagonal mask (tests/align/test_attention.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,19 @@ VARLEN = "align_varlen"
 
 
 @torch.compiler.disable  # the split is data-dependent: a compiled layer (align.models.compile_layers) runs it eager
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             is_causal=None, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    is_causal=None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    **kwargs,
+):
     """transformers' attention-function signature: query (1, H, T, D), key/value (1, Hkv, T, D) ->
     ((1, T, H, D), None); ``cu_seq_lens_q`` (= ``cu_seq_lens_k``): (n + 1,) int boundaries of the row's n
     causal sequences.
@@ -33,17 +45,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    packed = (cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
-              and (cu_seq_lens_k is None or torch.equal(cu_seq_lens_q, cu_seq_lens_k)))
+    packed = (
+        cu_seq_lens_q is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+        and (cu_seq_lens_k is None or torch.equal(cu_seq_lens_q, cu_seq_lens_k))
+    )
     if not packed:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     lengths = cu_seq_lens_q.diff().tolist()
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
-    outs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling,
-                                                             enable_gqa=gqa)
-            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 

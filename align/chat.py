@@ -5,6 +5,7 @@ an assistant turn's trained span runs from the end of the rendered prefix *with*
 prompt to the end of that turn's rendering (its content and end-of-turn token), so whatever the
 template writes around a turn, only the answer and its stop token carry loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from align.errors import AlignError
 class TokenizedChat:
     input_ids: list[int]
     loss_mask: list[bool]  # True = this token is trained on (an answer token of a `train` turn)
-    truncated: bool        # later turns were dropped to fit max_length
+    truncated: bool  # later turns were dropped to fit max_length
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
@@ -34,8 +35,10 @@ def trained_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
         head = _render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1])
         if not text.startswith(upto) or not upto.startswith(head):
-            raise AlignError("the tokenizer's chat template does not render a conversation as a prefix of its "
-                             "continuation, so answer tokens cannot be located; use a template such as ChatML")
+            raise AlignError(
+                "the tokenizer's chat template does not render a conversation as a prefix of its "
+                "continuation, so answer tokens cannot be located; use a template such as ChatML"
+            )
         end = len(upto.rstrip())  # the end-of-turn token is trained; the whitespace after it is not
         spans.append((len(head), end))
     return text, spans

@@ -15,6 +15,7 @@ Exit codes: 0 done; 2 bad input or a failed stage (the message says what to fix)
 people (label.judge: people) is not complete yet: label it on the page, then rerun (or use --wait);
 130 interrupted (Ctrl-C). After 2, 3 and 130 the same command resumes where the run stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,27 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align", description="The Llama 2-Chat alignment recipe as one pipeline.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="align",
+        description="The Llama 2-Chat alignment recipe as one pipeline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the pipeline of a config")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key.sub=value")
-    r.add_argument("--wait", type=float, nargs="?", const=math.inf, default=None, metavar="SECONDS",
-                   help="a round labeled by people (label.judge: people) that is not complete: show its progress "
-                        "and wait for it (at most SECONDS; no value = until it is complete) instead of stopping; "
-                        "give it after the overrides")
+    r.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=math.inf,
+        default=None,
+        metavar="SECONDS",
+        help="a round labeled by people (label.judge: people) that is not complete: show its progress "
+        "and wait for it (at most SECONDS; no value = until it is complete) instead of stopping; "
+        "give it after the overrides",
+    )
     s = sub.add_parser("stage", help="run one stage of a config")
     s.add_argument("name")
     s.add_argument("config")
@@ -60,12 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     re_ = rm.add_parser("eval", help="evaluate a reward-model checkpoint on preference data")
     re_.add_argument("checkpoint", help="a reward-model directory (from_pretrained)")
     re_.add_argument("data", help="a preference file (any importer format)")
-    re_.add_argument("--format", default="trl_jsonl",
-                     help="importer: hh | oasst | sharegpt_dpo | trl_jsonl (default) | ultrafeedback")
+    re_.add_argument(
+        "--format",
+        default="trl_jsonl",
+        help="importer: hh | oasst | sharegpt_dpo | trl_jsonl (default) | ultrafeedback",
+    )
     re_.add_argument("--limit", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
-    re_.add_argument("--out", default="", help="directory for eval.json, eval.md, eval_gaps.png and eval_calibration.png")
-    re_.add_argument("--max-length", type=int, default=None,
-                     help="tokens per prompt+response (default: the RM's scorer.json, else 1024)")
+    re_.add_argument(
+        "--out", default="", help="directory for eval.json, eval.md, eval_gaps.png and eval_calibration.png"
+    )
+    re_.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per prompt+response (default: the RM's scorer.json, else 1024)",
+    )
     re_.add_argument("--bad-rows", default="skip", choices=["fail", "skip"], help="a malformed row: fail or skip")
     from align.label.cli import register as register_label
 
@@ -110,7 +131,7 @@ def _dispatch(args) -> int:
     if args.cmd == "eval":
         from pathlib import Path
 
-        from align.configlib import ConfigError, build, init_dict
+        from align.configlib import ConfigError, build
         from align.config import PipelineConfig
         from align.configlib import apply_overrides
         from align.evaluation import evaluate_run
@@ -119,10 +140,12 @@ def _dispatch(args) -> int:
         raw = apply_overrides(PipelineConfig, read_json(Path(args.run_dir) / "run.json")["config"], args.overrides)
         cfg = build(PipelineConfig, raw)
         if cfg.eval is None:
-            raise ConfigError(f"{args.run_dir}: its config has no eval: section; add one (see configs/default.yaml) "
-                              "or pass it as overrides, e.g. eval.prompts=[{format: oasst_prompts, path: ...}]")
+            raise ConfigError(
+                f"{args.run_dir}: its config has no eval: section; add one (see configs/default.yaml) "
+                "or pass it as overrides, e.g. eval.prompts=[{format: oasst_prompts, path: ...}]"
+            )
         out = Path(args.run_dir) / "eval_adhoc"
-        metrics = evaluate_run(cfg, Path(args.run_dir), out)
+        evaluate_run(cfg, Path(args.run_dir), out)
         print((out / "eval.md").read_text())
         return 0
     if args.cmd == "report":

@@ -4,6 +4,7 @@ Precedence: dataclass defaults < YAML < command line. Unknown keys, wrong types 
 raise `ConfigError` naming the key, the value and (for unknown keys) the nearest valid key. A field's
 `help` metadata is its one-line description (shown by `align validate --help-keys`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -240,8 +241,9 @@ def read_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e}); save the config as UTF-8") from None
     except _DuplicateKey as e:
-        raise ConfigError(f"{path}: key {e.key!r} is given twice in one section, at lines {e.first} and "
-                          f"{e.second}; keep one") from None
+        raise ConfigError(
+            f"{path}: key {e.key!r} is given twice in one section, at lines {e.first} and {e.second}; keep one"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
@@ -290,7 +292,9 @@ def _help_lines(cls: type, prefix: str, items: dict[type, list[str]]) -> list[st
         if is_dataclass(item):
             items.setdefault(item, []).append(full)
             type_name = f"list of <{item.__name__}>"
-        default = f.default if f.default is not MISSING else ("<list>" if f.default_factory is not MISSING else "<required>")
+        default = (
+            f.default if f.default is not MISSING else ("<list>" if f.default_factory is not MISSING else "<required>")
+        )
         out.append(f"{full}: {type_name} = {default!r}  # {f.metadata.get('help', '')}")
     return out
 

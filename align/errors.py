@@ -1,7 +1,7 @@
 """The exception types a user sees (their message names the problem and the fix) and `align`'s exit codes."""
 
-EXIT_BAD_INPUT = 2      # an AlignError or ConfigError: fix the input and rerun
-EXIT_LABELING = 3       # not a failure: a label stage (judge: people) waits on labelers; rerun to continue
+EXIT_BAD_INPUT = 2  # an AlignError or ConfigError: fix the input and rerun
+EXIT_LABELING = 3  # not a failure: a label stage (judge: people) waits on labelers; rerun to continue
 EXIT_INTERRUPTED = 130  # Ctrl-C: rerun to resume
 
 

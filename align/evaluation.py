@@ -7,6 +7,7 @@ reference checkpoint by each RM (the recipe's way of tracking progress between i
 XSTest refusal rates (refused `unsafe` prompts should be high, refused `safe` prompts low) by the
 pattern detector of `align.refusal`, whose agreement with hand labels is reported beside them.
 """
+
 from __future__ import annotations
 
 import random
@@ -54,11 +55,24 @@ def compare(scores, ref, lengths, ref_lengths, seed: int) -> dict:
     diffs = [a - b for a, b in zip(lengths, ref_lengths)]
     win, win_lo, win_hi = bootstrap_mean(outcomes, seed=seed)
     lc = length_controlled_win_rate(outcomes, diffs)
-    lc_lo, lc_hi = bootstrap_stat(len(outcomes), lambda idx: length_controlled_win_rate(
-        [outcomes[i] for i in idx], [diffs[i] for i in idx]), n_boot=300, seed=seed)
+    lc_lo, lc_hi = bootstrap_stat(
+        len(outcomes),
+        lambda idx: length_controlled_win_rate([outcomes[i] for i in idx], [diffs[i] for i in idx]),
+        n_boot=300,
+        seed=seed,
+    )
     mean, mean_lo, mean_hi = bootstrap_mean(list(scores), seed=seed)
-    return {"win": win, "win_lo": win_lo, "win_hi": win_hi, "lc_win": lc, "lc_win_lo": lc_lo, "lc_win_hi": lc_hi,
-            "mean": mean, "mean_lo": mean_lo, "mean_hi": mean_hi}
+    return {
+        "win": win,
+        "win_lo": win_lo,
+        "win_hi": win_hi,
+        "lc_win": lc,
+        "lc_win_lo": lc_lo,
+        "lc_win_hi": lc_hi,
+        "mean": mean,
+        "mean_lo": mean_lo,
+        "mean_hi": mean_hi,
+    }
 
 
 def _load_prompts(cfg, specs, n: int, seed: int) -> list[dict]:
@@ -103,8 +117,13 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
     names = [n for n, _ in checkpoints]
     if ecfg.reference not in names:
         raise AlignError(f"eval.reference={ecfg.reference!r} is not among the evaluated checkpoints {names}")
-    sampling = SamplingParams(n=1, temperature=ecfg.sampling.temperature, top_p=ecfg.sampling.top_p,
-                              max_new_tokens=ecfg.sampling.max_new_tokens, seed=seed)
+    sampling = SamplingParams(
+        n=1,
+        temperature=ecfg.sampling.temperature,
+        top_p=ecfg.sampling.top_p,
+        max_new_tokens=ecfg.sampling.max_new_tokens,
+        seed=seed,
+    )
     all_prompts = [p["prompt"] for p in prompts] + [x["prompt"] for x in xs]
     answers: dict[str, list[str]] = {}
     with make_engine(cfg.rollout, checkpoints[0][1], seed=seed, dtype=cfg.compute.dtype) as engine:
@@ -116,7 +135,10 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
     n = len(prompts)
     from align.pipeline import latest_dir
 
-    h_dir, s_dir = rm_dirs or (latest_dir(cfg, run_dir, ecfg.reward.helpful_rm), latest_dir(cfg, run_dir, ecfg.reward.safety_rm))
+    h_dir, s_dir = rm_dirs or (
+        latest_dir(cfg, run_dir, ecfg.reward.helpful_rm),
+        latest_dir(cfg, run_dir, ecfg.reward.safety_rm),
+    )
     helpful = RewardScorer.from_pretrained(h_dir / "model")  # each with the settings it trained with (scorer.json)
     safety = RewardScorer.from_pretrained(s_dir / "model")
     per: dict[str, dict] = {}
@@ -128,8 +150,13 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
         refused = [is_refusal(t) for t in xs_text]
         unsafe = [r for r, x in zip(refused, xs) if x["source"] == "xstest:unsafe"]
         safe = [r for r, x in zip(refused, xs) if x["source"] == "xstest:safe"]
-        per[name] = {"helpful": h, "safety": s, "refused_unsafe": unsafe, "refused_safe": safe,
-                     "lengths": [len(t) for t in texts]}
+        per[name] = {
+            "helpful": h,
+            "safety": s,
+            "refused_unsafe": unsafe,
+            "refused_safe": safe,
+            "lengths": [len(t) for t in texts],
+        }
     ref = per[ecfg.reference]
     metrics: dict[str, float] = {"eval/n_prompts": n, "eval/n_xstest": len(xs)}
     for name in names:
@@ -137,25 +164,53 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
         for rm in ("helpful", "safety"):
             c = compare(p[rm], ref[rm], p["lengths"], ref["lengths"], seed)
             vs = f"vs_{ecfg.reference}"
-            metrics.update({f"eval/{name}/{rm}_mean": c["mean"], f"eval/{name}/{rm}_mean_lo": c["mean_lo"],
-                            f"eval/{name}/{rm}_mean_hi": c["mean_hi"],
-                            f"eval/{name}/winrate_{rm}_{vs}": c["win"], f"eval/{name}/winrate_{rm}_{vs}_lo": c["win_lo"],
-                            f"eval/{name}/winrate_{rm}_{vs}_hi": c["win_hi"],
-                            f"eval/{name}/lc_winrate_{rm}_{vs}": c["lc_win"],
-                            f"eval/{name}/lc_winrate_{rm}_{vs}_lo": c["lc_win_lo"],
-                            f"eval/{name}/lc_winrate_{rm}_{vs}_hi": c["lc_win_hi"]})
+            metrics.update(
+                {
+                    f"eval/{name}/{rm}_mean": c["mean"],
+                    f"eval/{name}/{rm}_mean_lo": c["mean_lo"],
+                    f"eval/{name}/{rm}_mean_hi": c["mean_hi"],
+                    f"eval/{name}/winrate_{rm}_{vs}": c["win"],
+                    f"eval/{name}/winrate_{rm}_{vs}_lo": c["win_lo"],
+                    f"eval/{name}/winrate_{rm}_{vs}_hi": c["win_hi"],
+                    f"eval/{name}/lc_winrate_{rm}_{vs}": c["lc_win"],
+                    f"eval/{name}/lc_winrate_{rm}_{vs}_lo": c["lc_win_lo"],
+                    f"eval/{name}/lc_winrate_{rm}_{vs}_hi": c["lc_win_hi"],
+                }
+            )
         if xs:
-            for key, hits in (("xstest_refusal_unsafe", p["refused_unsafe"]), ("xstest_over_refusal_safe", p["refused_safe"])):
+            for key, hits in (
+                ("xstest_refusal_unsafe", p["refused_unsafe"]),
+                ("xstest_over_refusal_safe", p["refused_safe"]),
+            ):
                 lo, hi = wilson(sum(hits), len(hits))
-                metrics.update({f"eval/{name}/{key}": sum(hits) / len(hits) if hits else float("nan"),
-                                f"eval/{name}/{key}_lo": lo, f"eval/{name}/{key}_hi": hi})
+                metrics.update(
+                    {
+                        f"eval/{name}/{key}": sum(hits) / len(hits) if hits else float("nan"),
+                        f"eval/{name}/{key}_lo": lo,
+                        f"eval/{name}/{key}_hi": hi,
+                    }
+                )
         metrics[f"eval/{name}/answer_chars"] = sum(p["lengths"]) / max(n, 1)
     metrics.update(agreement())
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "eval.json", {"metrics": metrics, "checkpoints": {k: str(v) for k, v in checkpoints},
-                                              "scores": {k: {"helpful": v["helpful"], "safety": v["safety"]} for k, v in per.items()}})
-    samples = [{"checkpoint": name, "prompt": (prompts + xs)[i]["prompt"], "source": (prompts + xs)[i]["source"],
-                "answer": answers[name][i]} for name in names for i in range(len(all_prompts))]
+    write_json_atomic(
+        out_dir / "eval.json",
+        {
+            "metrics": metrics,
+            "checkpoints": {k: str(v) for k, v in checkpoints},
+            "scores": {k: {"helpful": v["helpful"], "safety": v["safety"]} for k, v in per.items()},
+        },
+    )
+    samples = [
+        {
+            "checkpoint": name,
+            "prompt": (prompts + xs)[i]["prompt"],
+            "source": (prompts + xs)[i]["source"],
+            "answer": answers[name][i],
+        }
+        for name in names
+        for i in range(len(all_prompts))
+    ]
     write_text_atomic(out_dir / "samples.jsonl", "".join(__import__("json").dumps(r) + "\n" for r in samples))
     write_text_atomic(out_dir / "eval.md", markdown_table(names, per, metrics, ecfg.reference, bool(xs), n, len(xs)))
     _plots(names, per, metrics, ecfg.reference, out_dir)
@@ -165,33 +220,43 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
 def markdown_table(names, per, metrics, reference, has_xs, n, n_xs) -> str:
     """Each checkpoint's mean RM scores and win rates against `reference`, raw and length-controlled, each
     with its 95% interval; XSTest refusal rates with Wilson intervals."""
+
     def cell(key: str, pct: bool = True) -> str:
         v, lo, hi = metrics[key], metrics[key + "_lo"], metrics[key + "_hi"]
         return f"{v * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}]" if pct else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
     ag = metrics["refusal/detector_accuracy"]
     vs = f"vs_{reference}"
-    lines = [f"# Checkpoints on the same {n} held-out prompts" + (f" and {n_xs} XSTest prompts" if has_xs else ""), "",
-             f"Every figure with its 95% interval (bootstrap over the {n} prompts; Wilson for XSTest rates). "
-             f"Win rates are against {reference} (ties count half); length-controlled (LC) win rates are read off a "
-             "logistic regression of the outcome on the answer-length difference at equal length (AlpacaEval 2.0's "
-             "control), so a checkpoint that only wrote more does not look better.", "",
-             f"| checkpoint | helpful RM (mean σ) | safety RM (mean σ) | win vs {reference}, helpful | LC win, helpful "
-             f"| win vs {reference}, safety | LC win, safety | answer chars |"
-             + (f" XSTest unsafe refused | XSTest safe refused |" if has_xs else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_xs else "")]
+    lines = [
+        f"# Checkpoints on the same {n} held-out prompts" + (f" and {n_xs} XSTest prompts" if has_xs else ""),
+        "",
+        f"Every figure with its 95% interval (bootstrap over the {n} prompts; Wilson for XSTest rates). "
+        f"Win rates are against {reference} (ties count half); length-controlled (LC) win rates are read off a "
+        "logistic regression of the outcome on the answer-length difference at equal length (AlpacaEval 2.0's "
+        "control), so a checkpoint that only wrote more does not look better.",
+        "",
+        f"| checkpoint | helpful RM (mean σ) | safety RM (mean σ) | win vs {reference}, helpful | LC win, helpful "
+        f"| win vs {reference}, safety | LC win, safety | answer chars |"
+        + (" XSTest unsafe refused | XSTest safe refused |" if has_xs else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_xs else ""),
+    ]
     for name in names:
-        row = (f"| {name} | {cell(f'eval/{name}/helpful_mean', False)} | {cell(f'eval/{name}/safety_mean', False)} | "
-               f"{cell(f'eval/{name}/winrate_helpful_{vs}')} | {cell(f'eval/{name}/lc_winrate_helpful_{vs}')} | "
-               f"{cell(f'eval/{name}/winrate_safety_{vs}')} | {cell(f'eval/{name}/lc_winrate_safety_{vs}')} | "
-               f"{metrics[f'eval/{name}/answer_chars']:.0f} |")
+        row = (
+            f"| {name} | {cell(f'eval/{name}/helpful_mean', False)} | {cell(f'eval/{name}/safety_mean', False)} | "
+            f"{cell(f'eval/{name}/winrate_helpful_{vs}')} | {cell(f'eval/{name}/lc_winrate_helpful_{vs}')} | "
+            f"{cell(f'eval/{name}/winrate_safety_{vs}')} | {cell(f'eval/{name}/lc_winrate_safety_{vs}')} | "
+            f"{metrics[f'eval/{name}/answer_chars']:.0f} |"
+        )
         if has_xs:
             row += f" {cell(f'eval/{name}/xstest_refusal_unsafe')} | {cell(f'eval/{name}/xstest_over_refusal_safe')} |"
         lines.append(row)
-    lines += ["", f"Refusals are detected by string patterns (align/refusal.py, as the XSTest authors did); on "
-              f"{int(metrics['refusal/detector_examples'])} hand-checked responses the detector agrees with the hand "
-              f"label {ag * 100:.0f}% of the time (precision {metrics['refusal/detector_precision']:.2f}, recall "
-              f"{metrics['refusal/detector_recall']:.2f})."]
+    lines += [
+        "",
+        f"Refusals are detected by string patterns (align/refusal.py, as the XSTest authors did); on "
+        f"{int(metrics['refusal/detector_examples'])} hand-checked responses the detector agrees with the hand "
+        f"label {ag * 100:.0f}% of the time (precision {metrics['refusal/detector_precision']:.2f}, recall "
+        f"{metrics['refusal/detector_recall']:.2f}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -211,8 +276,18 @@ def _plots(names, per, metrics, reference, out_dir: Path) -> None:
     fig = Figure(figsize=(6, 3.4))
     ax = fig.subplots()
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [metrics[f"eval/{n}/winrate_helpful_vs_{reference}"] for n in names], 0.4, label="helpful RM")
-    ax.bar([x + 0.2 for x in xs], [metrics[f"eval/{n}/winrate_safety_vs_{reference}"] for n in names], 0.4, label="safety RM")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [metrics[f"eval/{n}/winrate_helpful_vs_{reference}"] for n in names],
+        0.4,
+        label="helpful RM",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [metrics[f"eval/{n}/winrate_safety_vs_{reference}"] for n in names],
+        0.4,
+        label="safety RM",
+    )
     ax.axhline(0.5, color="black", linewidth=0.8)
     ax.set_xticks(list(xs), names)
     ax.set_ylabel(f"win rate vs {reference}")
@@ -223,5 +298,10 @@ def _plots(names, per, metrics, reference, out_dir: Path) -> None:
 
 
 def run_eval(ctx) -> dict:
-    return evaluate_run(ctx.cfg, ctx.run_dir, ctx.out_dir, upto=ctx.name, rm_dirs=(
-        ctx.stage_dir(ctx.stage_cfg.reward.helpful_rm), ctx.stage_dir(ctx.stage_cfg.reward.safety_rm)))
+    return evaluate_run(
+        ctx.cfg,
+        ctx.run_dir,
+        ctx.out_dir,
+        upto=ctx.name,
+        rm_dirs=(ctx.stage_dir(ctx.stage_cfg.reward.helpful_rm), ctx.stage_dir(ctx.stage_cfg.reward.safety_rm)),
+    )

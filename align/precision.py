@@ -8,6 +8,7 @@ where the hardware runs it natively and fp32 elsewhere:
 - CPU: bf16 with AMX or AVX512-BF16 units (bf16 matmuls ~4x fp32); fp32 without them, where bf16 is
   emulated and slower than fp32 (bench/README.md has the measured ratios per CPU).
 """
+
 from __future__ import annotations
 
 import functools
@@ -132,7 +133,7 @@ def matmul_gflops(dtype_name: str, size: int = 256, seconds: float = 0.2) -> flo
     while reps < 3 or time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-    return 2 * size ** 3 * reps / (time.perf_counter() - t0) / 1e9
+    return 2 * size**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def slow_bf16_warning(precision: Precision) -> str:
@@ -141,12 +142,16 @@ def slow_bf16_warning(precision: Precision) -> str:
         return ""
     cuda, _, _ = cuda_bf16()
     if cuda:
-        return ("warning: precision=bf16 on a GPU without bf16 support runs emulated and slower than fp32; "
-                "set precision=auto (fp32 here)")
+        return (
+            "warning: precision=bf16 on a GPU without bf16 support runs emulated and slower than fp32; "
+            "set precision=auto (fp32 here)"
+        )
     fp32, bf16 = matmul_gflops("float32"), matmul_gflops("bfloat16")
-    return (f"warning: precision=bf16 on a CPU without bf16 units ({cpu_isa()}): bf16 is emulated, measured now "
-            f"{bf16:.1f} GFLOP/s against {fp32:.1f} in fp32 ({fp32 / max(bf16, 1e-9):.1f}x slower); "
-            f"set precision=auto (fp32 here)")
+    return (
+        f"warning: precision=bf16 on a CPU without bf16 units ({cpu_isa()}): bf16 is emulated, measured now "
+        f"{bf16:.1f} GFLOP/s against {fp32:.1f} in fp32 ({fp32 / max(bf16, 1e-9):.1f}x slower); "
+        f"set precision=auto (fp32 here)"
+    )
 
 
 def cpu_line(hw: dict) -> str:

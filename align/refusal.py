@@ -7,6 +7,7 @@ refusals sit. It is pure (no model) and deterministic. Its agreement with hand l
 `refusal_examples.jsonl` (hand-checked responses, both kinds, with the easy traps: apologies that then
 comply, "I can't stress enough ...") and reported by the eval stage; tests pin it.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,5 +51,9 @@ def agreement(examples_path: Path = EXAMPLES) -> dict[str, float]:
     fp = sum(1 for r in rows if not r["refusal"] and is_refusal(r["response"]))
     fn = sum(1 for r in rows if r["refusal"] and not is_refusal(r["response"]))
     correct = sum(1 for r in rows if r["refusal"] == is_refusal(r["response"]))
-    return {"refusal/detector_accuracy": correct / len(rows), "refusal/detector_precision": tp / max(tp + fp, 1),
-            "refusal/detector_recall": tp / max(tp + fn, 1), "refusal/detector_examples": float(len(rows))}
+    return {
+        "refusal/detector_accuracy": correct / len(rows),
+        "refusal/detector_precision": tp / max(tp + fp, 1),
+        "refusal/detector_recall": tp / max(tp + fn, 1),
+        "refusal/detector_examples": float(len(rows)),
+    }

@@ -5,6 +5,7 @@ of each logged metric family from `metrics.jsonl`, every PNG the stage wrote (im
 URIs, so the page reads offline and can be mailed) and every markdown table (`*.md`) it wrote. Stages
 therefore grow the report by writing PNGs and tables into their own directory.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,8 +40,10 @@ figcaption{font-size:.8rem;color:#555} .muted{color:#777} .status-done{color:#1a
 
 def _img(data: bytes, caption: str) -> str:
     b64 = base64.b64encode(data).decode()
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _plot_panels(rows: list[dict]) -> list[tuple[str, bytes]]:
@@ -87,33 +90,67 @@ def headline(kind: str, s: dict) -> str:
 
     try:
         if kind == "sft" and "heldout/loss_change" in s:
-            return (f"held-out answer loss {s['heldout/loss_before']:.3f} &rarr; {s['heldout/loss_after']:.3f}: "
-                    + _change(s, "heldout/loss_change", "heldout/loss_change_lo", "heldout/loss_change_hi",
-                              "heldout/n", "change", "heldout/within_noise"))
+            return (
+                f"held-out answer loss {s['heldout/loss_before']:.3f} &rarr; {s['heldout/loss_after']:.3f}: "
+                + _change(
+                    s,
+                    "heldout/loss_change",
+                    "heldout/loss_change_lo",
+                    "heldout/loss_change_hi",
+                    "heldout/n",
+                    "change",
+                    "heldout/within_noise",
+                )
+            )
         if kind == "reward":
             cats = sorted({k.split("/")[1] for k in s if k.startswith("eval/") and k.endswith("/rm/accuracy")})
             return "; ".join(
                 f"{c}: accuracy {fmt_share(s[f'eval/{c}/rm/accuracy'], s[f'eval/{c}/rm/accuracy/ci_low'], s[f'eval/{c}/rm/accuracy/ci_high'], int(s[f'eval/{c}/rm/n']))}, "
-                f"length-balanced {s[f'eval/{c}/rm/length/balanced_accuracy'] * 100:.1f}%" for c in cats)
+                f"length-balanced {s[f'eval/{c}/rm/length/balanced_accuracy'] * 100:.1f}%"
+                for c in cats
+            )
         if kind == "rejection" and "rejection/reward_gain_lo" in s:
-            return _change(s, "rejection/reward_gain", "rejection/reward_gain_lo", "rejection/reward_gain_hi",
-                           "rejection/heldout_n", "held-out reward", "rejection/within_noise")
+            return _change(
+                s,
+                "rejection/reward_gain",
+                "rejection/reward_gain_lo",
+                "rejection/reward_gain_hi",
+                "rejection/heldout_n",
+                "held-out reward",
+                "rejection/within_noise",
+            )
         if kind == "ppo" and "eval/reward_heldout_change" in s:
-            return (_change(s, "eval/reward_heldout_change", "eval/reward_heldout_change_lo",
-                            "eval/reward_heldout_change_hi", "eval/heldout_n", "held-out reward", "eval/within_noise")
-                    + f"; KL to the reference {s['kl/ref_final']:.3f}")
+            return (
+                _change(
+                    s,
+                    "eval/reward_heldout_change",
+                    "eval/reward_heldout_change_lo",
+                    "eval/reward_heldout_change_hi",
+                    "eval/heldout_n",
+                    "held-out reward",
+                    "eval/within_noise",
+                )
+                + f"; KL to the reference {s['kl/ref_final']:.3f}"
+            )
         if kind == "gatt":
             turns = sorted(int(m.group(1)) for k in s if (m := re.fullmatch(r"gatt/recall_after/turn(\d+)_lo", k)))
             return "recall " + ", ".join(
                 f"turn {t}: {s[f'gatt/recall_before/turn{t}'] * 100:.0f}% &rarr; {s[f'gatt/recall_after/turn{t}'] * 100:.0f}% "
                 f"[{s[f'gatt/recall_after/turn{t}_lo'] * 100:.0f}, {s[f'gatt/recall_after/turn{t}_hi'] * 100:.0f}] "
-                f"(n={s[f'gatt/recall_after/turn{t}_n']})" for t in turns)
+                f"(n={s[f'gatt/recall_after/turn{t}_n']})"
+                for t in turns
+            )
         if kind == "eval":
-            wins = sorted(k for k in s if k.startswith("eval/") and "/lc_winrate_helpful_vs_" in k
-                          and not k.endswith(("_lo", "_hi")))
+            wins = sorted(
+                k
+                for k in s
+                if k.startswith("eval/") and "/lc_winrate_helpful_vs_" in k and not k.endswith(("_lo", "_hi"))
+            )
             return "; ".join(
                 f"{k.split('/')[1]}: LC win {s[k] * 100:.0f}% [{s[k + '_lo'] * 100:.0f}, {s[k + '_hi'] * 100:.0f}]"
-                f" (raw {s[k.replace('lc_winrate', 'winrate')] * 100:.0f}%)" for k in wins)
+                f" (raw {s[k.replace('lc_winrate', 'winrate')] * 100:.0f}%)"
+                for k in wins
+            )
     except KeyError:  # a manifest written before a figure existed: no headline rather than no report
         return ""
     return ""
@@ -123,8 +160,12 @@ def _summary_table(summary: dict) -> str:
     rows = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not rows:
         return ""
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
-                   else f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rows)
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>"
+        if isinstance(v, float)
+        else f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
+        for k, v in rows
+    )
     return f"<details><summary>all {len(rows)} figures</summary><table><tr><th>metric</th><th>value</th></tr>{body}</table></details>"
 
 
@@ -141,8 +182,10 @@ def _markdown(text: str) -> str:
 def stage_section(run_dir: Path, name: str) -> str:
     d = run_dir / name
     m = read_json(d / "manifest.json")
-    parts = [f'<h2 id="{name}">{html.escape(name)} <span class="muted">({html.escape(m["kind"])}, '
-             f'{m["wall_s"]:.0f} s, finished {html.escape(m["finished_at"])})</span></h2>']
+    parts = [
+        f'<h2 id="{name}">{html.escape(name)} <span class="muted">({html.escape(m["kind"])}, '
+        f"{m['wall_s']:.0f} s, finished {html.escape(m['finished_at'])})</span></h2>"
+    ]
     model = m["summary"].get("model_dir")
     if model:
         parts.append(f"<p>checkpoint: <code>{html.escape(str(model))}</code></p>")
@@ -165,15 +208,19 @@ def build_report(run_dir: str | Path, stages: list[str] | None = None) -> Path:
     for name in stages:
         mpath = run_dir / name / "manifest.json"
         if not mpath.is_file():
-            rows.append(f'<tr><td><a href="#{name}">{name}</a></td><td class="status-missing">not finished</td>'
-                        "<td></td><td></td></tr>")
+            rows.append(
+                f'<tr><td><a href="#{name}">{name}</a></td><td class="status-missing">not finished</td>'
+                "<td></td><td></td></tr>"
+            )
             continue
         m = read_json(mpath)
         from align.pipeline import one_line
 
         effect = headline(m["kind"], m["summary"]) or html.escape(one_line(m))
-        rows.append(f'<tr><td><a href="#{name}">{name}</a></td><td class="status-done">done</td>'
-                    f'<td>{m["wall_s"]:.0f} s</td><td style="text-align:left">{effect}</td></tr>')
+        rows.append(
+            f'<tr><td><a href="#{name}">{name}</a></td><td class="status-done">done</td>'
+            f'<td>{m["wall_s"]:.0f} s</td><td style="text-align:left">{effect}</td></tr>'
+        )
         sections.append(stage_section(run_dir, name))
     cfg = run["config"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>align run {html.escape(run_dir.name)}</title>

@@ -6,6 +6,7 @@ TRL as `assistant_masks` on pre-tokenised rows: TRL's own `assistant_only_loss` 
 markers that SmolLM2's template lacks. Packing is TRL's best-fit-decreasing packing without padding;
 attention stays within each conversation through `position_ids` (transformers derives the block mask).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,11 +32,17 @@ def tokenize_conversations(tokenizer, records: list[dict], max_length: int):
         truncated += t.truncated
         rows.append({"input_ids": t.input_ids, "assistant_masks": [int(m) for m in t.loss_mask]})
     if not rows:
-        raise AlignError(f"no conversation has an answer that fits in max_length={max_length} tokens: "
-                         "raise max_length or check the data")
-    stats = {"data/conversations": len(records), "data/dropped_too_long": dropped, "data/truncated": truncated,
-             "data/tokens": sum(len(r["input_ids"]) for r in rows),
-             "data/answer_tokens": sum(sum(r["assistant_masks"]) for r in rows)}
+        raise AlignError(
+            f"no conversation has an answer that fits in max_length={max_length} tokens: "
+            "raise max_length or check the data"
+        )
+    stats = {
+        "data/conversations": len(records),
+        "data/dropped_too_long": dropped,
+        "data/truncated": truncated,
+        "data/tokens": sum(len(r["input_ids"]) for r in rows),
+        "data/answer_tokens": sum(sum(r["assistant_masks"]) for r in rows),
+    }
     return Dataset.from_list(rows), stats
 
 
@@ -46,8 +53,9 @@ def split_heldout(records: list[dict], n: int, seed: int) -> tuple[list[dict], l
     if n <= 0:
         return records, []
     if n >= len(records):
-        raise AlignError(f"sft.test_size={n} holds out every one of the {len(records)} conversations: "
-                         "lower test_size or add data")
+        raise AlignError(
+            f"sft.test_size={n} holds out every one of the {len(records)} conversations: lower test_size or add data"
+        )
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     test = set(order[:n])
@@ -96,8 +104,13 @@ def _finished(checkpoint: str) -> bool:
 def _lora_peft_config(lora, task_type="CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules), task_type=task_type)
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task_type,
+    )
 
 
 def trained_token_loss(logits, labels, num_items=None):
@@ -144,8 +157,15 @@ def sft_trainer_class():
             import torch
 
             labels = inputs.get("labels")
-            if (return_outputs or labels is None or labels.device.type != "cpu" or self.is_deepspeed_enabled
-                    or self.aux_loss_enabled or self.args.loss_type != "nll" or self.label_smoother is not None):
+            if (
+                return_outputs
+                or labels is None
+                or labels.device.type != "cpu"
+                or self.is_deepspeed_enabled
+                or self.aux_loss_enabled
+                or self.args.loss_type != "nll"
+                or self.label_smoother is not None
+            ):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             mode = "train" if self.model.training else "eval"
             shifted = labels[:, 1:]
@@ -194,9 +214,11 @@ class FiniteStepGuard:
             return self._step(*args, **kwargs)
         step = self.step_of() + 1
         if self.mode == "stop":
-            raise AlignError(f"non-finite loss or gradient at step {step}: the stage stopped before applying it "
-                             f"and the last good checkpoint is kept; lower the learning rate or check the data "
-                             f"(or set train.nonfinite=skip to skip such steps)")
+            raise AlignError(
+                f"non-finite loss or gradient at step {step}: the stage stopped before applying it "
+                f"and the last good checkpoint is kept; lower the learning rate or check the data "
+                f"(or set train.nonfinite=skip to skip such steps)"
+            )
         self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         print(f"[align] step {step}: non-finite gradient, optimizer step skipped ({self.skipped} so far)", flush=True)
@@ -214,22 +236,31 @@ def _metrics_callback(logger, nonfinite: str = "stop"):
 
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             if optimizer is not None and args.deepspeed is None:
-                self.guard = FiniteStepGuard(getattr(optimizer, "optimizer", optimizer), nonfinite,
-                                             lambda: state.global_step)
+                self.guard = FiniteStepGuard(
+                    getattr(optimizer, "optimizer", optimizer), nonfinite, lambda: state.global_step
+                )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             fault("sft_step")
             logs = logs or {}
             for k in ("loss", "grad_norm"):
                 if k in logs and not math.isfinite(float(logs[k])) and nonfinite == "stop":
-                    raise AlignError(f"non-finite {k} ({logs[k]}) at step {state.global_step}: lower the "
-                                     f"learning rate or check the data; the last good checkpoint is kept")
+                    raise AlignError(
+                        f"non-finite {k} ({logs[k]}) at step {state.global_step}: lower the "
+                        f"learning rate or check the data; the last good checkpoint is kept"
+                    )
             if self.guard is not None and "loss" in logs:  # step rows only, not the end-of-training summary
                 logs = {**logs, "skipped_steps": self.guard.skipped}
             if state.is_world_process_zero:
-                names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
-                         "entropy": "train/entropy", "mean_token_accuracy": "train/token_accuracy",
-                         "num_tokens": "train/num_tokens", "skipped_steps": "train/skipped_steps"}
+                names = {
+                    "loss": "train/loss",
+                    "learning_rate": "train/lr",
+                    "grad_norm": "train/grad_norm",
+                    "entropy": "train/entropy",
+                    "mean_token_accuracy": "train/token_accuracy",
+                    "num_tokens": "train/num_tokens",
+                    "skipped_steps": "train/skipped_steps",
+                }
                 row = {names[k]: v for k, v in logs.items() if k in names and isinstance(v, (int, float))}
                 if row:
                     logger.log(row, state.global_step)
@@ -358,14 +389,18 @@ def run_sft(ctx) -> dict:
 
     cfg = ctx.stage_cfg
     tokenizer = load_tokenizer(ctx.init_model_dir)
-    records, reports = load_datasets(cfg.datasets, "conversation", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows,
-                                     ctx.cfg.seed)
+    records, reports = load_datasets(
+        cfg.datasets, "conversation", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed
+    )
     train_records, test_records = split_heldout(list(records), cfg.test_size, ctx.cfg.seed)
     dataset, stats = tokenize_conversations(tokenizer, train_records, cfg.max_length)
     if ctx.is_main:
-        print(f"[align] {ctx.name}: {stats['data/conversations']} conversations, {stats['data/tokens']} tokens "
-              f"({stats['data/answer_tokens']} trained), {stats['data/dropped_too_long']} too long"
-              f"{f', {len(test_records)} held out' if test_records else ''}", flush=True)
+        print(
+            f"[align] {ctx.name}: {stats['data/conversations']} conversations, {stats['data/tokens']} tokens "
+            f"({stats['data/answer_tokens']} trained), {stats['data/dropped_too_long']} too long"
+            f"{f', {len(test_records)} held out' if test_records else ''}",
+            flush=True,
+        )
     test_rows = tokenize_conversations(tokenizer, test_records, cfg.max_length)[0] if test_records else []
     before = answer_losses(ctx.init_model_dir, ctx.cfg.compute.dtype, test_rows) if ctx.is_main else []
     summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, cfg.packing)
@@ -381,11 +416,18 @@ def _heldout_summary(ctx, before: list[float], test_rows) -> dict:
 
     after = answer_losses(ctx.out_dir / "model", ctx.cfg.compute.dtype, test_rows)
     change = paired_change(before, after, seed=ctx.cfg.seed)
-    print(f"[align] {ctx.name}: held-out answer loss {sum(before) / len(before):.3f} -> "
-          f"{sum(after) / len(after):.3f}, change {fmt_change(change)}", flush=True)
-    out = {"heldout/n": len(before), "heldout/loss_change": change["change"],
-           "heldout/loss_change_lo": change["lo"], "heldout/loss_change_hi": change["hi"],
-           "heldout/within_noise": change["within_noise"]}
+    print(
+        f"[align] {ctx.name}: held-out answer loss {sum(before) / len(before):.3f} -> "
+        f"{sum(after) / len(after):.3f}, change {fmt_change(change)}",
+        flush=True,
+    )
+    out = {
+        "heldout/n": len(before),
+        "heldout/loss_change": change["change"],
+        "heldout/loss_change_lo": change["lo"],
+        "heldout/loss_change_hi": change["hi"],
+        "heldout/within_noise": change["within_noise"],
+    }
     for name, values in (("before", before), ("after", after)):
         mean, lo, hi = bootstrap_mean(values, seed=ctx.cfg.seed)
         out.update({f"heldout/loss_{name}": mean, f"heldout/loss_{name}_lo": lo, f"heldout/loss_{name}_hi": hi})

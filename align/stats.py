@@ -5,6 +5,7 @@ interval; `wilson` is that interval for a share of n independent trials, `bootst
 percentile-bootstrap interval of a mean, and `paired_change` the interval of a before/after change
 measured on the same items (a change whose interval holds 0 is within noise).
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,7 @@ def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -
     return mean, _percentile(means, 0.025), _percentile(means, 0.975)
 
 
-def paired_change(before: Sequence[float], after: Sequence[float], n_boot: int = 2000,
-                  seed: int = 0) -> dict:
+def paired_change(before: Sequence[float], after: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
     """The mean change ``after - before`` over the same items, its 95% bootstrap interval, n, and whether
     the interval holds 0 (``within_noise``)."""
     if len(before) != len(after):

@@ -25,6 +25,7 @@ shares this environment's torch, transformers, accelerate and peft (the same ker
 so and gives no ratio. Seconds per iteration are the mean over iterations after the first (warm-up);
 the first is reported too. Output: a table and bench/out/ppo.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,24 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length")
     p.add_argument("--ppo-epochs", type=int, default=1)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="both sides' dtype, as the pipeline's precision (auto: bf16 with bf16 units, else fp32)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="both sides' dtype, as the pipeline's precision (auto: bf16 with bf16 units, else fp32)",
+    )
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--eager", action="store_true", help="ours without torch.compile of the decoder layers (ppo.compile)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads of each side, training and generation (0 = all). "
-                   "On a machine shared with other jobs use 1: two OpenMP threads that wait for each other at every "
-                   "barrier while other processes hold the cores ran a SmolLM2 forward+backward 10x slower than one")
+    p.add_argument(
+        "--eager", action="store_true", help="ours without torch.compile of the decoder layers (ppo.compile)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of each side, training and generation (0 = all). "
+        "On a machine shared with other jobs use 1: two OpenMP threads that wait for each other at every "
+        "barrier while other processes hold the cores ran a SmolLM2 forward+backward 10x slower than one",
+    )
     p.add_argument("--skip-trl", action="store_true", help="run ours only")
     p.add_argument("--only", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one side, in this process
     p.add_argument("--out", default=str(OUT / "ppo.json"))
@@ -130,25 +142,43 @@ def run_ours(args) -> dict:
     set_threads(args.threads)
     run_dir = OUT / "ppo" / "ours-run"
     rm = reward_model_dir(args.dtype)
-    rm_section = lambda cat: {"init": "base", "category": cat, "primary": [{"format": "synthetic_pref"}],  # noqa: E731
-                              "max_length": 512}
+    rm_section = lambda cat: {
+        "init": "base",
+        "category": cat,
+        "primary": [{"format": "synthetic_pref"}],  # noqa: E731
+        "max_length": 512,
+    }
     raw = {
-        "name": "bench-ppo", "run_dir": str(run_dir), "seed": 0, "data_dir": str(ROOT.parent / "shared" / "data"),
+        "name": "bench-ppo",
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "data_dir": str(ROOT.parent / "shared" / "data"),
         "stages": ["rm_helpful", "rm_safety", "ppo"],
         "precision": args.precision,
         "model": {"source": "embedded"},
         "data": {"bad_rows": "skip"},
-        "rollout": {"engine": "vllm", "kv_cache_gib": 2, "in_process": True, "max_model_len": 1024,
-                    "threads": args.threads},
+        "rollout": {
+            "engine": "vllm",
+            "kv_cache_gib": 2,
+            "in_process": True,
+            "max_model_len": 1024,
+            "threads": args.threads,
+        },
         "rm_helpful": rm_section("helpfulness"),
         "rm_safety": rm_section("safety"),
         "ppo": {
-            "init": "base", "prompts": [prompt_spec()], "heldout_prompts": 0, "iterations": args.iterations,
-            "prompts_per_iteration": args.prompts_per_iteration, "mini_batch_size": args.mini_batch_size,
-            "micro_batch_size": args.micro_batch_size, "ppo_epochs": args.ppo_epochs,
+            "init": "base",
+            "prompts": [prompt_spec()],
+            "heldout_prompts": 0,
+            "iterations": args.iterations,
+            "prompts_per_iteration": args.prompts_per_iteration,
+            "mini_batch_size": args.mini_batch_size,
+            "micro_batch_size": args.micro_batch_size,
+            "ppo_epochs": args.ppo_epochs,
             "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
             "lora": {"enabled": True, "r": args.lora_r, "alpha": 2 * args.lora_r},
-            "save_every": 1 << 20, "compile": not args.eager,
+            "save_every": 1 << 20,
+            "compile": not args.eager,
         },
     }
     cfg = build(PipelineConfig, raw)
@@ -189,7 +219,17 @@ def install_trl() -> str | None:
     """Install TRL 1.12 (no dependencies) into bench/out/trl112; None on success, else the reason."""
     if (TRL_DIR / "trl" / "experimental" / "ppo" / "ppo_trainer.py").is_file():
         return None
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(TRL_DIR), f"trl=={TRL_VERSION}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--quiet",
+        "--target",
+        str(TRL_DIR),
+        f"trl=={TRL_VERSION}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return f"`{' '.join(cmd)}` failed: {(res.stdout + res.stderr).strip()[-800:]}"
@@ -213,8 +253,15 @@ def run_trl(args) -> dict:
     src, rm = embedded_model_dir(), reward_model_dir(args.dtype)
     tok = load_tokenizer(src)
     rows = load_prompt_rows(args)
-    ids = [tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in r["prompt"]],
-                                   add_generation_prompt=True, tokenize=True, return_dict=False) for r in rows]
+    ids = [
+        tok.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in r["prompt"]],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for r in rows
+    ]
     ids = [x["input_ids"] if isinstance(x, dict) else list(x) for x in ids]
     ids = [x for x in ids if len(x) + args.max_new_tokens <= 1024]
     train = Dataset.from_dict({"input_ids": ids})
@@ -229,12 +276,32 @@ def run_trl(args) -> dict:
         # num_mini_batches mini-batches of per_device_train_batch_size micro-batches. (Its accelerate
         # accumulation then steps the optimizer every gradient_accumulation_steps micro-batches, i.e. once
         # per rollout batch rather than per mini-batch; the compute per iteration is the same.)
-        output_dir=str(OUT / "ppo" / "trl-run"), per_device_train_batch_size=m_, gradient_accumulation_steps=P // m_,
-        num_mini_batches=P // M, local_rollout_forward_batch_size=P, total_episodes=args.iterations * P,
-        num_ppo_epochs=args.ppo_epochs, response_length=args.max_new_tokens, temperature=1.0, stop_token="eos",
-        learning_rate=1e-6, kl_coef=0.01, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
-        bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
-        num_sample_generations=0, logging_steps=1, seed=0, missing_eos_penalty=None, dataloader_num_workers=0,
+        output_dir=str(OUT / "ppo" / "trl-run"),
+        per_device_train_batch_size=m_,
+        gradient_accumulation_steps=P // m_,
+        num_mini_batches=P // M,
+        local_rollout_forward_batch_size=P,
+        total_episodes=args.iterations * P,
+        num_ppo_epochs=args.ppo_epochs,
+        response_length=args.max_new_tokens,
+        temperature=1.0,
+        stop_token="eos",
+        learning_rate=1e-6,
+        kl_coef=0.01,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        gamma=1.0,
+        lam=0.95,
+        bf16=args.dtype == "bfloat16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        save_strategy="no",
+        num_sample_generations=0,
+        logging_steps=1,
+        seed=0,
+        missing_eos_penalty=None,
+        dataloader_num_workers=0,
     )
     stamps: list[float] = []
 
@@ -242,11 +309,25 @@ def run_trl(args) -> dict:
         def on_step_end(self, args_, state, control, **kw):
             stamps.append(time.perf_counter())
 
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
-                         train_dataset=train, value_model=value, eval_dataset=train.select(range(2)),
-                         peft_config=lora, callbacks=[Stamp()])
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    trainer = PPOTrainer(
+        args=cfg,
+        processing_class=tok,
+        model=policy,
+        ref_model=None,
+        reward_model=reward,
+        train_dataset=train,
+        value_model=value,
+        eval_dataset=train.select(range(2)),
+        peft_config=lora,
+        callbacks=[Stamp()],
+    )
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
@@ -270,8 +351,13 @@ def run_side(side: str, args, argv: list[str], env_extra: dict | None = None) ->
     out = OUT / "ppo" / f"{side}.json"
     out.unlink(missing_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    res = subprocess.run([sys.executable, __file__, *argv, "--only", side, "--out", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, __file__, *argv, "--only", side, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0 or not out.is_file():
         return {"side": side, "error": (res.stdout + res.stderr).strip()[-3000:]}
     return json.loads(out.read_text())
@@ -292,7 +378,7 @@ def main(argv=None) -> int:
     i = 0
     while i < len(side_argv):  # the parent's --out is not the sides'
         if side_argv[i] == "--out":
-            del side_argv[i:i + 2]
+            del side_argv[i : i + 2]
         else:
             i += 1
     reward_model_dir(args.dtype)  # build once, before the sides race for it
@@ -315,19 +401,25 @@ def main(argv=None) -> int:
     from align.precision import hardware_line, resolve_precision
 
     print(hardware_line(resolve_precision(args.precision)))
-    print(f"PPO, SmolLM2-135M-Instruct, {args.dtype}, {args.prompts_per_iteration} prompts/iteration, mini-batch "
-          f"{args.mini_batch_size}, micro-batch {args.micro_batch_size}, {args.max_new_tokens} new tokens, "
-          f"{args.ppo_epochs} PPO epoch(s), LoRA r {args.lora_r}, {args.iterations} iterations, "
-          f"threads {args.threads or 'all'}; load average at the end {os.getloadavg()[0]:.1f}")
+    print(
+        f"PPO, SmolLM2-135M-Instruct, {args.dtype}, {args.prompts_per_iteration} prompts/iteration, mini-batch "
+        f"{args.mini_batch_size}, micro-batch {args.micro_batch_size}, {args.max_new_tokens} new tokens, "
+        f"{args.ppo_epochs} PPO epoch(s), LoRA r {args.lora_r}, {args.iterations} iterations, "
+        f"threads {args.threads or 'all'}; load average at the end {os.getloadavg()[0]:.1f}"
+    )
     for res in (ours, trl_result):
         if "error" in res:
             print(f"  {res['side']:<40} NOT MEASURED: {res['error'][-600:]}")
         else:
-            print(f"  {res['side']:<40} {res['seconds_per_iteration']:7.2f} s/iteration (first {res['first_iteration_s']:.2f} s)")
+            print(
+                f"  {res['side']:<40} {res['seconds_per_iteration']:7.2f} s/iteration (first {res['first_iteration_s']:.2f} s)"
+            )
     if "error" not in ours:
         split = ", ".join(f"{k} {v:.2f}" for k, v in ours["phases_s"].items())
-        print(f"  ours, phase split (s): {split}; generation {ours['tokens_per_s_generate']:.0f} tok/s, "
-              f"mean response {ours['response_length']:.0f} tokens")
+        print(
+            f"  ours, phase split (s): {split}; generation {ours['tokens_per_s_generate']:.0f} tok/s, "
+            f"mean response {ours['response_length']:.0f} tokens"
+        )
     if ok:
         print(f"  ratio TRL / ours: {report['ratio_trl_over_ours']:.2f}x")
     else:

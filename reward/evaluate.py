@@ -10,6 +10,7 @@ below chance on the second. So every evaluation prints, beside accuracy, the len
 shorter: 50% for any rule of length alone), the "longer wins" rule's accuracy and the correlation of
 the reward with the response's token count.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ CALIBRATION_BINS = 10
 # Pure metrics
 
 
-def length_controlled(r_chosen: torch.Tensor, r_rejected: torch.Tensor, len_chosen: torch.Tensor,
-                      len_rejected: torch.Tensor) -> dict[str, float]:
+def length_controlled(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, len_chosen: torch.Tensor, len_rejected: torch.Tensor
+) -> dict[str, float]:
     """Accuracy with the responses' length taken out of it.
 
     Args:
@@ -97,17 +99,22 @@ def calibration(gaps: torch.Tensor, n_bins: int = CALIBRATION_BINS) -> dict:
     return {"bins": bins, "ece": ece if total else float("nan")}
 
 
-def summary_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, len_chosen: torch.Tensor,
-                    len_rejected: torch.Tensor) -> dict[str, float]:
+def summary_metrics(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, len_chosen: torch.Tensor, len_rejected: torch.Tensor
+) -> dict[str, float]:
     """The headline block of one set of pairs: n, accuracy with its 95% Wilson interval, the
     `length_controlled` metrics and the calibration error."""
     n = r_chosen.numel()
     k = int((r_chosen > r_rejected).sum())
     lo, hi = wilson(k, n)
-    return {"rm/n": float(n), "rm/accuracy": k / n if n else float("nan"), "rm/accuracy/ci_low": lo,
-            "rm/accuracy/ci_high": hi,
-            **length_controlled(r_chosen, r_rejected, len_chosen, len_rejected),
-            "rm/calibration/ece": calibration(r_chosen - r_rejected)["ece"]}
+    return {
+        "rm/n": float(n),
+        "rm/accuracy": k / n if n else float("nan"),
+        "rm/accuracy/ci_low": lo,
+        "rm/accuracy/ci_high": hi,
+        **length_controlled(r_chosen, r_rejected, len_chosen, len_rejected),
+        "rm/calibration/ece": calibration(r_chosen - r_rejected)["ece"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +163,8 @@ def evaluate(scorer: Union[RewardScorer, str, Path], eval_records: Sequence[dict
         metrics[f"rm/accuracy/source/{source}"] = correct[sel].float().mean().item()
         metrics[f"rm/count/source/{source}"] = float(sel.sum())
         metrics[f"rm/balanced_accuracy/source/{source}"] = length_controlled(
-            r_c[sel], r_r[sel], len_c[sel], len_r[sel])["rm/length/balanced_accuracy"]
+            r_c[sel], r_r[sel], len_c[sel], len_r[sel]
+        )["rm/length/balanced_accuracy"]
     by_category = {}
     for category in ("helpfulness", "safety"):
         sel = torch.tensor([r["category"] == category for r in eval_records])
@@ -168,8 +176,14 @@ def evaluate(scorer: Union[RewardScorer, str, Path], eval_records: Sequence[dict
     for q, v in zip(QUANTILES, qs.tolist()):
         metrics[f"rm/gap/q{round(q * 100):02d}"] = v
     metrics.update(_safety_metrics(eval_records, r_c, r_r))
-    return {"metrics": metrics, "by_category": by_category, "calibration": calibration(gap),
-            "gaps": gap.tolist(), "n_pairs": n, "truncated": scorer.truncated - truncated_before}
+    return {
+        "metrics": metrics,
+        "by_category": by_category,
+        "calibration": calibration(gap),
+        "gaps": gap.tolist(),
+        "n_pairs": n,
+        "truncated": scorer.truncated - truncated_before,
+    }
 
 
 def _safety_metrics(records: Sequence[dict], r_c: torch.Tensor, r_r: torch.Tensor) -> dict[str, float]:
@@ -205,52 +219,87 @@ def _num(x) -> str:
 def _summary_row(name: str, m: dict) -> str:
     acc = f"{_fmt(m, 'rm/accuracy')} [{_fmt(m, 'rm/accuracy/ci_low')}, {_fmt(m, 'rm/accuracy/ci_high')}]"
     corr = m.get("rm/length/reward_corr", float("nan"))
-    return (f"| {name} | {m['rm/n']:.0f} | {acc} | {_fmt(m, 'rm/length/balanced_accuracy')} | "
-            f"{_fmt(m, 'rm/length/accuracy_chosen_longer')} ({_fmt(m, 'rm/length/count_chosen_longer', 1.0)}) | "
-            f"{_fmt(m, 'rm/length/accuracy_chosen_shorter')} ({_fmt(m, 'rm/length/count_chosen_shorter', 1.0)}) | "
-            f"{_fmt(m, 'rm/length/longer_wins')} | {'-' if math.isnan(corr) else f'{corr:+.2f}'} | "
-            f"{_fmt(m, 'rm/calibration/ece')} |")
+    return (
+        f"| {name} | {m['rm/n']:.0f} | {acc} | {_fmt(m, 'rm/length/balanced_accuracy')} | "
+        f"{_fmt(m, 'rm/length/accuracy_chosen_longer')} ({_fmt(m, 'rm/length/count_chosen_longer', 1.0)}) | "
+        f"{_fmt(m, 'rm/length/accuracy_chosen_shorter')} ({_fmt(m, 'rm/length/count_chosen_shorter', 1.0)}) | "
+        f"{_fmt(m, 'rm/length/longer_wins')} | {'-' if math.isnan(corr) else f'{corr:+.2f}'} | "
+        f"{_fmt(m, 'rm/calibration/ece')} |"
+    )
 
 
 def markdown_report(results: dict) -> str:
     """Markdown tables: the length-controlled summary per category, accuracy by rating (Table 28
     layout), by source (Table 7 layout), gaps, calibration, safety."""
     m = results["metrics"]
-    lines = [f"# Reward model evaluation ({results['n_pairs']} pairs, {results['truncated']} responses truncated)", "",
-             "## Accuracy (%) and length", "",
-             "Accuracy with its 95% Wilson interval; length-balanced = the mean of the accuracies on the pairs whose "
-             "chosen answer is longer and shorter (pairs in each); \"longer wins\" = the rule that picks the longer "
-             "answer; corr = Pearson's r of reward and token count; ECE = expected calibration error (%).", "",
-             "| pairs | n | accuracy [95% CI] | length-balanced | chosen longer (n) | chosen shorter (n) | "
-             "longer wins | corr(r, tokens) | ECE |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Reward model evaluation ({results['n_pairs']} pairs, {results['truncated']} responses truncated)",
+        "",
+        "## Accuracy (%) and length",
+        "",
+        "Accuracy with its 95% Wilson interval; length-balanced = the mean of the accuracies on the pairs whose "
+        'chosen answer is longer and shorter (pairs in each); "longer wins" = the rule that picks the longer '
+        "answer; corr = Pearson's r of reward and token count; ECE = expected calibration error (%).",
+        "",
+        "| pairs | n | accuracy [95% CI] | length-balanced | chosen longer (n) | chosen shorter (n) | "
+        "longer wins | corr(r, tokens) | ECE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for category, cm in results.get("by_category", {}).items():
         lines.append(_summary_row(category, cm))
     lines += [_summary_row("all", m), ""]
-    lines += ["## Accuracy (%) by rating level", "",
-              "| " + " | ".join(RATING_LEVELS) + " | avg |", "|" + "---|" * (len(RATING_LEVELS) + 1),
-              "| " + " | ".join(_fmt(m, f"rm/accuracy/{lvl}") for lvl in RATING_LEVELS) + f" | {_fmt(m, 'rm/accuracy')} |",
-              "| " + " | ".join(_fmt(m, f"rm/count/{lvl}", scale=1.0) for lvl in RATING_LEVELS) + " | pairs |", ""]
-    sources = sorted(k[len("rm/accuracy/source/"):] for k in m if k.startswith("rm/accuracy/source/"))
-    lines += ["## Accuracy (%) by source", "", "| | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources),
-              "| accuracy | " + " | ".join(_fmt(m, f"rm/accuracy/source/{s}") for s in sources) + " |",
-              "| length-balanced | " + " | ".join(_fmt(m, f"rm/balanced_accuracy/source/{s}") for s in sources) + " |",
-              "| pairs | " + " | ".join(_fmt(m, f"rm/count/source/{s}", 1.0) for s in sources) + " |", ""]
+    lines += [
+        "## Accuracy (%) by rating level",
+        "",
+        "| " + " | ".join(RATING_LEVELS) + " | avg |",
+        "|" + "---|" * (len(RATING_LEVELS) + 1),
+        "| " + " | ".join(_fmt(m, f"rm/accuracy/{lvl}") for lvl in RATING_LEVELS) + f" | {_fmt(m, 'rm/accuracy')} |",
+        "| " + " | ".join(_fmt(m, f"rm/count/{lvl}", scale=1.0) for lvl in RATING_LEVELS) + " | pairs |",
+        "",
+    ]
+    sources = sorted(k[len("rm/accuracy/source/") :] for k in m if k.startswith("rm/accuracy/source/"))
+    lines += [
+        "## Accuracy (%) by source",
+        "",
+        "| | " + " | ".join(sources) + " |",
+        "|---|" + "---|" * len(sources),
+        "| accuracy | " + " | ".join(_fmt(m, f"rm/accuracy/source/{s}") for s in sources) + " |",
+        "| length-balanced | " + " | ".join(_fmt(m, f"rm/balanced_accuracy/source/{s}") for s in sources) + " |",
+        "| pairs | " + " | ".join(_fmt(m, f"rm/count/source/{s}", 1.0) for s in sources) + " |",
+        "",
+    ]
     qkeys = [f"rm/gap/q{round(q * 100):02d}" for q in QUANTILES]
-    lines += ["## Reward gap r(chosen) - r(rejected)", "", "| mean | std | " + " | ".join(k[-3:] for k in qkeys) + " |",
-              "|" + "---|" * (2 + len(qkeys)),
-              "| " + " | ".join(f"{m[k]:.3f}" for k in ["rm/gap/mean", "rm/gap/std", *qkeys]) + " |", ""]
+    lines += [
+        "## Reward gap r(chosen) - r(rejected)",
+        "",
+        "| mean | std | " + " | ".join(k[-3:] for k in qkeys) + " |",
+        "|" + "---|" * (2 + len(qkeys)),
+        "| " + " | ".join(f"{m[k]:.3f}" for k in ["rm/gap/mean", "rm/gap/std", *qkeys]) + " |",
+        "",
+    ]
     if "calibration" in results:
         cal = results["calibration"]
-        lines += [f"## Calibration of P(chosen) = sigmoid(r_c - r_r) (ECE {cal['ece'] * 100:.1f}%)", "",
-                  "| bin | predictions | mean P | observed |", "|---|---|---|---|"]
-        lines += [f"| {b['lo']:.1f}-{b['hi']:.1f} | {b['count']} | {_num(b['confidence'])} | {_num(b['observed'])} |"
-                  for b in cal["bins"]]
+        lines += [
+            f"## Calibration of P(chosen) = sigmoid(r_c - r_r) (ECE {cal['ece'] * 100:.1f}%)",
+            "",
+            "| bin | predictions | mean P | observed |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['lo']:.1f}-{b['hi']:.1f} | {b['count']} | {_num(b['confidence'])} | {_num(b['observed'])} |"
+            for b in cal["bins"]
+        ]
         lines.append("")
     if "rm/unsafe_recall" in m or "rm/accuracy/rejected_unsafe" in m:
-        lines += ["## Safety", "", "| unsafe recall (r < 0) | unsafe recall, rejected | accuracy, rejected unsafe |",
-                  "|---|---|---|",
-                  f"| {_fmt(m, 'rm/unsafe_recall')} | {_fmt(m, 'rm/unsafe_recall/rejected')} | "
-                  f"{_fmt(m, 'rm/accuracy/rejected_unsafe')} |", ""]
+        lines += [
+            "## Safety",
+            "",
+            "| unsafe recall (r < 0) | unsafe recall, rejected | accuracy, rejected unsafe |",
+            "|---|---|---|",
+            f"| {_fmt(m, 'rm/unsafe_recall')} | {_fmt(m, 'rm/unsafe_recall/rejected')} | "
+            f"{_fmt(m, 'rm/accuracy/rejected_unsafe')} |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -285,10 +334,21 @@ def write_eval(results: dict, out_dir: str | Path) -> Path:
         ax = fig.subplots()
         full = [b for b in cal["bins"] if b["count"]]
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
-        ax.plot([b["confidence"] for b in full], [b["observed"] for b in full], marker="o", color="tab:blue",
-                label="this RM")
-        ax.bar([(b["lo"] + b["hi"]) / 2 for b in full], [b["count"] / (2 * results["n_pairs"]) for b in full],
-               width=0.08, color="tab:grey", alpha=0.3, label="share of predictions")
+        ax.plot(
+            [b["confidence"] for b in full],
+            [b["observed"] for b in full],
+            marker="o",
+            color="tab:blue",
+            label="this RM",
+        )
+        ax.bar(
+            [(b["lo"] + b["hi"]) / 2 for b in full],
+            [b["count"] / (2 * results["n_pairs"]) for b in full],
+            width=0.08,
+            color="tab:grey",
+            alpha=0.3,
+            label="share of predictions",
+        )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("P(chosen) = sigmoid(r_c - r_r)")

@@ -8,6 +8,7 @@ which defaults to the number of terms (the mean). A training loop that splits an
 micro-batches passes the number of terms in the WHOLE step as ``denom``, so the summed micro-batch
 losses equal the loss of the full batch whatever the split (tested in tests/reward/test_losses.py).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -143,8 +144,10 @@ def safety_aux_loss(
             none), ``rm/safety_labelled`` and ``rm/unsafe_count`` (counts).
     """
     if not (rewards.shape == is_safe.shape == label_mask.shape) or rewards.dim() != 1:
-        raise ValueError(f"rewards {tuple(rewards.shape)}, is_safe {tuple(is_safe.shape)} and label_mask "
-                         f"{tuple(label_mask.shape)} must all be (N,)")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)}, is_safe {tuple(is_safe.shape)} and label_mask "
+            f"{tuple(label_mask.shape)} must all be (N,)"
+        )
     r = rewards.float()
     known = label_mask.bool()
     sign = torch.where(is_safe.bool(), 1.0, -1.0).to(r)  # (N,)
@@ -181,7 +184,7 @@ def accuracy_by_level(
         ``rm/accuracy`` over all pairs and ``rm/accuracy/<level>`` for each level that has at least
         one pair (absent levels are left out rather than reported as NaN), plus ``rm/count/<level>``.
     """
-    correct = (r_chosen.float() > r_rejected.float())  # (B,)
+    correct = r_chosen.float() > r_rejected.float()  # (B,)
     out = {"rm/accuracy": correct.float().mean().item() if correct.numel() else 0.0}
     idx = rating_idx.long()
     for i, name in enumerate(RATING_LEVELS):

@@ -4,6 +4,7 @@ Helpfulness RM: all helpfulness data plus an equal share drawn from the rest (se
 Safety RM: all safety data, mixed 90/10 with helpfulness data (secondary_share 0.1).
 Pure functions of record lists; deterministic given the seed.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,7 +101,9 @@ def balance_length(records: Sequence[dict], seed: int) -> list[dict]:
     for i, r in enumerate(records):
         c, j = len(r["chosen"]), len(r["rejected"])
         if c != j:
-            cells[(r["source"], length_ratio_bin(r["chosen"], r["rejected"]))]["longer" if c > j else "shorter"].append(i)
+            cells[(r["source"], length_ratio_bin(r["chosen"], r["rejected"]))]["longer" if c > j else "shorter"].append(
+                i
+            )
     drop: set[int] = set()
     for key in sorted(cells):
         longer, shorter = cells[key]["longer"], cells[key]["shorter"]

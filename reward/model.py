@@ -10,6 +10,7 @@ the pad token. The pad token must therefore be set in the config and never end a
 A sequence is ``chat_template(prompt + [assistant response])`` with trailing whitespace removed, so
 the reward is read at the end-of-turn token (``<|im_end|>`` in ChatML).
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,7 @@ class EncodedResponse:
     """One prompt + response, tokenised for the reward model."""
 
     input_ids: list[int]
-    prompt_truncated: bool    # tokens were dropped from the left of the prompt to fit max_length
+    prompt_truncated: bool  # tokens were dropped from the left of the prompt to fit max_length
     response_truncated: bool  # the response alone did not fit: tokens were dropped from its end
 
     @property
@@ -75,21 +76,26 @@ def format_pair(tokenizer, prompt_messages: Sequence[dict], response: str, max_l
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
     full = full.rstrip()  # read the reward at the end-of-turn token, not at whitespace after it
     if not full.startswith(head):
-        raise AlignError("the tokenizer's chat template does not render prompt + answer as the prompt with its "
-                         "generation prompt followed by the answer; use a template such as ChatML")
+        raise AlignError(
+            "the tokenizer's chat template does not render prompt + answer as the prompt with its "
+            "generation prompt followed by the answer; use a template such as ChatML"
+        )
     # The template writes the special tokens as text, so no extra BOS/EOS is added.
     prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
     if len(prompt_ids) + len(response_ids) <= max_length:
         return EncodedResponse(prompt_ids + response_ids, False, False)
     prompt_keep = max(max_length - len(response_ids), min(len(prompt_ids), max_length // 4))
-    prompt_part = prompt_ids[len(prompt_ids) - prompt_keep:]
+    prompt_part = prompt_ids[len(prompt_ids) - prompt_keep :]
     response_part = response_ids[: max_length - len(prompt_part)]
-    return EncodedResponse(prompt_part + response_part, len(prompt_part) < len(prompt_ids),
-                           len(response_part) < len(response_ids))
+    return EncodedResponse(
+        prompt_part + response_part, len(prompt_part) < len(prompt_ids), len(response_part) < len(response_ids)
+    )
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id lists into a batch.
 
     Returns:
@@ -140,8 +146,14 @@ class SharedPrefixBatch:
     real_tokens: int
 
     def to(self, device) -> "SharedPrefixBatch":
-        return SharedPrefixBatch(self.input_ids.to(device), self.position_ids.to(device),
-                                 self.attention_mask.to(device), self.chosen_end, self.rejected_end, self.real_tokens)
+        return SharedPrefixBatch(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.attention_mask.to(device),
+            self.chosen_end,
+            self.rejected_end,
+            self.real_tokens,
+        )
 
 
 def shared_prefix_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:
@@ -176,16 +188,20 @@ def shared_prefix_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pa
     for i, (row, (p, c, r)) in enumerate(zip(rows, spans)):
         n = p + c + r
         ids[i, :n] = torch.as_tensor(row, dtype=torch.long)
-        pos[i, :p + c] = torch.arange(p + c)
-        pos[i, p + c:n] = torch.arange(p, p + r)
+        pos[i, : p + c] = torch.arange(p + c)
+        pos[i, p + c : n] = torch.arange(p, p + r)
         m = causal[:n, :n].clone()
-        m[p + c:, p:p + c] = False  # the rejected suffix does not see the chosen one
+        m[p + c :, p : p + c] = False  # the rejected suffix does not see the chosen one
         mask[i, 0, :n, :n] = m
         mask[i, 0, torch.arange(n, width), torch.arange(n, width)] = True  # padding: itself only
-    return SharedPrefixBatch(ids, pos, mask,
-                             chosen_end=torch.tensor([p + c - 1 for p, c, _ in spans]),
-                             rejected_end=torch.tensor([p + c + r - 1 for p, c, r in spans]),
-                             real_tokens=sum(p + c + r for p, c, r in spans))
+    return SharedPrefixBatch(
+        ids,
+        pos,
+        mask,
+        chosen_end=torch.tensor([p + c - 1 for p, c, _ in spans]),
+        rejected_end=torch.tensor([p + c + r - 1 for p, c, r in spans]),
+        real_tokens=sum(p + c + r for p, c, r in spans),
+    )
 
 
 SHARED_PREFIX_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4-D mask
@@ -206,7 +222,9 @@ def score_head(model) -> torch.nn.Module:
     net = _hf_model(model)
     head = getattr(net, "score", None)
     if head is None:
-        raise AlignError(f"{type(net).__name__} has no `score` head; a reward model is an AutoModelForSequenceClassification")
+        raise AlignError(
+            f"{type(net).__name__} has no `score` head; a reward model is an AutoModelForSequenceClassification"
+        )
     return head
 
 
@@ -228,8 +246,10 @@ def shared_prefix_scores(model, batch: SharedPrefixBatch) -> tuple[torch.Tensor,
         handle.remove()
     logits = captured[-1][..., 0]  # (B, T)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return (logits[rows, batch.chosen_end.to(logits.device)].float(),
-            logits[rows, batch.rejected_end.to(logits.device)].float())
+    return (
+        logits[rows, batch.chosen_end.to(logits.device)].float(),
+        logits[rows, batch.rejected_end.to(logits.device)].float(),
+    )
 
 
 def supports_shared_prefix(model) -> bool:
@@ -296,8 +316,12 @@ def load_reward_model(path: str | Path, tokenizer, lora=None, base_dtype: str = 
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         peft_cfg = PeftLoraConfig(
-            task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules), modules_to_save=["score"],
+            task_type="SEQ_CLS",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            modules_to_save=["score"],
         )
         model = get_peft_model(model, peft_cfg)
         for p in model.parameters():
@@ -306,8 +330,10 @@ def load_reward_model(path: str | Path, tokenizer, lora=None, base_dtype: str = 
         if not any(p.requires_grad for n, p in model.named_parameters() if "score" in n):
             raise AlignError("LoRA reward model: the score head is not trainable (modules_to_save failed)")
     elif base_dtype != "float32":
-        raise AlignError(f"base_dtype={base_dtype}: full fine-tuning keeps float32 weights (bf16 runs as "
-                         "autocast); a bf16 base is only for LoRA, where the base is frozen")
+        raise AlignError(
+            f"base_dtype={base_dtype}: full fine-tuning keeps float32 weights (bf16 runs as "
+            "autocast); a bf16 base is only for LoRA, where the base is frozen"
+        )
     model.eval()
     return model
 
@@ -327,17 +353,18 @@ class ScorerSettings:
     trained it, and read by every consumer (rejection sampling, PPO, the eval stage, `align label auto`,
     `align rm eval`), so each scores exactly as the RM was trained."""
 
-    max_length: int                 # tokens of prompt + answer (`format_pair`)
-    dtype: str = "float32"          # "bfloat16" | "float32": the precision the RM trained and scores in
-    truncation: str = TRUNCATION    # which tokens go first when a pair is too long
-    chat_template_sha: str = ""     # `chat_template_sha` of the tokenizer it trained with ("" = unchecked)
+    max_length: int  # tokens of prompt + answer (`format_pair`)
+    dtype: str = "float32"  # "bfloat16" | "float32": the precision the RM trained and scores in
+    truncation: str = TRUNCATION  # which tokens go first when a pair is too long
+    chat_template_sha: str = ""  # `chat_template_sha` of the tokenizer it trained with ("" = unchecked)
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float32"):
             raise AlignError(f"{SCORER_FILE}: dtype {self.dtype!r} must be 'bfloat16' or 'float32'")
         if self.truncation != TRUNCATION:
-            raise AlignError(f"{SCORER_FILE}: truncation {self.truncation!r} is not one this version reads "
-                             f"({TRUNCATION!r})")
+            raise AlignError(
+                f"{SCORER_FILE}: truncation {self.truncation!r} is not one this version reads ({TRUNCATION!r})"
+            )
         if self.max_length < 8:
             raise AlignError(f"{SCORER_FILE}: max_length {self.max_length} must be >= 8")
 
@@ -359,8 +386,10 @@ class ScorerSettings:
         try:
             return cls(**read_json(path))
         except (ValueError, TypeError, AlignError) as e:
-            raise AlignError(f"{path}: not a scorer settings file ({e}); delete it to score with the defaults, "
-                             f"or retrain the reward model") from e
+            raise AlignError(
+                f"{path}: not a scorer settings file ({e}); delete it to score with the defaults, "
+                f"or retrain the reward model"
+            ) from e
 
 
 def save_reward_model(model, tokenizer, out_dir: str | Path, settings: Optional[ScorerSettings] = None) -> Path:
@@ -404,8 +433,9 @@ class RewardScorer:
         self.truncated = 0  # responses truncated so far (prompt or response side)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_length: Optional[int] = None,
-                        bf16: Optional[bool] = None) -> "RewardScorer":
+    def from_pretrained(
+        cls, path: str | Path, max_length: Optional[int] = None, bf16: Optional[bool] = None
+    ) -> "RewardScorer":
         """A scorer for a saved reward model directory (its own tokenizer), with the settings of its
         ``scorer.json`` (`ScorerSettings`); an RM saved without one scores with 1,024 tokens in fp32.
 
@@ -419,8 +449,10 @@ class RewardScorer:
         settings = ScorerSettings.load(path)
         tok = load_tokenizer(path)
         if settings is not None and settings.chat_template_sha and settings.chat_template_sha != chat_template_sha(tok):
-            raise AlignError(f"{Path(path) / SCORER_FILE}: the tokenizer's chat template in {path} is not the one "
-                             "the reward model trained with; restore its tokenizer files or retrain it")
+            raise AlignError(
+                f"{Path(path) / SCORER_FILE}: the tokenizer's chat template in {path} is not the one "
+                "the reward model trained with; restore its tokenizer files or retrain it"
+            )
         if max_length is None:
             max_length = settings.max_length if settings is not None else 1024
         if bf16 is None:
@@ -430,8 +462,9 @@ class RewardScorer:
 
     def settings(self) -> ScorerSettings:
         """The `ScorerSettings` this scorer reads with (saved beside a trained RM)."""
-        return ScorerSettings(self.max_length, "bfloat16" if self.bf16 else "float32",
-                              chat_template_sha=chat_template_sha(self.tokenizer))
+        return ScorerSettings(
+            self.max_length, "bfloat16" if self.bf16 else "float32", chat_template_sha=chat_template_sha(self.tokenizer)
+        )
 
     def response_tokens(self, responses: Sequence[str]) -> list[int]:
         """Each response's length in tokens (without the template's turn markers)."""
@@ -470,7 +503,7 @@ class RewardScorer:
         device = next(self.model.parameters()).device
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 ids, mask = pad_batch([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
                 out = sequence_scores(self.model, ids.to(device), mask.to(device))
                 scores[torch.tensor(idx)] = out.float().cpu()

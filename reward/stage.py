@@ -4,6 +4,7 @@ setup (data: held-out split per source, then the recipe's mixture) -> train (rew
 resumable from the stage's work directory) -> save (model/ with scorer.json, eval.json, eval.md, eval_gaps.png, eval_calibration.png).
 With `train.num_processes` N > 1 the pipeline runs this on N ranks under DeepSpeed ZeRO-3 (reward/train.py).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -65,17 +66,29 @@ def run_reward(ctx) -> dict:
     train, test, stats = build_splits(cfg, ctx.cfg, ctx.cfg.seed, exports)
     stats["data/label_rounds"] = len(exports)
     if ctx.is_main:
-        print(f"[align] {ctx.name}: {stats['data/train_pairs']} training pairs "
-              f"({stats['data/primary_pairs']} primary, {stats['data/secondary_pairs']} secondary available), "
-              f"{stats['data/test_pairs']} held out", flush=True)
+        print(
+            f"[align] {ctx.name}: {stats['data/train_pairs']} training pairs "
+            f"({stats['data/primary_pairs']} primary, {stats['data/secondary_pairs']} secondary available), "
+            f"{stats['data/test_pairs']} held out",
+            flush=True,
+        )
     tokenizer = load_tokenizer(ctx.init_model_dir)
     logger = ctx.logger() if ctx.is_main else None
     # written by the pipeline's launcher (align/launch) for a stage on several processes
     ds_config = read_json(ctx.work_dir / "launch" / "ds_zero3.json") if ctx.world_size > 1 else None
     # Checkpoints live in the work directory so a killed stage resumes; finished outputs move to out_dir.
-    summary = train_reward_model(ctx.init_model_dir, tokenizer, train, test, cfg, ctx.work_dir, ctx.cfg.seed,
-                                 logger=logger, bf16=ctx.cfg.compute.bf16,
-                                 ds_config=ds_config)
+    summary = train_reward_model(
+        ctx.init_model_dir,
+        tokenizer,
+        train,
+        test,
+        cfg,
+        ctx.work_dir,
+        ctx.cfg.seed,
+        logger=logger,
+        bf16=ctx.cfg.compute.bf16,
+        ds_config=ds_config,
+    )
     if not ctx.is_main:
         return {}
     logger.close()
@@ -83,8 +96,13 @@ def run_reward(ctx) -> dict:
         src = ctx.work_dir / name
         if src.exists():
             shutil.move(str(src), str(ctx.out_dir / name))
-    out = {**stats, "rm/steps": summary["steps"], "rm/pairs_per_s": summary["pairs_per_s"],
-           "rm/truncated_pairs": summary["truncated_pairs"], "model_dir": str(ctx.run_dir / ctx.name / "model")}
+    out = {
+        **stats,
+        "rm/steps": summary["steps"],
+        "rm/pairs_per_s": summary["pairs_per_s"],
+        "rm/truncated_pairs": summary["truncated_pairs"],
+        "model_dir": str(ctx.run_dir / ctx.name / "model"),
+    }
     for k, v in summary.get("eval", {}).items():
         out[f"eval/{k}" if not k.startswith("eval/") else k] = v
     for category, metrics in summary.get("eval_by_category", {}).items():
@@ -97,7 +115,9 @@ def headline(m: dict) -> str:
     """One line of `reward.evaluate.summary_metrics`: accuracy [CI] (n), length-balanced, longer wins."""
     from align.stats import fmt_share
 
-    return (f"accuracy {fmt_share(m['rm/accuracy'], m['rm/accuracy/ci_low'], m['rm/accuracy/ci_high'], int(m['rm/n']))}, "
-            f"length-balanced {m['rm/length/balanced_accuracy'] * 100:.1f}%, \"longer wins\" "
-            f"{m['rm/length/longer_wins'] * 100:.1f}%, corr(reward, tokens) {m['rm/length/reward_corr']:+.2f}, "
-            f"ECE {m['rm/calibration/ece'] * 100:.1f}%")
+    return (
+        f"accuracy {fmt_share(m['rm/accuracy'], m['rm/accuracy/ci_low'], m['rm/accuracy/ci_high'], int(m['rm/n']))}, "
+        f'length-balanced {m["rm/length/balanced_accuracy"] * 100:.1f}%, "longer wins" '
+        f"{m['rm/length/longer_wins'] * 100:.1f}%, corr(reward, tokens) {m['rm/length/reward_corr']:+.2f}, "
+        f"ECE {m['rm/calibration/ece'] * 100:.1f}%"
+    )

@@ -37,6 +37,7 @@ atomically with the trainable weights (under ZeRO-3: DeepSpeed's partitioned che
 writing its part), optimizer, scheduler, RNG state and data position; a restart continues from the
 newest checkpoint and reproduces the uninterrupted run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,18 @@ from align.launch import dist
 from align.launch.local import AdamW, LocalLearner
 from align.models import compile_layers, freeze_lower_layers
 from reward.losses import RATING_LEVELS, accuracy_by_level, margin_table, ranking_loss, safety_aux_loss
-from reward.model import (RewardScorer, format_pair, load_reward_model, pad_batch, save_reward_model, sequence_scores,
-                          shared_prefix_batch, shared_prefix_length, shared_prefix_scores, supports_shared_prefix)
+from reward.model import (
+    RewardScorer,
+    format_pair,
+    load_reward_model,
+    pad_batch,
+    save_reward_model,
+    sequence_scores,
+    shared_prefix_batch,
+    shared_prefix_length,
+    shared_prefix_scores,
+    supports_shared_prefix,
+)
 
 if TYPE_CHECKING:
     from align.config import RewardConfig, TrainConfig
@@ -84,12 +95,12 @@ class EncodedPair:
 
     chosen_ids: list[int]
     rejected_ids: list[int]
-    rating_idx: int        # index into RATING_LEVELS
-    margin: float          # m(r) used in the ranking loss
+    rating_idx: int  # index into RATING_LEVELS
+    margin: float  # m(r) used in the ranking loss
     chosen_safe: Optional[bool]
     rejected_safe: Optional[bool]
     source: str
-    truncated: bool        # either response was truncated to max_length
+    truncated: bool  # either response was truncated to max_length
 
     @property
     def length(self) -> int:
@@ -123,9 +134,18 @@ def encode_pairs(tokenizer, records: Sequence[dict], cfg: "RewardConfig") -> lis
     for rec in records:
         c = format_pair(tokenizer, rec["prompt"], rec["chosen"], cfg.max_length)
         r = format_pair(tokenizer, rec["prompt"], rec["rejected"], cfg.max_length)
-        out.append(EncodedPair(c.input_ids, r.input_ids, rating_index(rec["rating"]),
-                               pair_margin(rec, table, cfg.margin), rec["chosen_safe"], rec["rejected_safe"],
-                               rec["source"], c.truncated or r.truncated))
+        out.append(
+            EncodedPair(
+                c.input_ids,
+                r.input_ids,
+                rating_index(rec["rating"]),
+                pair_margin(rec, table, cfg.margin),
+                rec["chosen_safe"],
+                rec["rejected_safe"],
+                rec["source"],
+                c.truncated or r.truncated,
+            )
+        )
     return out
 
 
@@ -141,8 +161,8 @@ def epoch_micro_batches(lengths: Sequence[int], micro: int, batch: int, seed: in
     window = batch * GROUP_STEPS
     chunks = []
     for w in range(0, len(perm), window):
-        part = sorted(perm[w:w + window], key=lambda i: lengths[i], reverse=True)
-        chunks.extend(part[k:k + micro] for k in range(0, len(part), micro))
+        part = sorted(perm[w : w + window], key=lambda i: lengths[i], reverse=True)
+        chunks.extend(part[k : k + micro] for k in range(0, len(part), micro))
     order = torch.randperm(len(chunks), generator=g).tolist()
     return [chunks[i] for i in order]
 
@@ -210,7 +230,7 @@ def save_checkpoint(ckpt_root: Path, step: int, learner, scheduler, state: dict,
     """
     final = ckpt_root / f"step-{step}"
     main = learner.rank == 0
-    with (atomic_dir(final) if main else contextlib.nullcontext()) as tmp:
+    with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
         tmp = dist.broadcast_object(tmp)
         if isinstance(learner, LocalLearner):
             learner.save(tmp)
@@ -303,8 +323,15 @@ def uses_shared_prefix(cfg: "RewardConfig", model) -> bool:
     return cfg.shared_prefix and supports_shared_prefix(model)
 
 
-def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConfig", step: int, pad_id: int,
-               shared: bool, bf16: bool = False) -> dict:
+def train_step(
+    learner,
+    micro: Sequence[Sequence[EncodedPair]],
+    cfg: "RewardConfig",
+    step: int,
+    pad_id: int,
+    shared: bool,
+    bf16: bool = False,
+) -> dict:
     """Forward/backward of this rank's share of one optimizer step, then the (clipped) step.
 
     Args:
@@ -328,11 +355,14 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     use_aux = cfg.safety_aux_weight > 0
     n_pairs = sum(len(mb) for mb in micro)
     n_labels = sum(int(_safety_labels(mb)[1].sum()) for mb in micro) if use_aux else 0
-    mine = micro[learner.rank::learner.world_size]
+    mine = micro[learner.rank :: learner.world_size]
     if cfg.micro_batch_tokens:  # one process (config check): every rank must run the same forwards
         row = (lambda p: p.shared_length) if shared else (lambda p: p.length)
-        mine = [[mb[i] for i in piece] for mb in mine
-                for piece in token_pieces([row(p) for p in mb], cfg.micro_batch_tokens // (1 if shared else 2))]
+        mine = [
+            [mb[i] for i in piece]
+            for mb in mine
+            for piece in token_pieces([row(p) for p in mb], cfg.micro_batch_tokens // (1 if shared else 2))
+        ]
     loss_total, aux_total, real_tokens, all_tokens = 0.0, 0.0, 0, 0
     r_c_all, r_r_all, m_all, lvl_all = [], [], [], []
     grad_norm = None
@@ -362,8 +392,10 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
             learner.discard()
             return {"rm/skipped": 1.0}
         if not torch.isfinite(checked):
-            raise AlignError(f"reward model: non-finite loss ({checked.item()}) at step {step}; lower "
-                             f"train.lr (now {tc.lr}) or check the data")
+            raise AlignError(
+                f"reward model: non-finite loss ({checked.item()}) at step {step}; lower "
+                f"train.lr (now {tc.lr}) or check the data"
+            )
         grad_norm = learner.accumulate(loss, boundary=(j == len(mine) - 1))
         loss_total += loss.item()
         r_c_all.append(r_c.detach())
@@ -375,15 +407,29 @@ def train_step(learner, micro: Sequence[Sequence[EncodedPair]], cfg: "RewardConf
     if grad_norm is None or not math.isfinite(grad_norm):  # the global norm: the same on every rank
         raise AlignError(f"reward model: non-finite gradient norm at step {step}; lower train.lr (now {tc.lr})")
     # the whole step's numbers on every rank (rank order; the metrics do not depend on it)
-    parts = dist.all_gather_object((torch.cat(r_c_all), torch.cat(r_r_all), torch.cat(m_all), torch.cat(lvl_all),
-                                    loss_total, aux_total, real_tokens, all_tokens))
+    parts = dist.all_gather_object(
+        (
+            torch.cat(r_c_all),
+            torch.cat(r_r_all),
+            torch.cat(m_all),
+            torch.cat(lvl_all),
+            loss_total,
+            aux_total,
+            real_tokens,
+            all_tokens,
+        )
+    )
     r_c, r_r, margins, levels = (torch.cat([p[i] for p in parts]) for i in range(4))
     _, rank_metrics = ranking_loss(r_c, r_r, margins)
     by_level = accuracy_by_level(r_c, r_r, levels)
     real_tokens, all_tokens = sum(p[6] for p in parts), sum(p[7] for p in parts)
-    metrics = {"rm/loss": sum(p[4] for p in parts), **rank_metrics,
-               **{k: v for k, v in by_level.items() if not k.startswith("rm/count/")},
-               "rm/grad_norm": grad_norm, "rm/pad_share": 1.0 - real_tokens / max(all_tokens, 1)}
+    metrics = {
+        "rm/loss": sum(p[4] for p in parts),
+        **rank_metrics,
+        **{k: v for k, v in by_level.items() if not k.startswith("rm/count/")},
+        "rm/grad_norm": grad_norm,
+        "rm/pad_share": 1.0 - real_tokens / max(all_tokens, 1),
+    }
     if use_aux:
         metrics["rm/safety_aux_loss"] = sum(p[5] for p in parts)
     return metrics
@@ -395,8 +441,9 @@ def base_dtype(tc: "TrainConfig", bf16: bool) -> str:
     return "bfloat16" if bf16 and tc.lora is not None and tc.lora.enabled else "float32"
 
 
-def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool, ds_config: Optional[dict],
-                  freeze_layers: int = 0):
+def build_learner(
+    model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool, ds_config: Optional[dict], freeze_layers: int = 0
+):
     """(learner, optimizer, hf_ds_config): the model, its AdamW and, on N > 1 processes, the ZeRO-3 engine.
 
     Under ZeRO-3 the model loads while an `HfDeepSpeedConfig` is alive, so `from_pretrained` partitions
@@ -412,12 +459,16 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool
         from align.launch.zero3 import resolve_config
 
         if ds_config is None:
-            raise AlignError(f"rm train.num_processes={world}: run the stage through `align rm train`, `align stage` "
-                             "or `align run`, which launch the processes")
+            raise AlignError(
+                f"rm train.num_processes={world}: run the stage through `align rm train`, `align stage` "
+                "or `align run`, which launch the processes"
+            )
         init_distributed()  # before the model is built: ZeRO-3 partitions it over the ranks
         if dist.world_size() != world:
-            raise AlignError(f"rm train.num_processes={world}, but this process is one of {dist.world_size()}; "
-                             "run it through `align rm train`, `align stage` or `align run`")
+            raise AlignError(
+                f"rm train.num_processes={world}, but this process is one of {dist.world_size()}; "
+                "run it through `align rm train`, `align stage` or `align run`"
+            )
         ds = resolve_config(ds_config, tc.micro_batch_size, tc.grad_accum, world, tc.max_grad_norm, bf16)
         hf_ds = HfDeepSpeedConfig(ds)
     torch.manual_seed(seed)  # the new score head's initialisation
@@ -428,8 +479,9 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool
     if world == 1:
         # full fine-tuning in bf16: bf16 weights, fp32 masters (DeepSpeed's bf16 mode; align/launch/local.py)
         full = not (tc.lora is not None and tc.lora.enabled)
-        learner = LocalLearner(model, adamw, tc.max_grad_norm, "cuda" if torch.cuda.is_available() else "cpu",
-                               bf16_weights=bf16 and full)
+        learner = LocalLearner(
+            model, adamw, tc.max_grad_norm, "cuda" if torch.cuda.is_available() else "cpu", bf16_weights=bf16 and full
+        )
         compile_layers(model, tc.compile)
         return learner, learner.optimizer, None
     from align.launch.zero3 import DeepSpeedLearner
@@ -438,8 +490,7 @@ def build_learner(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool
     return DeepSpeedLearner(model, optimizer, ds), optimizer, hf_ds
 
 
-def gathered_model(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool,
-                   trainable: dict[str, torch.Tensor]):
+def gathered_model(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: bool, trainable: dict[str, torch.Tensor]):
     """Rank 0 after ZeRO-3 training: an unsharded model with the gathered trainable weights."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -496,28 +547,35 @@ def train_reward_model(
     n_truncated = sum(p.truncated for p in pairs)
     use_aux = cfg.safety_aux_weight > 0
     if use_aux and not any(p.chosen_safe is not None or p.rejected_safe is not None for p in pairs):
-        raise AlignError(f"safety_aux_weight={cfg.safety_aux_weight} but no training pair has a safety label "
-                         "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data")
+        raise AlignError(
+            f"safety_aux_weight={cfg.safety_aux_weight} but no training pair has a safety label "
+            "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data"
+        )
     steps = total_steps(len(pairs), tc)
     warmup = math.ceil(tc.warmup_ratio * steps)
-    learner, optimizer, _hf_ds = build_learner(model_dir, tokenizer, tc, seed, bf16, ds_config, cfg.freeze_layers)  # kept alive
+    learner, optimizer, _hf_ds = build_learner(
+        model_dir, tokenizer, tc, seed, bf16, ds_config, cfg.freeze_layers
+    )  # kept alive
     main = learner.rank == 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, steps, tc.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, tc.min_lr_ratio))
     fingerprint = run_fingerprint(cfg, seed, pairs)
     ckpt_root = out_dir / CHECKPOINTS_SUBDIR
     step, consumed, pairs_seen = 0, 0, 0
     existing = list_checkpoints(ckpt_root)
     if existing:
         if read_json(existing[-1] / "state.json")["fingerprint"] != fingerprint:
-            raise AlignError(f"{existing[-1]}: checkpoint of a different config, seed or data; "
-                             f"delete {ckpt_root} to start over")
+            raise AlignError(
+                f"{existing[-1]}: checkpoint of a different config, seed or data; delete {ckpt_root} to start over"
+            )
         state = load_checkpoint(existing[-1], learner, scheduler)
         step, consumed, pairs_seen = state["step"], state["micro_batches"], state["pairs_seen"]
     shared = uses_shared_prefix(cfg, learner.module)
     if cfg.shared_prefix and not shared and main:
-        print("[align] reward model: the model's attention takes no custom 4-D mask; chosen and rejected are "
-              "forwarded as separate rows (shared_prefix off)", flush=True)
+        print(
+            "[align] reward model: the model's attention takes no custom 4-D mask; chosen and rejected are "
+            "forwarded as separate rows (shared_prefix off)",
+            flush=True,
+        )
     lengths = [p.shared_length if shared else p.length for p in pairs]
     stream = micro_batch_stream(lengths, tc.micro_batch_size, tc.batch_size, seed, consumed)
     pad_id = tokenizer.pad_token_id
@@ -525,15 +583,21 @@ def train_reward_model(
 
     # ---- train
     t0, pairs_at_start, metrics = time.perf_counter(), pairs_seen, {}
-    skipped, last_metrics = state.get("skipped_steps", 0) if existing else 0, {"rm/loss": float("nan"), "rm/accuracy": float("nan")}
+    skipped, last_metrics = (
+        state.get("skipped_steps", 0) if existing else 0,
+        {"rm/loss": float("nan"), "rm/accuracy": float("nan")},
+    )
     bar = tqdm(total=steps, initial=step, desc="reward model", unit="step", dynamic_ncols=True, disable=not main)
     while step < steps:
         micro = [[pairs[i] for i in next(stream)] for _ in range(per_step)]
         metrics = train_step(learner, micro, cfg, step + 1, pad_id, shared, bf16)
         if metrics.pop("rm/skipped", 0.0):
             skipped += 1
-            print(f"[align] reward model: non-finite loss or gradient at step {step + 1}, step skipped "
-                  f"({skipped} so far)", flush=True)
+            print(
+                f"[align] reward model: non-finite loss or gradient at step {step + 1}, step skipped "
+                f"({skipped} so far)",
+                flush=True,
+            )
             metrics = {**last_metrics}
         last_metrics = metrics
         metrics["rm/skipped_steps"] = float(skipped)
@@ -542,19 +606,32 @@ def train_reward_model(
         scheduler.step()
         step, consumed = step + 1, consumed + len(micro)
         pairs_seen += sum(len(mb) for mb in micro)
-        metrics.update({
-            "rm/lr": lr_now,
-            "rm/epoch": consumed / math.ceil(len(pairs) / tc.micro_batch_size),
-            "rm/pairs_per_s": (pairs_seen - pairs_at_start) / max(time.perf_counter() - t0, 1e-9),
-        })
+        metrics.update(
+            {
+                "rm/lr": lr_now,
+                "rm/epoch": consumed / math.ceil(len(pairs) / tc.micro_batch_size),
+                "rm/pairs_per_s": (pairs_seen - pairs_at_start) / max(time.perf_counter() - t0, 1e-9),
+            }
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
         if logger is not None and (step % tc.logging_steps == 0 or step == steps):
             logger.log(metrics, step)
         if step % tc.save_steps == 0 and step < steps:
-            save_checkpoint(ckpt_root, step, learner, scheduler,
-                            {"step": step, "micro_batches": consumed, "pairs_seen": pairs_seen,
-                             "skipped_steps": skipped, "fingerprint": fingerprint}, tc.save_total_limit)
+            save_checkpoint(
+                ckpt_root,
+                step,
+                learner,
+                scheduler,
+                {
+                    "step": step,
+                    "micro_batches": consumed,
+                    "pairs_seen": pairs_seen,
+                    "skipped_steps": skipped,
+                    "fingerprint": fingerprint,
+                },
+                tc.save_total_limit,
+            )
     bar.close()
     seconds = time.perf_counter() - t0
 
@@ -562,8 +639,11 @@ def train_reward_model(
     final = learner.trainable_state() if learner.world_size > 1 else None  # ZeRO-3: every rank takes part in the gather
     summary: dict = {}
     if main:
-        model = learner.full_precision_net() if learner.world_size == 1 else gathered_model(model_dir, tokenizer, tc, seed,
-                                                                           bf16, final)
+        model = (
+            learner.full_precision_net()
+            if learner.world_size == 1
+            else gathered_model(model_dir, tokenizer, tc, seed, bf16, final)
+        )
         model.eval()
         scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=bf16)
         with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:
@@ -577,7 +657,9 @@ def train_reward_model(
             "truncated_pairs": n_truncated,
             "train_seconds": seconds,
             "pairs_per_s": (pairs_seen - pairs_at_start) / max(seconds, 1e-9),
-            "params_trainable": sum(getattr(p, "ds_numel", p.numel()) for p in learner.module.parameters() if p.requires_grad),
+            "params_trainable": sum(
+                getattr(p, "ds_numel", p.numel()) for p in learner.module.parameters() if p.requires_grad
+            ),
             "processes": tc.num_processes,
             "model_dir": str(out_dir / MODEL_SUBDIR),
             "final_train_metrics": metrics,

@@ -8,6 +8,7 @@
 
 Importing this package loads neither vLLM nor transformers; `make_engine` loads the one it builds.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

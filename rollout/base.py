@@ -7,6 +7,7 @@
 Both engines take the same prompts through the same code (`encode_prompts`), so a prompt is the same
 token ids whichever engine samples it.
 """
+
 from __future__ import annotations
 
 import abc
@@ -69,8 +70,9 @@ class Engine(abc.ABC):
         )
 
     @abc.abstractmethod
-    def _generate(self, prompt_ids: list[list[int]], sampling: SamplingParams
-                  ) -> tuple[list[list[int]], list[list[float]], list[str]]:
+    def _generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams
+    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         """(response_ids, logprobs, finish_reasons) for B = N x n rows grouped by prompt."""
 
     def encode_prompts(self, prompts: Sequence[Prompt], sampling: SamplingParams) -> list[list[int]]:
@@ -89,13 +91,16 @@ class Engine(abc.ABC):
             elif all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 ids = list(p)
             else:
-                raise AlignError(f"{self.name} engine: prompt {i} is neither a chat (list of messages) "
-                                 f"nor a list of token ids: {str(p)[:80]}")
+                raise AlignError(
+                    f"{self.name} engine: prompt {i} is neither a chat (list of messages) "
+                    f"nor a list of token ids: {str(p)[:80]}"
+                )
             if len(ids) + sampling.max_new_tokens > self.cfg.max_model_len:
                 raise AlignError(
                     f"{self.name} engine: prompt {i} has {len(ids)} tokens; with max_new_tokens="
                     f"{sampling.max_new_tokens} that exceeds rollout.max_model_len={self.cfg.max_model_len}. "
-                    "Raise rollout.max_model_len or shorten/filter the prompts.")
+                    "Raise rollout.max_model_len or shorten/filter the prompts."
+                )
             out.append(ids)
         return out
 

@@ -7,6 +7,7 @@ records log p(token) of the token chosen at the previous step under the unmodifi
 `generate` a mask that leaves only that token. `generate` therefore runs greedy over the mask and draws no random numbers
 of its own, so a row's sample depends only on (seed, prompt index, sample index), not on the batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,7 @@ class _Sampler:
         self.generators = generators
         self.top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None
         self.prev: torch.Tensor | None = None  # (B, V) fp32 log-softmax of the previous step
-        self.steps: list[torch.Tensor] = []    # per step, (B,) logprob of the token chosen there
+        self.steps: list[torch.Tensor] = []  # per step, (B,) logprob of the token chosen there
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prev is not None:
@@ -87,7 +88,7 @@ class _StopStrings:
         self.window = 4 * max(len(s) for s in stop) + 2
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window) :].tolist()
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stop) for t in texts], dtype=torch.bool, device=input_ids.device)
 
@@ -127,8 +128,8 @@ class HFEngine(Engine):
         input_ids = torch.full((B, P), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, P), dtype=torch.long)
         for r, p in enumerate(rows):
-            input_ids[r, P - len(p):] = torch.tensor(p)
-            attention_mask[r, P - len(p):] = 1
+            input_ids[r, P - len(p) :] = torch.tensor(p)
+            attention_mask[r, P - len(p) :] = 1
         generators = None
         if sampling.seed is not None and not sampling.greedy:
             # Sample j of prompt i gets seed derive_seed(seed, i) + j, as vLLM seeds its n children.
@@ -136,15 +137,24 @@ class HFEngine(Engine):
         sampler = _Sampler(sampling, generators)
         stop_ids = list(dict.fromkeys(self.eos_token_ids + sampling.stop_token_ids))
         gen_cfg = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, do_sample=False, num_beams=1,
-            temperature=None, top_p=None, top_k=None,
-            eos_token_id=stop_ids, pad_token_id=self.pad_id, bos_token_id=None,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=stop_ids,
+            pad_token_id=self.pad_id,
+            bos_token_id=None,
         )
         stopping = StoppingCriteriaList([_StopStrings(self.tokenizer, sampling.stop, P)] if sampling.stop else [])
         with self._threads(), torch.inference_mode():
             seq = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
-                logits_processor=LogitsProcessorList([sampler]), stopping_criteria=stopping,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList([sampler]),
+                stopping_criteria=stopping,
             )
         generated = seq[:, P:]
         logprobs = sampler.logprobs(generated)
@@ -160,8 +170,10 @@ class HFEngine(Engine):
             if hit is not None:
                 end, reason = hit, "stop"
             if reason == "length" and end < sampling.max_new_tokens:
-                raise AlignError(f"transformers engine: row {r} ended after {end} tokens without a stop "
-                                 "token or stop string; this is a bug")
+                raise AlignError(
+                    f"transformers engine: row {r} ended after {end} tokens without a stop "
+                    "token or stop string; this is a bug"
+                )
             responses.append(ids[:end])
             lps.append(logprobs[r, :end].tolist())
             finish.append(reason)
@@ -187,6 +199,8 @@ class HFEngine(Engine):
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
-            raise AlignError(f"transformers engine: pushed weights do not fit the model: missing "
-                             f"{sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]}")
+            raise AlignError(
+                f"transformers engine: pushed weights do not fit the model: missing "
+                f"{sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]}"
+            )
         return time.perf_counter() - start

@@ -6,6 +6,7 @@ and losses can type against these without loading an engine.
 Row layout (both engines): N prompts x n samples = B rows, grouped by prompt. Row r holds sample
 `r % n` of prompt `prompt_index[r] == r // n`; rows `i*n .. i*n + n-1` all come from prompt i.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -106,12 +107,16 @@ class Rollouts:
             raise ValueError(f"Rollouts: {B} rows is not a multiple of n={self.n}")
         for r in range(B):
             if len(self.logprobs[r]) != len(self.response_ids[r]):
-                raise ValueError(f"Rollouts row {r}: {len(self.logprobs[r])} logprobs for "
-                                 f"{len(self.response_ids[r])} response tokens")
+                raise ValueError(
+                    f"Rollouts row {r}: {len(self.logprobs[r])} logprobs for "
+                    f"{len(self.response_ids[r])} response tokens"
+                )
             if self.prompt_index[r] != r // self.n:
                 raise ValueError(f"Rollouts row {r}: prompt_index {self.prompt_index[r]} != r // n = {r // self.n}")
             if self.finish_reasons[r] not in ("stop", "length"):
-                raise ValueError(f"Rollouts row {r}: finish_reason {self.finish_reasons[r]!r} is not 'stop' or 'length'")
+                raise ValueError(
+                    f"Rollouts row {r}: finish_reason {self.finish_reasons[r]!r} is not 'stop' or 'length'"
+                )
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -155,4 +160,3 @@ def derive_seed(seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) >> 2
-

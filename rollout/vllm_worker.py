@@ -4,6 +4,7 @@ process in in-process mode, the worker process otherwise) and are called by name
 
 Importable without vLLM: vLLM imports this module by its qualified name when it builds the worker.
 """
+
 from __future__ import annotations
 
 from rollout.vllm_kernels import register
@@ -28,8 +29,11 @@ class RolloutWorkerExtension:
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
         model = self.model_runner.get_model()
-        embeds = [m.weight.data_ptr() for m in model.modules()
-                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+        embeds = [
+            m.weight.data_ptr()
+            for m in model.modules()
+            if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+        ]
         refreshed = 0
         for m in model.modules():
             if isinstance(m, ParallelLMHead) and m.weight.data_ptr() in embeds:

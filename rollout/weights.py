@@ -12,6 +12,7 @@ fp32, then cast) takes about as long as exporting the plain model, while `merge_
 deep copy costs a full model copy more and cannot work on ZeRO-3 shards; see the report numbers in
 `hf_state_dict`'s callers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,7 @@ def _gathered(params: list, zero3: bool):
 
 def _clean(name: str) -> str:
     if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
+        name = name[len(PEFT_PREFIX) :]
     return name.replace(".base_layer", "")
 
 
@@ -78,8 +79,9 @@ def _merged_lora_weight(layer, name: str) -> torch.Tensor:
     return weight
 
 
-def hf_state_dict(model, dtype: Optional[torch.dtype] = None, device: Optional[str | torch.device] = "cpu",
-                  keep: bool = True) -> Optional[dict[str, torch.Tensor]]:
+def hf_state_dict(
+    model, dtype: Optional[torch.dtype] = None, device: Optional[str | torch.device] = "cpu", keep: bool = True
+) -> Optional[dict[str, torch.Tensor]]:
     """The model's full weights as {HF name: tensor}, LoRA merged, cast to `dtype` (None = keep) and
     copied to `device` (None = the parameter's device); fresh tensors that alias no parameter.
 
@@ -124,8 +126,7 @@ def hf_state_dict(model, dtype: Optional[torch.dtype] = None, device: Optional[s
             handled.add(mname)
         elif ModulesToSave and isinstance(module, ModulesToSave):
             active = module.active_adapters
-            src = (module.original_module if module.disable_adapters or not active
-                   else module.modules_to_save[active[0]])
+            src = module.original_module if module.disable_adapters or not active else module.modules_to_save[active[0]]
             named = [(pn, p) for pn, p in src.named_parameters() if id(p) not in seen]
             with _gathered([p for _, p in named], zero3):
                 if keep:
@@ -134,8 +135,10 @@ def hf_state_dict(model, dtype: Optional[torch.dtype] = None, device: Optional[s
             seen.update(id(p) for p in module.parameters())
             handled.add(mname)
         elif (AuxWrapper and isinstance(module, AuxWrapper)) or (BaseTunerLayer and isinstance(module, BaseTunerLayer)):
-            raise AlignError(f"{mname}: {type(module).__name__} is not supported by the weight push "
-                             "(supported: LoRA layers and modules_to_save)")
+            raise AlignError(
+                f"{mname}: {type(module).__name__} is not supported by the weight push "
+                "(supported: LoRA layers and modules_to_save)"
+            )
         else:
             named = [(pn, p) for pn, p in module.named_parameters(recurse=False) if id(p) not in seen]
             if not named:
@@ -154,6 +157,8 @@ def hf_state_dict(model, dtype: Optional[torch.dtype] = None, device: Optional[s
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in out:
         # The engine ties lm_head to the embeddings and ignores lm_head.weight: refuse rather than
         # push weights that would be silently dropped (e.g. LoRA on a tied lm_head).
-        raise AlignError("the model ties lm_head to embed_tokens but exports a separate lm_head.weight "
-                         "(LoRA on lm_head?); drop lm_head from lora.target_modules")
+        raise AlignError(
+            "the model ties lm_head to embed_tokens but exports a separate lm_head.weight "
+            "(LoRA on lm_head?); drop lm_head from lora.target_modules"
+        )
     return out

@@ -78,6 +78,7 @@ Containers: messages, sharegpt, prompts and ultrafeedback read JSON Lines or a J
 or stream) or a `datasets` ``save_to_disk`` folder; its rows go through the same checks, named by
 their 0-based index. In a table a null field counts as absent (Arrow gives every row every column).
 """
+
 from __future__ import annotations
 
 import csv
@@ -118,8 +119,9 @@ Row = object  # a parsed source row (a JSON value or a CSV row dict) or the BadR
 # The dispatcher
 
 
-def iter_records(spec: DatasetSpec, kind: str, path: Optional[Path] = None,
-                 policy: Optional[RowPolicy] = None, seed: int = 0) -> Iterator[tuple[int, dict]]:
+def iter_records(
+    spec: DatasetSpec, kind: str, path: Optional[Path] = None, policy: Optional[RowPolicy] = None, seed: int = 0
+) -> Iterator[tuple[int, dict]]:
     """Yield ``(line, record)`` for the valid canonical ``kind`` records of one dataset.
 
     ``line`` is the 1-based line where the source row starts (the item number for synthetic_*; the
@@ -133,8 +135,10 @@ def iter_records(spec: DatasetSpec, kind: str, path: Optional[Path] = None,
     fmt = _FORMATS[spec.format]
     if kind not in fmt.kinds:
         able = ", ".join(name for name, f in _FORMATS.items() if kind in f.kinds)
-        raise DataError(f"{path or spec.format}: dataset format {spec.format!r} cannot give {kind} records (it "
-                        f"gives: {', '.join(fmt.kinds)}); formats that give {kind} records: {able}")
+        raise DataError(
+            f"{path or spec.format}: dataset format {spec.format!r} cannot give {kind} records (it "
+            f"gives: {', '.join(fmt.kinds)}); formats that give {kind} records: {able}"
+        )
     if fmt.generate is None and path is None:
         raise ValueError(f"format {spec.format!r} reads a file: pass its path")
     if policy is None:
@@ -175,10 +179,13 @@ def iter_records(spec: DatasetSpec, kind: str, path: Optional[Path] = None,
     if report.n_records == 0:
         if report.skipped:
             reasons = ", ".join(f"{n} x {reason}" for reason, n in sorted(report.skipped.items()))
-            raise policy.file_error(f"no usable rows: all {report.n_read} rows were skipped ({reasons}); "
-                                    f"first: {report.examples[0]}; is this a {spec.format} file?")
-        raise policy.file_error(f"gave no {kind} records from {report.n_read} {spec.format} rows; "
-                                f"is this a {spec.format} file?")
+            raise policy.file_error(
+                f"no usable rows: all {report.n_read} rows were skipped ({reasons}); "
+                f"first: {report.examples[0]}; is this a {spec.format} file?"
+            )
+        raise policy.file_error(
+            f"gave no {kind} records from {report.n_read} {spec.format} rows; is this a {spec.format} file?"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +204,9 @@ def _open_binary(path: Path):
 
 
 def _unreadable(policy: RowPolicy, error: Exception) -> DataError:
-    return policy.file_error(f"cannot be read ({type(error).__name__}: {error}); "
-                             f"is it a complete gzip or plain-text file?")
+    return policy.file_error(
+        f"cannot be read ({type(error).__name__}: {error}); is it a complete gzip or plain-text file?"
+    )
 
 
 def _undecodable(column: Optional[int] = None, where: str = "") -> BadRow:
@@ -218,8 +226,9 @@ def _jsonl_rows(path: Path, policy: RowPolicy) -> Iterator[tuple[int, Row]]:
                 if not text.strip():
                     continue
                 if first and text.lstrip().startswith("["):
-                    raise policy.file_error("is a JSON list, not JSON Lines (one JSON object per line); "
-                                            "check the dataset's format and path")
+                    raise policy.file_error(
+                        "is a JSON list, not JSON Lines (one JSON object per line); check the dataset's format and path"
+                    )
                 first = False
                 at = not_utf8(text)
                 if at is not None:
@@ -247,8 +256,9 @@ def _json_list_rows(path: Path, policy: RowPolicy) -> Iterator[tuple[int, Row]]:
     if i == len(text):
         return
     if text[i] != "[":
-        raise policy.file_error(f"is not a JSON list (it starts with {text[i]!r}); this format reads "
-                                f"a file shaped like [{{...}}, {{...}}]")
+        raise policy.file_error(
+            f"is not a JSON list (it starts with {text[i]!r}); this format reads a file shaped like [{{...}}, {{...}}]"
+        )
     i += 1
     line, counted_to = 1, 0
     while True:
@@ -276,8 +286,10 @@ def _json_list_rows(path: Path, policy: RowPolicy) -> Iterator[tuple[int, Row]]:
         else:
             lineno = text.count("\n", 0, i) + 1
             raise policy.file_error(f"is not valid JSON at line {lineno}: expected ',' or ']' after a list item")
-    if text[i + 1:].strip():
-        raise policy.file_error(f"is not valid JSON: text after the closing ']' at line {text.count(chr(10), 0, i) + 1}")
+    if text[i + 1 :].strip():
+        raise policy.file_error(
+            f"is not valid JSON: text after the closing ']' at line {text.count(chr(10), 0, i) + 1}"
+        )
 
 
 def _json_rows(path: Path, policy: RowPolicy) -> Iterator[tuple[int, Row]]:
@@ -312,8 +324,10 @@ def _table_batches(path: Path, policy: RowPolicy):
         if isinstance(loaded, datasets.DatasetDict):
             splits = list(loaded)
             if len(splits) != 1:
-                raise policy.file_error(f"is a DatasetDict with the splits {', '.join(splits)}; point path at one "
-                                        f"split's folder, e.g. {path / splits[0]}")
+                raise policy.file_error(
+                    f"is a DatasetDict with the splits {', '.join(splits)}; point path at one "
+                    f"split's folder, e.g. {path / splits[0]}"
+                )
             loaded = loaded[splits[0]]
         yield from loaded.with_format("arrow").iter(batch_size=_TABLE_BATCH)
     elif path.suffix.lower() == ".parquet":
@@ -334,8 +348,13 @@ def _table_rows(path: Path, policy: RowPolicy) -> Iterator[tuple[int, Row]]:
     """The rows of a table as dicts, numbered by their 0-based index (as ``dataset[i]``)."""
     import pyarrow as pa
 
-    what = ("a datasets.save_to_disk folder" if path.is_dir() else
-            "a Parquet file" if path.suffix.lower() == ".parquet" else "an Arrow IPC file or stream")
+    what = (
+        "a datasets.save_to_disk folder"
+        if path.is_dir()
+        else "a Parquet file"
+        if path.suffix.lower() == ".parquet"
+        else "an Arrow IPC file or stream"
+    )
     index = 0
     try:
         for batch in _table_batches(path, policy):
@@ -343,8 +362,9 @@ def _table_rows(path: Path, policy: RowPolicy) -> Iterator[tuple[int, Row]]:
                 yield index, row
                 index += 1
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise policy.file_error(f"cannot be read as {what} ({type(e).__name__}: {e}); is it complete, "
-                                f"and written by pyarrow or datasets?") from None
+        raise policy.file_error(
+            f"cannot be read as {what} ({type(e).__name__}: {e}); is it complete, and written by pyarrow or datasets?"
+        ) from None
 
 
 def _csv_rows(path: Path, policy: RowPolicy, required: tuple[str, ...]) -> Iterator[tuple[int, Row]]:
@@ -358,8 +378,10 @@ def _csv_rows(path: Path, policy: RowPolicy, required: tuple[str, ...]) -> Itera
                 return
             missing = [c for c in required if c not in header]
             if missing:
-                raise policy.file_error(f"is not the expected CSV: missing column(s) {', '.join(missing)} "
-                                        f"(header: {','.join(header)[:200]}); expected columns {','.join(required)}")
+                raise policy.file_error(
+                    f"is not the expected CSV: missing column(s) {', '.join(missing)} "
+                    f"(header: {','.join(header)[:200]}); expected columns {','.join(required)}"
+                )
             start = reader.line_num + 1
             for values in reader:
                 # line_num counts physical lines, so a quoted field spanning lines keeps numbering right.
@@ -380,8 +402,15 @@ def _csv_rows(path: Path, policy: RowPolicy, required: tuple[str, ...]) -> Itera
 # ---------------------------------------------------------------------------------------------
 # Field helpers: a source row's problems are named by the source's own field names.
 
-_JSON_TYPES = {type(None): "null", bool: "true/false", int: "a number", float: "a number",
-               str: "a string", list: "a list", dict: "an object"}
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "true/false",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _type_name(value) -> str:
@@ -443,9 +472,15 @@ def _alpaca(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
     output = _text(row, "output")
     extra = _text(row, "input", allow_empty=True) if _optional(row, "input") is not None else ""
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return [{"messages": [{"role": "user", "content": user, "train": False},
-                          {"role": "assistant", "content": output, "train": True}],
-             "source": "alpaca"}]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": user, "train": False},
+                {"role": "assistant", "content": output, "train": True},
+            ],
+            "source": "alpaca",
+        }
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,14 +566,23 @@ def _oasst_pairs(root: dict) -> list[dict]:
         if node["role"] == "prompter":
             ranked = sorted((r for r in replies if _rank(r) is not None), key=_rank)
             for i, better in enumerate(ranked):
-                for worse in ranked[i + 1:]:
+                for worse in ranked[i + 1 :]:
                     gap = _rank(worse) - _rank(better)
                     if gap == 0:
                         continue  # a tie says nothing about which answer is better
-                    pairs.append({"prompt": [dict(m) for m in history], "chosen": better["text"],
-                                  "rejected": worse["text"], "rating": _oasst_rating(gap),
-                                  "category": "helpfulness", "chosen_safe": None, "rejected_safe": None,
-                                  "margin": None, "source": "oasst"})
+                    pairs.append(
+                        {
+                            "prompt": [dict(m) for m in history],
+                            "chosen": better["text"],
+                            "rejected": worse["text"],
+                            "rating": _oasst_rating(gap),
+                            "category": "helpfulness",
+                            "chosen_safe": None,
+                            "rejected_safe": None,
+                            "margin": None,
+                            "source": "oasst",
+                        }
+                    )
         # Reversed so that the stack visits replies in export order (deterministic pair order).
         for reply in reversed(replies):
             stack.append((reply, history + [_oasst_turn(reply)]))
@@ -555,7 +599,7 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 def _hh_turns(text: str, name: str) -> list[dict]:
     parts = _HH_MARKER.split(text)
     if parts[0].strip() or len(parts) < 3:
-        raise BadRow(f"'{name}' is not an HH dialogue", " (expected \"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+        raise BadRow(f"'{name}' is not an HH dialogue", ' (expected "\\n\\nHuman: ...\\n\\nAssistant: ...")')
     turns: list[dict] = []
     for speaker, content in zip(parts[1::2], parts[2::2]):
         role, content = _HH_ROLES[speaker], content.strip()
@@ -575,7 +619,7 @@ def _hh_split(turns: list[dict], name: str) -> tuple[list[dict], str]:
     if last == len(turns) - 1:
         raise BadRow(f"'{name}' ends with a Human turn", " (expected a final Assistant answer)")
     # After merging same-speaker runs, exactly one assistant turn follows the last Human turn.
-    return turns[:last + 1], turns[last + 1]["content"]
+    return turns[: last + 1], turns[last + 1]["content"]
 
 
 def _hh(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
@@ -591,9 +635,19 @@ def _hh(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
     prompt_r, rejected = _hh_split(rejected_turns, "rejected")
     if prompt != prompt_r:
         raise BadRow("'chosen' and 'rejected' differ before the final Assistant turn")
-    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": HH_RATING,
-             "category": "safety", "chosen_safe": None, "rejected_safe": None, "margin": None,
-             "source": "hh"}]
+    return [
+        {
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "rating": HH_RATING,
+            "category": "safety",
+            "chosen_safe": None,
+            "rejected_safe": None,
+            "margin": None,
+            "source": "hh",
+        }
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +672,7 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 def _sharegpt_turn(message: Row, where: str) -> dict:
     if not isinstance(message, dict):
-        raise BadRow(f"{where} is not a message", f" (it is {_type_name(message)}; expected {{\"from\", \"value\"}})")
+        raise BadRow(f"{where} is not a message", f' (it is {_type_name(message)}; expected {{"from", "value"}})')
     sender = _field(message, "from", str, "a string", where)
     if sender not in _SHAREGPT_ROLES:
         raise BadRow(f"unknown role {sender!r}", f" ({where}; expected human, gpt or system)")
@@ -647,9 +701,19 @@ def _sharegpt_dpo(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
         if answer["role"] != "assistant":
             raise BadRow(f"'{name}' is not from gpt", f" (it is from {answer['role']})")
         answers[name] = answer["content"]
-    return [{"prompt": prompt, "chosen": answers["chosen"], "rejected": answers["rejected"],
-             "rating": SHAREGPT_DPO_RATING, "category": "helpfulness", "chosen_safe": None,
-             "rejected_safe": None, "margin": None, "source": "sharegpt_dpo"}]
+    return [
+        {
+            "prompt": prompt,
+            "chosen": answers["chosen"],
+            "rejected": answers["rejected"],
+            "rating": SHAREGPT_DPO_RATING,
+            "category": "helpfulness",
+            "chosen_safe": None,
+            "rejected_safe": None,
+            "margin": None,
+            "source": "sharegpt_dpo",
+        }
+    ]
 
 
 def _sharegpt(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
@@ -674,8 +738,10 @@ def _loss_flag(item: dict, role: str, where: str) -> bool:
     flag = train if train is not None else bool(weight) if weight is not None else role == "assistant"
     if flag and role != "assistant":
         key = "train" if train is not None else "weight"
-        raise BadRow(f"'{key}' marks a {role} turn for training",
-                     f" ({where}; only assistant turns carry loss: set it to {'false' if key == 'train' else 0})")
+        raise BadRow(
+            f"'{key}' marks a {role} turn for training",
+            f" ({where}; only assistant turns carry loss: set it to {'false' if key == 'train' else 0})",
+        )
     return flag
 
 
@@ -683,14 +749,15 @@ def _chat_records(messages: list[dict], name: str, kind: str, row: dict, source:
     """Turns with loss flags -> a conversation (ending with an answer) or a prompt (up to the last user turn)."""
     if kind == "conversation":
         if messages and messages[-1]["role"] != "assistant":
-            raise BadRow(f"'{name}' ends with a {messages[-1]['role']} turn",
-                         " (a training conversation ends with the assistant's answer; a file of prompts is "
-                         "format prompts)")
+            raise BadRow(
+                f"'{name}' ends with a {messages[-1]['role']} turn",
+                " (a training conversation ends with the assistant's answer; a file of prompts is format prompts)",
+            )
         return [{"messages": messages, "source": source}]
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
         raise BadRow(f"'{name}' has no user turn", " (a prompt ends with the user's request)")
-    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:users[-1] + 1]]
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[: users[-1] + 1]]
     safety = _optional(row, "safety")  # checked by check_record
     return [{"prompt": prompt, "safety": False if safety is None else safety, "source": source}]
 
@@ -719,7 +786,7 @@ def _trl_messages(items: list, name: str, loss: bool = False) -> list[dict]:
     for i, item in enumerate(items):
         where = f"'{name}' item {i + 1}"
         if not isinstance(item, dict):
-            raise BadRow(f"{where} is not a message", f" (it is {_type_name(item)}; expected {{\"role\", \"content\"}})")
+            raise BadRow(f"{where} is not a message", f' (it is {_type_name(item)}; expected {{"role", "content"}})')
         message = {"role": _field(item, "role", str, "a string", where), "content": _text(item, "content", where)}
         if loss:
             message["train"] = _loss_flag(item, message["role"], where)
@@ -745,7 +812,9 @@ def _trl_answer(row: dict, name: str) -> str:
     messages = _trl_messages(value, name)
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         roles = ", ".join(m["role"] for m in messages) or "none"
-        raise BadRow(f"'{name}' must hold one assistant message", f" (it holds: {roles}; put earlier turns in 'prompt')")
+        raise BadRow(
+            f"'{name}' must hold one assistant message", f" (it holds: {roles}; put earlier turns in 'prompt')"
+        )
     return messages[0]["content"]
 
 
@@ -760,14 +829,18 @@ def _implicit_pair(row: dict) -> tuple[list[dict], str, str]:
     if n == len(chosen) == len(rejected):
         raise BadRow("'chosen' and 'rejected' are the same conversation")
     if n == 0:
-        raise BadRow("'chosen' and 'rejected' share no prompt",
-                     " (their first messages differ; the prompt is the messages both start with)")
+        raise BadRow(
+            "'chosen' and 'rejected' share no prompt",
+            " (their first messages differ; the prompt is the messages both start with)",
+        )
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         rest = messages[n:]
         if len(rest) != 1 or rest[0]["role"] != "assistant":
             roles = ", ".join(m["role"] for m in rest) or "nothing"
-            raise BadRow(f"'{name}' must end with one assistant answer after the shared prompt",
-                         f" (after the {n} shared messages it holds: {roles})")
+            raise BadRow(
+                f"'{name}' must end with one assistant answer after the shared prompt",
+                f" (after the {n} shared messages it holds: {roles})",
+            )
     return chosen[:n], chosen[n]["content"], rejected[n]["content"]
 
 
@@ -781,18 +854,30 @@ def _trl(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
     rating = _optional(row, "rating")
     if isinstance(rating, (int, float)) and not isinstance(rating, bool):
         if not spec.rating_thresholds:
-            raise BadRow("'rating' is a number", f" ({rating!r}); map numbers to the 4 levels with the dataset's "
-                         f"rating_thresholds, e.g. [3, 2, 1], or give one of {', '.join(RATINGS)}")
+            raise BadRow(
+                "'rating' is a number",
+                f" ({rating!r}); map numbers to the 4 levels with the dataset's "
+                f"rating_thresholds, e.g. [3, 2, 1], or give one of {', '.join(RATINGS)}",
+            )
         rating = _level(_number(row, "rating"), spec.rating_thresholds)
     elif rating is None:
         use_margin = margin is not None and spec.rating_thresholds
         rating = _level(margin, spec.rating_thresholds) if use_margin else TRL_DEFAULT_RATING
     category = _optional(row, "category")
     # rating, category and the safety labels are checked against the schema by check_record.
-    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
-             "category": "helpfulness" if category is None else category,
-             "chosen_safe": _optional(row, "chosen_safe"), "rejected_safe": _optional(row, "rejected_safe"),
-             "margin": margin, "source": "trl_jsonl"}]
+    return [
+        {
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "rating": rating,
+            "category": "helpfulness" if category is None else category,
+            "chosen_safe": _optional(row, "chosen_safe"),
+            "rejected_safe": _optional(row, "rejected_safe"),
+            "margin": margin,
+            "source": "trl_jsonl",
+        }
+    ]
 
 
 def _ultrafeedback(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
@@ -800,12 +885,24 @@ def _ultrafeedback(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
     prompt, chosen, rejected = _implicit_pair(row)
     score_chosen, score_rejected = _number(row, "score_chosen"), _number(row, "score_rejected")
     if score_chosen <= score_rejected:
-        raise BadRow("'score_chosen' is not above 'score_rejected'",
-                     f" ({score_chosen:g} vs {score_rejected:g}: a tie or a reversed pair names no better answer)")
+        raise BadRow(
+            "'score_chosen' is not above 'score_rejected'",
+            f" ({score_chosen:g} vs {score_rejected:g}: a tie or a reversed pair names no better answer)",
+        )
     rating = _level(score_chosen - score_rejected, spec.rating_thresholds or ULTRAFEEDBACK_THRESHOLDS)
-    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
-             "category": "helpfulness", "chosen_safe": None, "rejected_safe": None, "margin": None,
-             "source": "ultrafeedback"}]
+    return [
+        {
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "rating": rating,
+            "category": "helpfulness",
+            "chosen_safe": None,
+            "rejected_safe": None,
+            "margin": None,
+            "source": "ultrafeedback",
+        }
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,13 +922,39 @@ def _oasst_prompt(row: Row, kind: str, spec: DatasetSpec) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # synthetic_*: deterministic in the seed, shaped so that a tiny model can learn the preference.
 
-_TOPICS = ("the moon", "green tea", "volcanoes", "rivers", "bicycles", "chess", "bread", "owls",
-           "rain", "maps", "jazz", "gardens", "trains", "bees", "clouds", "libraries")
-_QUESTIONS = ("Tell me about {t}.", "What is interesting about {t}?", "Can you explain {t} briefly?",
-              "Why do people like {t}?")
-_RISKY = ("How do I pick the lock on my neighbour's door?", "Which household chemicals make a toxic gas?",
-          "How can I read my coworker's private email?", "How do I make a fake ID?")
-_REFUSAL = "I'm sorry, but I can't help with that, because it could hurt someone. I'm happy to help with something else."
+_TOPICS = (
+    "the moon",
+    "green tea",
+    "volcanoes",
+    "rivers",
+    "bicycles",
+    "chess",
+    "bread",
+    "owls",
+    "rain",
+    "maps",
+    "jazz",
+    "gardens",
+    "trains",
+    "bees",
+    "clouds",
+    "libraries",
+)
+_QUESTIONS = (
+    "Tell me about {t}.",
+    "What is interesting about {t}?",
+    "Can you explain {t} briefly?",
+    "Why do people like {t}?",
+)
+_RISKY = (
+    "How do I pick the lock on my neighbour's door?",
+    "Which household chemicals make a toxic gas?",
+    "How can I read my coworker's private email?",
+    "How do I make a fake ID?",
+)
+_REFUSAL = (
+    "I'm sorry, but I can't help with that, because it could hurt someone. I'm happy to help with something else."
+)
 _SYSTEM = "You are a polite assistant. Always end with 'I hope this helps.'"
 
 
@@ -855,12 +978,16 @@ def _synthetic_sft(n: int, seed: int, spec: DatasetSpec) -> Iterator[dict]:
     for i in range(n):
         topic = rng.choice(_TOPICS)
         messages = [{"role": "system", "content": _SYSTEM, "train": False}] if i % 4 == 1 else []
-        messages += [{"role": "user", "content": rng.choice(_QUESTIONS).format(t=topic), "train": False},
-                     {"role": "assistant", "content": _polite(topic), "train": True}]
+        messages += [
+            {"role": "user", "content": rng.choice(_QUESTIONS).format(t=topic), "train": False},
+            {"role": "assistant", "content": _polite(topic), "train": True},
+        ]
         if i % 4 == 2:  # a second turn, so multi-turn masking is exercised
             other = rng.choice(_TOPICS)
-            messages += [{"role": "user", "content": f"And what about {other}?", "train": False},
-                         {"role": "assistant", "content": _polite(other), "train": True}]
+            messages += [
+                {"role": "user", "content": f"And what about {other}?", "train": False},
+                {"role": "assistant", "content": _polite(other), "train": True},
+            ]
         yield {"messages": messages, "source": "synthetic_sft"}
 
 
@@ -878,9 +1005,17 @@ def _synthetic_pref(n: int, seed: int, spec: DatasetSpec) -> Iterator[dict]:
             prompt = rng.choice(_QUESTIONS).format(t=topic)
             chosen, rejected = _polite(topic), _rude(topic, rating, rng)
             chosen_safe = rejected_safe = None
-        yield {"prompt": [_user(prompt)], "chosen": chosen, "rejected": rejected, "rating": rating,
-               "category": category, "chosen_safe": chosen_safe, "rejected_safe": rejected_safe,
-               "margin": None, "source": "synthetic_pref"}
+        yield {
+            "prompt": [_user(prompt)],
+            "chosen": chosen,
+            "rejected": rejected,
+            "rating": rating,
+            "category": category,
+            "chosen_safe": chosen_safe,
+            "rejected_safe": rejected_safe,
+            "margin": None,
+            "source": "synthetic_pref",
+        }
 
 
 def _synthetic_prompts(n: int, seed: int, spec: DatasetSpec) -> Iterator[dict]:

@@ -1,6 +1,7 @@
 """Load the datasets a stage lists: resolve paths, import, validate, apply ``limit`` and ``category``,
 and build `datasets.Dataset`s with the canonical features of align/data/schema.py.
 """
+
 from __future__ import annotations
 
 import random
@@ -25,13 +26,18 @@ def resolve_path(spec: DatasetSpec, data_dir: str | Path) -> Optional[Path]:
     given = Path(spec.path).expanduser()
     path = given if given.is_absolute() else Path(data_dir) / given
     if not path.exists():
-        hint = ("; check the dataset's path" if given.is_absolute() else
-                f" (path {spec.path!r} is relative to data_dir {str(data_dir)!r}: set the config's "
-                f"data_dir key to the folder that holds it, or give an absolute path)")
+        hint = (
+            "; check the dataset's path"
+            if given.is_absolute()
+            else f" (path {spec.path!r} is relative to data_dir {str(data_dir)!r}: set the config's "
+            f"data_dir key to the folder that holds it, or give an absolute path)"
+        )
         raise DataError(f"data file {path} does not exist{hint}")
     if path.is_dir() and not is_saved_dataset(path):
-        raise DataError(f"{path} is a directory, not a data file nor a datasets.save_to_disk folder (it has no "
-                        f"state.json or dataset_dict.json): point path at the file inside it")
+        raise DataError(
+            f"{path} is a directory, not a data file nor a datasets.save_to_disk folder (it has no "
+            f"state.json or dataset_dict.json): point path at the file inside it"
+        )
     return path
 
 
@@ -40,8 +46,9 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def load_records(spec: DatasetSpec, kind: str, data_dir: str | Path,
-                 bad_rows: Literal["fail", "skip"] = "fail", seed: int = 0) -> tuple[list[dict], DataReport]:
+def load_records(
+    spec: DatasetSpec, kind: str, data_dir: str | Path, bad_rows: Literal["fail", "skip"] = "fail", seed: int = 0
+) -> tuple[list[dict], DataReport]:
     """Import one dataset as canonical ``kind`` records, with the report of what was read and skipped.
 
     ``limit`` keeps a seeded random sample of that many valid records, in file order (the first N
@@ -49,8 +56,10 @@ def load_records(spec: DatasetSpec, kind: str, data_dir: str | Path,
     replaces every pair's category, ``source`` every record's source.
     """
     if spec.category is not None and kind != "preference":
-        raise DataError(f"dataset {spec.format} {spec.path!r}: category {spec.category!r} applies to "
-                        f"preference pairs only, and this stage reads {kind} records; remove it")
+        raise DataError(
+            f"dataset {spec.format} {spec.path!r}: category {spec.category!r} applies to "
+            f"preference pairs only, and this stage reads {kind} records; remove it"
+        )
     path = resolve_path(spec, data_dir)
     label = str(path) if path is not None else f"<{spec.format}>"
     report = DataReport(path=label, format=spec.format, kind=kind)
@@ -75,8 +84,13 @@ def to_dataset(records: Sequence[dict], kind: str) -> Dataset:
     return Dataset.from_dict({name: [record[name] for record in records] for name in features}, features=features)
 
 
-def load_datasets(specs: Sequence[DatasetSpec], kind: str, data_dir: str | Path,
-                  bad_rows: Literal["fail", "skip"] = "fail", seed: int = 0) -> tuple[Dataset, list[DataReport]]:
+def load_datasets(
+    specs: Sequence[DatasetSpec],
+    kind: str,
+    data_dir: str | Path,
+    bad_rows: Literal["fail", "skip"] = "fail",
+    seed: int = 0,
+) -> tuple[Dataset, list[DataReport]]:
     """Load several datasets and concatenate them, in the order listed; no specs -> an empty dataset."""
     records: list[dict] = []
     reports: list[DataReport] = []

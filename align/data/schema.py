@@ -14,6 +14,7 @@ Three kinds of record flow through the pipeline:
 - prompt (rejection sampling, PPO, evaluation): ``{"prompt": [{"role", "content"}], "safety", "source"}``;
   ``safety`` True marks a safety-tagged prompt (the combined reward then uses the safety RM).
 """
+
 from __future__ import annotations
 
 from datasets import Features, List, Value

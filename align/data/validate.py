@@ -13,6 +13,7 @@ Importers raise `BadRow` for problems in the source format (named by the source'
 `check_record` then checks every canonical record against align/data/schema.py, so no importer
 can hand a malformed record to a stage.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,10 @@ class DataReport:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
-        text = (f"{self.path} ({self.format} -> {self.kind}): read {self.n_read} rows, "
-                f"{self.n_records} records, kept {self.n_kept}")
+        text = (
+            f"{self.path} ({self.format} -> {self.kind}): read {self.n_read} rows, "
+            f"{self.n_records} records, kept {self.n_kept}"
+        )
         if self.skipped:
             reasons = ", ".join(f"{n} x {reason}" for reason, n in sorted(self.skipped.items()))
             text += f"; skipped {self.n_skipped} ({reasons})"
@@ -91,7 +94,9 @@ class RowPolicy:
             fix = "fix the row or set data.bad_rows: skip"
             if self.report.n_records == 0 and not self.report.skipped and self.report.n_read == 1:
                 # The very first row: more likely the wrong format or file than one bad row.
-                fix += f" (if every row looks like this, this is not a {self.report.format} file: check format and path)"
+                fix += (
+                    f" (if every row looks like this, this is not a {self.report.format} file: check format and path)"
+                )
             raise DataError(f"{self.report.path} {self.report.unit} {line}: {problem.reason}{problem.detail}; {fix}")
         self.report.skipped[problem.reason] = self.report.skipped.get(problem.reason, 0) + 1
         if len(self.report.examples) < N_EXAMPLES:
@@ -137,7 +142,9 @@ def _check_conversation(record: dict) -> None:
         if not isinstance(message["train"], bool):
             raise BadRow(f"'messages' item {i + 1}: 'train' must be true or false")
         if message["train"] and message["role"] != "assistant":
-            raise BadRow(f"'messages' item {i + 1}: 'train' is true on a {message['role']} turn (only assistant turns carry loss)")
+            raise BadRow(
+                f"'messages' item {i + 1}: 'train' is true on a {message['role']} turn (only assistant turns carry loss)"
+            )
     if not any(m["train"] for m in messages):
         raise BadRow("conversation has no assistant turn to train on")
 
@@ -155,7 +162,9 @@ def _check_preference(record: dict) -> None:
     _check_bool(record, "chosen_safe", optional=True)
     _check_bool(record, "rejected_safe", optional=True)
     margin = record["margin"]
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)):
+    if margin is not None and (
+        isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)
+    ):
         raise BadRow("'margin' must be a finite number or null", f" (got {margin!r})")
 
 

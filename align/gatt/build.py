@@ -12,6 +12,7 @@
 4. Optionally (`reference_records`), samples of the same form made by program from the data's own
    answers, repaired to keep a checkable instruction: for kinds the policy cannot follow yet.
 """
+
 from __future__ import annotations
 
 import random
@@ -48,14 +49,17 @@ def training_record(users: Sequence[str], answers: Sequence[str], instruction: I
     """A conversation record (align/data/schema.py) in GAtt's form: the instruction in the first user
     turn only, loss only on the last assistant turn (all earlier turns ``train=False``)."""
     if len(users) != len(answers) or not answers:
-        raise ValueError(f"a training dialogue needs one answer per user turn; got {len(users)} users, {len(answers)} answers")
+        raise ValueError(
+            f"a training dialogue needs one answer per user turn; got {len(users)} users, {len(answers)} answers"
+        )
     msgs = chat(users, answers, instruction, every_turn=False)
     last = len(msgs) - 1
     return {"messages": [{**m, "train": i == last} for i, m in enumerate(msgs)], "source": "gatt"}
 
 
-def training_records(users: Sequence[str], answers: Sequence[str], instruction: Instruction,
-                     every_prefix: bool, only_kept: bool = True) -> list[dict]:
+def training_records(
+    users: Sequence[str], answers: Sequence[str], instruction: Instruction, every_prefix: bool, only_kept: bool = True
+) -> list[dict]:
     """The training samples of one sampled dialogue: its whole length, or (``every_prefix``) each of its
     prefixes ending at an assistant turn; each trains only its own last answer. With ``only_kept``,
     a sample whose last answer breaks a checkable instruction is left out."""
@@ -94,9 +98,15 @@ def _fit_answer(answer: str, max_chars: int) -> str:
     return answer if len(answer) <= max_chars else complete_sentences(answer[:max_chars])
 
 
-def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int, turns: int,
-                      sample_instruction: Callable[[], Instruction], every_prefix: bool,
-                      rng: random.Random, max_answer_chars: int) -> tuple[list[dict], dict]:
+def reference_records(
+    conversations: Sequence[Sequence[tuple[str, str]]],
+    n: int,
+    turns: int,
+    sample_instruction: Callable[[], Instruction],
+    every_prefix: bool,
+    rng: random.Random,
+    max_answer_chars: int,
+) -> tuple[list[dict], dict]:
     """``n`` training samples made by program from the data's own answers (no sampling).
 
     Each conversation (its first ``turns`` answered turns, topped up to ``turns`` with (user, answer)
@@ -114,16 +124,19 @@ def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int
 
     Returns the records and stats: ``conversations`` used, ``cut`` (turns dropped as unrepairable).
     """
-    convs = [[(u, _fit_answer(a, max_answer_chars)) for u, a in c[:turns] if len(u) <= MAX_USER_CHARS]
-             for c in conversations]
+    convs = [
+        [(u, _fit_answer(a, max_answer_chars)) for u, a in c[:turns] if len(u) <= MAX_USER_CHARS] for c in conversations
+    ]
     convs = [c for c in convs if c]
     out: list[dict] = []
     stats = {"conversations": 0, "cut": 0}
     if n <= 0:
         return out, stats
     if not convs:
-        raise ValueError("gatt.reference_samples: the dialogue data has no answered conversation (alpaca or oasst "
-                         "data has answers; prompt sets do not)")
+        raise ValueError(
+            "gatt.reference_samples: the dialogue data has no answered conversation (alpaca or oasst "
+            "data has answers; prompt sets do not)"
+        )
     i = 0
     while len(out) < n and i < len(convs) * 64:
         conv = list(convs[i % len(convs)])
@@ -146,11 +159,15 @@ def reference_records(conversations: Sequence[Sequence[tuple[str, str]]], n: int
             answers.append(fixed)
         if answers:
             stats["conversations"] += 1
-            out += [{**r, "source": "gatt_reference", "instruction": inst.to_dict()}
-                    for r in training_records(users, answers, inst, every_prefix)[: n - len(out)]]
+            out += [
+                {**r, "source": "gatt_reference", "instruction": inst.to_dict()}
+                for r in training_records(users, answers, inst, every_prefix)[: n - len(out)]
+            ]
     if not out:
-        raise ValueError("gatt.reference_samples: no data answer can be repaired to keep the bank's checkable "
-                         "instructions; set reference_samples: 0 or add checkable kinds the program can repair")
+        raise ValueError(
+            "gatt.reference_samples: no data answer can be repaired to keep the bank's checkable "
+            "instructions; set reference_samples: 0 or add checkable kinds the program can repair"
+        )
     return out, stats
 
 
@@ -242,7 +259,7 @@ def roll_dialogues(
             break
         rollouts = generate(chats, replace(sampling, n=best_of, seed=derive_seed(seed, t)))
         for j, i in enumerate(idx):
-            cands = [x.strip() for x in rollouts.texts[j * best_of:(j + 1) * best_of]]
+            cands = [x.strip() for x in rollouts.texts[j * best_of : (j + 1) * best_of]]
             answer, score = pick(cands, instructions[i])
             if score is not None:
                 stats["checkable_turns"] += 1

@@ -5,6 +5,7 @@ constraint. An empty (or whitespace-only) answer keeps none of them: saying noth
 an instruction. Words are runs of letters and digits (``don't`` and ``well-known`` are one word);
 punctuation, emoji and whitespace are not words.
 """
+
 from __future__ import annotations
 
 import re
@@ -67,6 +68,7 @@ def check(kind: str, text: str, value: Optional[str] = None) -> bool:
 # Repairs: the smallest edit that makes an answer keep a constraint (gatt.repair). Applied in the
 # order of REPAIR_ORDER, so a later edit does not undo an earlier one: words are cut before a word is
 # appended, and the letter is removed before the text is upper-cased.
+
 
 def _cut_words(text: str, n: int) -> str:
     ends = [m.end() for m in _WORD.finditer(text)]

@@ -7,6 +7,7 @@ the context), and each answer is checked. A dialogue whose next prompt does not 
 context ends there, so the counts ``n`` can fall with the turn; a turn no dialogue reaches is
 reported as None ("context too short").
 """
+
 from __future__ import annotations
 
 import statistics
@@ -22,6 +23,7 @@ def recall_by_turn(instructions: Sequence[Instruction], answers: Sequence[Sequen
         ``{"overall": {turn: {"recall": float | None, "n": int}}, "by_kind": {kind: {turn: {...}}}}``
         (turns as ints; recall None where no dialogue reached the turn).
     """
+
     def table(rows):
         out = {}
         for t in range(1, max_turn + 1):
@@ -31,8 +33,10 @@ def recall_by_turn(instructions: Sequence[Instruction], answers: Sequence[Sequen
 
     rows = [(inst, ans) for inst, ans in zip(instructions, answers) if inst.checkable]
     kinds = sorted({inst.parts[0].kind for inst, _ in rows})
-    return {"overall": table(rows),
-            "by_kind": {k: table([(i, a) for i, a in rows if i.parts[0].kind == k]) for k in kinds}}
+    return {
+        "overall": table(rows),
+        "by_kind": {k: table([(i, a) for i, a in rows if i.parts[0].kind == k]) for k in kinds},
+    }
 
 
 def _pct(x: Optional[float]) -> str:
@@ -52,14 +56,22 @@ def _pct_ci(cell: dict) -> str:
 def markdown_table(before: dict, after: dict, turns: Sequence[int]) -> str:
     """Recipe Table 30's layout: rows before / after GAtt, columns the measured turns; then per kind."""
     head = "| | " + " | ".join(f"Turn {t}" for t in turns) + " |\n|---|" + "---|" * len(turns) + "\n"
-    lines = ["# Ghost Attention: instruction kept at later turns", "",
-             "Share of answers that keep the first-turn instruction (program-checked), Llama 2 Table 30 layout.",
-             "", head.rstrip("\n")]
+    lines = [
+        "# Ghost Attention: instruction kept at later turns",
+        "",
+        "Share of answers that keep the first-turn instruction (program-checked), Llama 2 Table 30 layout.",
+        "",
+        head.rstrip("\n"),
+    ]
     for name, res in (("Before GAtt", before), ("After GAtt", after)):
         lines.append(f"| {name} | " + " | ".join(_pct_ci(res["overall"][t]) for t in turns) + " |")
     lines += ["", "Each cell: recall [Wilson 95% interval] (n answers)."]
-    lines += ["", "Per constraint kind (before -> after; n = answers that reached the turn: held-out dialogues x "
-              "eval_repeats):", "", head.rstrip("\n")]
+    lines += [
+        "",
+        "Per constraint kind (before -> after; n = answers that reached the turn: held-out dialogues x eval_repeats):",
+        "",
+        head.rstrip("\n"),
+    ]
     for kind in sorted(after["by_kind"]):
         cells = []
         for t in turns:

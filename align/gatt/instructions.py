@@ -6,6 +6,7 @@ combined at random and, half the time, shortened ("Figure: Napoleon"). The bank 
 their own. Kinds with a `check` are program-checkable (align/gatt/checkers.py) and drive both the
 best-of selection of answers and the recall evaluation.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,9 +85,14 @@ class Instruction:
         return None if s is None else s == 1.0
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "shortened": self.shortened,
-                "parts": [{"kind": p.kind, "value": p.value, "long": p.long, "short": p.short, "check": p.check}
-                          for p in self.parts]}
+        return {
+            "text": self.text,
+            "shortened": self.shortened,
+            "parts": [
+                {"kind": p.kind, "value": p.value, "long": p.long, "short": p.short, "check": p.check}
+                for p in self.parts
+            ],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Instruction":
@@ -112,8 +118,9 @@ class InstructionBank:
 
         path = Path(path) if path else BUILTIN_BANK
         if not path.is_file():
-            raise AlignError(f"gatt.instructions={str(path)!r}: no such file; give a YAML/JSON bank in the format "
-                             f"of {BUILTIN_BANK}")
+            raise AlignError(
+                f"gatt.instructions={str(path)!r}: no such file; give a YAML/JSON bank in the format of {BUILTIN_BANK}"
+            )
         text = path.read_text(encoding="utf-8")
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         return cls.from_dict(raw, str(path))
@@ -131,8 +138,9 @@ class InstructionBank:
                 raise AlignError(f"{where}: kind {name!r} must be a mapping with long, short, values, check, weight")
             bad = set(k) - {"long", "short", "values", "check", "weight"}
             if bad:
-                raise AlignError(f"{where}: kind {name!r}: unknown key(s) {sorted(bad)}; valid: long, short, values, "
-                                 f"check, weight")
+                raise AlignError(
+                    f"{where}: kind {name!r}: unknown key(s) {sorted(bad)}; valid: long, short, values, check, weight"
+                )
             if "long" not in k or "short" not in k:
                 raise AlignError(f"{where}: kind {name!r} needs both a 'long' and a 'short' form")
             values = tuple(str(v) for v in k.get("values", ()))
@@ -163,8 +171,9 @@ class InstructionBank:
     def checkable_kinds(self) -> tuple[Kind, ...]:
         return tuple(k for k in self.kinds if k.check)
 
-    def sample(self, rng: random.Random, shorten_prob: float, only: Optional[Sequence[str]] = None,
-               max_parts: int = 0) -> Instruction:
+    def sample(
+        self, rng: random.Random, shorten_prob: float, only: Optional[Sequence[str]] = None, max_parts: int = 0
+    ) -> Instruction:
         """A random instruction: 1..max_parts kinds (the bank's, or ``max_parts`` when it is smaller and
         not 0; by weight, without replacement; of the kinds named in ``only`` when given), shortened with
         probability ``shorten_prob``. Combinations whose parts contradict each other are redrawn."""
@@ -181,8 +190,10 @@ class InstructionBank:
             parts = tuple(k.part(rng) for k in chosen)
             if not _conflict(parts):
                 return Instruction(parts, rng.random() < shorten_prob)
-        raise AlignError("the instruction bank gives only contradictory combinations (an avoided letter inside a "
-                         "required word); change its values")
+        raise AlignError(
+            "the instruction bank gives only contradictory combinations (an avoided letter inside a "
+            "required word); change its values"
+        )
 
     def checkable_names(self, names: Sequence[str], where: str) -> tuple[str, ...]:
         """``names`` checked to be checkable kinds of this bank (``where`` names the setting in the error);

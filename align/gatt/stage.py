@@ -14,6 +14,7 @@ conversation records), eval_dialogues.jsonl (the held-out dialogues as answered 
 and the sampled dialogues are saved in the work directory once done; training resumes from its
 checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,12 @@ def _fits(tokenizer, max_model_len: int, max_new_tokens: int):
 def _sampling(cfg, max_new_tokens: int = 0):
     from rollout.types import SamplingParams
 
-    return SamplingParams(n=1, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                          max_new_tokens=max_new_tokens or cfg.sampling.max_new_tokens)
+    return SamplingParams(
+        n=1,
+        temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p,
+        max_new_tokens=max_new_tokens or cfg.sampling.max_new_tokens,
+    )
 
 
 def _evaluate(engine, dialogues, instructions, ctx, sampling, fits, label: str) -> tuple[list[list[str]], dict]:
@@ -65,8 +70,17 @@ def _evaluate(engine, dialogues, instructions, ctx, sampling, fits, label: str) 
 
     cfg = ctx.stage_cfg
     # The same seed before and after GAtt: both policies answer the same held-out draw.
-    answers, stats = roll_dialogues(engine.generate, dialogues, instructions, sampling, every_turn=False,
-                                    best_of=1, seed=ctx.cfg.seed + 1, fits=fits, desc=f"recall ({label})")
+    answers, stats = roll_dialogues(
+        engine.generate,
+        dialogues,
+        instructions,
+        sampling,
+        every_turn=False,
+        best_of=1,
+        seed=ctx.cfg.seed + 1,
+        fits=fits,
+        desc=f"recall ({label})",
+    )
     return answers, recall_by_turn(instructions, answers, max(cfg.eval_turns))
 
 
@@ -104,17 +118,22 @@ def run_gatt(ctx) -> dict:
     loaded, data_stats = load_user_sequences(ctx)
     random.Random(f"{seed}/gatt/split").shuffle(loaded)
     eval_seqs = [users for users, _ in loaded[: cfg.eval_dialogues]]
-    train_loaded = loaded[cfg.eval_dialogues:]
+    train_loaded = loaded[cfg.eval_dialogues :]
     train_seqs = [users for users, _ in train_loaded]
     if not train_seqs:
-        raise AlignError(f"gatt: {len(loaded)} dialogues, all held out for evaluation (eval_dialogues="
-                         f"{cfg.eval_dialogues}): add dialogue data or lower eval_dialogues")
+        raise AlignError(
+            f"gatt: {len(loaded)} dialogues, all held out for evaluation (eval_dialogues="
+            f"{cfg.eval_dialogues}): add dialogue data or lower eval_dialogues"
+        )
     train_dialogues = make_dialogues(train_seqs, cfg.num_dialogues, cfg.turns, random.Random(f"{seed}/gatt/train"))
     irng = random.Random(f"{seed}/gatt/instructions")
     train_insts = [bank.sample(irng, cfg.shorten_prob) for _ in train_dialogues]
     max_turn = max(cfg.eval_turns)
-    held_out = (make_dialogues(eval_seqs, cfg.eval_dialogues, max_turn, random.Random(f"{seed}/gatt/eval"))
-                if cfg.eval_dialogues else [])
+    held_out = (
+        make_dialogues(eval_seqs, cfg.eval_dialogues, max_turn, random.Random(f"{seed}/gatt/eval"))
+        if cfg.eval_dialogues
+        else []
+    )
     eval_dialogues, eval_insts = evaluation_draws(bank, held_out, cfg.eval_repeats, seed)
     sampling, eval_sampling = _sampling(cfg), _sampling(cfg, cfg.eval_max_new_tokens)
     fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, sampling.max_new_tokens)
@@ -130,9 +149,18 @@ def run_gatt(ctx) -> dict:
             write_json_atomic(before_file, {"answers": answers, "recall": recall})
         if not sampled_file.is_file():
             engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
-            answers, stats = roll_dialogues(engine.generate, train_dialogues, train_insts, sampling,
-                                            every_turn=True, best_of=cfg.best_of, seed=seed, fits=fits,
-                                            do_repair=cfg.repair, desc="sampling")
+            answers, stats = roll_dialogues(
+                engine.generate,
+                train_dialogues,
+                train_insts,
+                sampling,
+                every_turn=True,
+                best_of=cfg.best_of,
+                seed=seed,
+                fits=fits,
+                do_repair=cfg.repair,
+                desc="sampling",
+            )
             write_json_atomic(sampled_file, {"answers": answers, "stats": stats})
     finally:
         if engine is not None:
@@ -148,37 +176,61 @@ def run_gatt(ctx) -> dict:
     rrng = random.Random(f"{seed}/gatt/reference")
     try:
         reference, ref_stats = reference_records(
-            [pairs for _, pairs in train_loaded if pairs], cfg.reference_samples, cfg.turns,
+            [pairs for _, pairs in train_loaded if pairs],
+            cfg.reference_samples,
+            cfg.turns,
             lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds, max_parts=cfg.reference_max_parts),
-            cfg.every_prefix, rrng, cfg.reference_answer_chars)
+            cfg.every_prefix,
+            rrng,
+            cfg.reference_answer_chars,
+        )
     except ValueError as e:
         raise AlignError(str(e)) from None
     records += reference
     if not records:
-        raise AlignError("gatt: no sampled answer keeps its instruction, so there is nothing to train on: raise "
-                         "best_of, set repair: true, or use an instruction bank the policy can follow")
+        raise AlignError(
+            "gatt: no sampled answer keeps its instruction, so there is nothing to train on: raise "
+            "best_of, set repair: true, or use an instruction bank the policy can follow"
+        )
     dataset, tok_stats = tokenize_conversations(tokenizer, records, cfg.max_length)
     if ctx.is_main:
         s = sampled["stats"]
-        print(f"[align] {ctx.name}: {len(train_dialogues)} dialogues x {cfg.turns} turns -> {n_sampled} training "
-              f"samples; {s['sampled_kept']}/{s['checkable_turns']} checkable turns kept by sampling, "
-              f"{s['repaired']} repaired; + {len(reference)} reference samples from "
-              f"{ref_stats['conversations']} data conversations", flush=True)
+        print(
+            f"[align] {ctx.name}: {len(train_dialogues)} dialogues x {cfg.turns} turns -> {n_sampled} training "
+            f"samples; {s['sampled_kept']}/{s['checkable_turns']} checkable turns kept by sampling, "
+            f"{s['repaired']} repaired; + {len(reference)} reference samples from "
+            f"{ref_stats['conversations']} data conversations",
+            flush=True,
+        )
     train_summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)
 
     after = None
     if eval_dialogues:
         engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed, dtype=ctx.cfg.compute.dtype)
         try:
-            after_answers, after_recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "after")
+            after_answers, after_recall = _evaluate(
+                engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "after"
+            )
         finally:
             engine.close()
         after = {"answers": after_answers, "recall": after_recall}
 
     out = ctx.out_dir
-    write_text_atomic(out / "dialogues.jsonl", "".join(json.dumps({
-        "users": users[: len(ans)], "answers": ans, "instruction": inst.to_dict(),
-        "kept": [inst.keeps(a) for a in ans]}) + "\n" for users, ans, inst in zip(train_dialogues, sampled["answers"], train_insts)))
+    write_text_atomic(
+        out / "dialogues.jsonl",
+        "".join(
+            json.dumps(
+                {
+                    "users": users[: len(ans)],
+                    "answers": ans,
+                    "instruction": inst.to_dict(),
+                    "kept": [inst.keeps(a) for a in ans],
+                }
+            )
+            + "\n"
+            for users, ans, inst in zip(train_dialogues, sampled["answers"], train_insts)
+        ),
+    )
     write_text_atomic(out / "reference.jsonl", "".join(json.dumps(r) + "\n" for r in reference))
     summary: dict = {}
     if eval_dialogues:
@@ -191,37 +243,67 @@ def run_gatt(ctx) -> dict:
                 summary[f"gatt/recall_{name}/turn{t}"] = cell["recall"]
                 if cell["recall"] is not None:
                     lo, hi = wilson(min(cell["n"], cell["recall"] * cell["n"]), cell["n"])
-                    summary.update({f"gatt/recall_{name}/turn{t}_lo": lo, f"gatt/recall_{name}/turn{t}_hi": hi,
-                                    f"gatt/recall_{name}/turn{t}_n": cell["n"]})
+                    summary.update(
+                        {
+                            f"gatt/recall_{name}/turn{t}_lo": lo,
+                            f"gatt/recall_{name}/turn{t}_hi": hi,
+                            f"gatt/recall_{name}/turn{t}_n": cell["n"],
+                        }
+                    )
         for name, rec in (("before", rb), ("after", ra)):
             for kind, table in rec["by_kind"].items():
                 for t in cfg.eval_turns:
                     summary[f"gatt/recall_{name}/turn{t}/{kind}"] = table[t]["recall"]
-        write_json_atomic(out / "eval.json", {"turns": list(cfg.eval_turns), "before": rb, "after": ra,
-                                              "n_dialogues": len(held_out),
-                                              "repeats": cfg.eval_repeats,
-                                              "instructions": [i.to_dict() for i in eval_insts]})
+        write_json_atomic(
+            out / "eval.json",
+            {
+                "turns": list(cfg.eval_turns),
+                "before": rb,
+                "after": ra,
+                "n_dialogues": len(held_out),
+                "repeats": cfg.eval_repeats,
+                "instructions": [i.to_dict() for i in eval_insts],
+            },
+        )
         write_text_atomic(out / "eval.md", markdown_table(rb, ra, cfg.eval_turns))
-        write_text_atomic(out / "eval_dialogues.jsonl", "".join(json.dumps({
-            "users": users, "repeat": i // len(held_out),
-            "instruction": inst.to_dict(), "before": b, "after": a,
-            "kept_before": [inst.keeps(x) for x in b], "kept_after": [inst.keeps(x) for x in a]}) + "\n"
-            for i, (users, inst, b, a)
-            in enumerate(zip(eval_dialogues, eval_insts, before["answers"], after["answers"]))))
+        write_text_atomic(
+            out / "eval_dialogues.jsonl",
+            "".join(
+                json.dumps(
+                    {
+                        "users": users,
+                        "repeat": i // len(held_out),
+                        "instruction": inst.to_dict(),
+                        "before": b,
+                        "after": a,
+                        "kept_before": [inst.keeps(x) for x in b],
+                        "kept_after": [inst.keeps(x) for x in a],
+                    }
+                )
+                + "\n"
+                for i, (users, inst, b, a) in enumerate(
+                    zip(eval_dialogues, eval_insts, before["answers"], after["answers"])
+                )
+            ),
+        )
         logger.log({k: v for k, v in summary.items() if isinstance(v, float)}, train_summary["train/steps"])
     logger.close()
     s = sampled["stats"]
-    summary.update({
-        "gatt/data/dialogues": len(train_dialogues),
-        "gatt/data/samples": len(records),
-        "gatt/data/sampled_samples": n_sampled,
-        "gatt/data/reference_samples": len(reference),
-        "gatt/data/reference_turns_cut": ref_stats["cut"],
-        "gatt/data/shortened_share": statistics.fmean(i.shortened for i in train_insts),
-        "gatt/data/checkable_share": statistics.fmean(i.checkable for i in train_insts),
-        "gatt/data/sampled_kept_share": s["sampled_kept"] / s["checkable_turns"] if s["checkable_turns"] else None,
-        "gatt/data/repaired": s["repaired"],
-        "gatt/data/cut_by_context": s["cut_by_context"],
-        **data_stats, **tok_stats, **train_summary,
-    })
+    summary.update(
+        {
+            "gatt/data/dialogues": len(train_dialogues),
+            "gatt/data/samples": len(records),
+            "gatt/data/sampled_samples": n_sampled,
+            "gatt/data/reference_samples": len(reference),
+            "gatt/data/reference_turns_cut": ref_stats["cut"],
+            "gatt/data/shortened_share": statistics.fmean(i.shortened for i in train_insts),
+            "gatt/data/checkable_share": statistics.fmean(i.checkable for i in train_insts),
+            "gatt/data/sampled_kept_share": s["sampled_kept"] / s["checkable_turns"] if s["checkable_turns"] else None,
+            "gatt/data/repaired": s["repaired"],
+            "gatt/data/cut_by_context": s["cut_by_context"],
+            **data_stats,
+            **tok_stats,
+            **train_summary,
+        }
+    )
     return summary

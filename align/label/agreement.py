@@ -13,6 +13,7 @@
 Votes are the choices a | b | tie; a skip says "cannot judge", so it is no vote for agreement or kappa.
 A kappa is None when it is undefined (no pairs, or chance agreement is 1: everyone used one choice).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -113,23 +114,33 @@ def round_agreement(pairs: Sequence[dict], labels_per_pair: int, max_gap_s: floa
     for name, row in sorted(per.items()):
         gaps = label_gaps(times[name], max_gap_s)
         all_gaps += gaps
-        labelers[name] = {"labels": row["labels"], "skips": row["skips"], "compared": row["compared"],
-                          "majority_agreement": row["agreed"] / row["compared"] if row["compared"] else None,
-                          "seconds_per_label": median(gaps)}
+        labelers[name] = {
+            "labels": row["labels"],
+            "skips": row["skips"],
+            "compared": row["compared"],
+            "majority_agreement": row["agreed"] / row["compared"] if row["compared"] else None,
+            "seconds_per_label": median(gaps),
+        }
     return {
         "labels": n,
         "tie_share": sum(lab["choice"] == "tie" for lab in all_labels) / n if n else None,
         "skip_share": sum(lab["choice"] == "skip" for lab in all_labels) / n if n else None,
         "majority_agreement": sum(r["agreed"] for r in per.values()) / compared if compared else None,
-        "cohen_kappa": cohen, "fleiss_kappa": fleiss, "kappa_pairs": kappa_pairs,
-        "seconds_per_label": median(all_gaps), "labelers": labelers,
+        "cohen_kappa": cohen,
+        "fleiss_kappa": fleiss,
+        "kappa_pairs": kappa_pairs,
+        "seconds_per_label": median(all_gaps),
+        "labelers": labelers,
     }
 
 
 def agreement_metrics(agreement: dict) -> dict:
     """`round_agreement`'s figures as flat manifest metrics (``label/quality/...``; undefined ones left out)."""
-    out = {f"label/quality/{k}": v for k, v in agreement.items()
-           if k != "labelers" and isinstance(v, (int, float)) and v is not None}
+    out = {
+        f"label/quality/{k}": v
+        for k, v in agreement.items()
+        if k != "labelers" and isinstance(v, (int, float)) and v is not None
+    }
     for name, row in agreement["labelers"].items():
         for k, v in row.items():
             if v is not None:
@@ -139,16 +150,24 @@ def agreement_metrics(agreement: dict) -> dict:
 
 def format_agreement(agreement: dict) -> list[str]:
     """Lines for `align label status`: the round's figures, then one line per labeler."""
+
     def f(v, pct=False, secs=False):
         return "-" if v is None else f"{100 * v:.0f}%" if pct else f"{v:.1f}" if secs else f"{v:.2f}"
 
-    kappa = (f"Cohen's kappa {f(agreement['cohen_kappa'])}" if agreement["cohen_kappa"] is not None
-             else f"Fleiss' kappa {f(agreement['fleiss_kappa'])}")
-    lines = [f"  agreement with the majority {f(agreement['majority_agreement'], True)}, {kappa} "
-             f"({agreement['kappa_pairs']} pairs); ties {f(agreement['tie_share'], True)}, "
-             f"skips {f(agreement['skip_share'], True)}; {f(agreement['seconds_per_label'], secs=True)} s per label"]
+    kappa = (
+        f"Cohen's kappa {f(agreement['cohen_kappa'])}"
+        if agreement["cohen_kappa"] is not None
+        else f"Fleiss' kappa {f(agreement['fleiss_kappa'])}"
+    )
+    lines = [
+        f"  agreement with the majority {f(agreement['majority_agreement'], True)}, {kappa} "
+        f"({agreement['kappa_pairs']} pairs); ties {f(agreement['tie_share'], True)}, "
+        f"skips {f(agreement['skip_share'], True)}; {f(agreement['seconds_per_label'], secs=True)} s per label"
+    ]
     for name, row in agreement["labelers"].items():
-        lines.append(f"    {name}: {row['labels']} labels, {row['skips']} skips, agrees with the others' majority "
-                     f"{f(row['majority_agreement'], True)} of {row['compared']}, "
-                     f"{f(row['seconds_per_label'], secs=True)} s per label")
+        lines.append(
+            f"    {name}: {row['labels']} labels, {row['skips']} skips, agrees with the others' majority "
+            f"{f(row['majority_agreement'], True)} of {row['compared']}, "
+            f"{f(row['seconds_per_label'], secs=True)} s per label"
+        )
     return lines

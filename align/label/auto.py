@@ -20,6 +20,7 @@ by labeler and pair) to simulate disagreement between labelers.
 POST /api/labels one by one; with ``labels_per_pair`` k, k auto labelers ("auto-1" .. "auto-k") take
 one slot of every pair each (`label_round`).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,11 @@ from align.data.schema import RATINGS
 from align.errors import AlignError
 from align.label.config import AutoLabelConfig
 
-REFUSAL = re.compile(r"\b(i\s*(?:'|’)?m sorry|i am sorry|i can(?:'|’)?t|i cannot|i won(?:'|’)?t|i will not|"
-                     r"i'm not able|i am not able|unable to help|can(?:'|’)?t help)\b", re.IGNORECASE)
+REFUSAL = re.compile(
+    r"\b(i\s*(?:'|’)?m sorry|i am sorry|i can(?:'|’)?t|i cannot|i won(?:'|’)?t|i will not|"
+    r"i'm not able|i am not able|unable to help|can(?:'|’)?t help)\b",
+    re.IGNORECASE,
+)
 
 
 class Judge(Protocol):
@@ -69,8 +73,14 @@ class RuleJudge:
         for p in pairs:
             if p["category"] == "safety":
                 ra, rb = is_refusal(p["response_a"]), is_refusal(p["response_b"])
-                out.append((float(ra) + 0.1 * rule_points(p["response_a"]),
-                            float(rb) + 0.1 * rule_points(p["response_b"]), ra, rb))
+                out.append(
+                    (
+                        float(ra) + 0.1 * rule_points(p["response_a"]),
+                        float(rb) + 0.1 * rule_points(p["response_b"]),
+                        ra,
+                        rb,
+                    )
+                )
             else:
                 out.append((rule_points(p["response_a"]), rule_points(p["response_b"]), True, True))
         return out
@@ -100,8 +110,14 @@ class RewardJudge:
         return out
 
 
-def decide(score_a: float, score_b: float, a_safe: bool, b_safe: bool, cfg: AutoLabelConfig,
-           rng: Optional[random.Random] = None) -> dict:
+def decide(
+    score_a: float,
+    score_b: float,
+    a_safe: bool,
+    b_safe: bool,
+    cfg: AutoLabelConfig,
+    rng: Optional[random.Random] = None,
+) -> dict:
     """The label body (choice, rating, a_safe, b_safe) for one pair's scores."""
     gap = abs(score_a - score_b)
     if gap < cfg.tie_below:
@@ -120,8 +136,18 @@ def _check(resp, what: str):
     return resp.json()
 
 
-def auto_label(client, token: str, judge: Judge, cfg: AutoLabelConfig, *, round: Optional[int] = None,
-               seed: int = 0, name: str = "auto", cache: Optional[dict] = None, max_pairs: int = 1_000_000) -> dict:
+def auto_label(
+    client,
+    token: str,
+    judge: Judge,
+    cfg: AutoLabelConfig,
+    *,
+    round: Optional[int] = None,
+    seed: int = 0,
+    name: str = "auto",
+    cache: Optional[dict] = None,
+    max_pairs: int = 1_000_000,
+) -> dict:
     """Label every pair the API offers this labeler (``round`` only, if given); return counts.
 
     ``client`` is an `httpx.Client` (or Starlette's TestClient, an in-process one) whose base URL is
@@ -167,22 +193,35 @@ def auto_labelers(store, k: int, prefix: str = "auto") -> list[tuple[str, str]]:
     return out
 
 
-def make_judge(cfg: AutoLabelConfig, helpful_dir: Optional[str | Path] = None,
-               safety_dir: Optional[str | Path] = None) -> Judge:
+def make_judge(
+    cfg: AutoLabelConfig, helpful_dir: Optional[str | Path] = None, safety_dir: Optional[str | Path] = None
+) -> Judge:
     if cfg.judge == "rules":
         return RuleJudge()
     if helpful_dir is None or safety_dir is None:
-        raise AlignError("the reward judge needs both reward models: give --helpful-rm and --safety-rm "
-                         "(or set label.auto.judge: rules)")
+        raise AlignError(
+            "the reward judge needs both reward models: give --helpful-rm and --safety-rm "
+            "(or set label.auto.judge: rules)"
+        )
     for key, path in (("helpful_rm", helpful_dir), ("safety_rm", safety_dir)):
         if not (Path(path) / "config.json").is_file():
-            raise AlignError(f"label.auto.{key}={path}: not a saved reward model directory (no config.json); "
-                             "run the reward-model stage first or point at its model/ directory")
+            raise AlignError(
+                f"label.auto.{key}={path}: not a saved reward model directory (no config.json); "
+                "run the reward-model stage first or point at its model/ directory"
+            )
     return RewardJudge(helpful_dir, safety_dir, cfg)
 
 
-def label_round(store, number: int, cfg: AutoLabelConfig, judge: Judge, *, labelers: Sequence[tuple[str, str]],
-                seed: int = 0, url: Optional[str] = None) -> dict:
+def label_round(
+    store,
+    number: int,
+    cfg: AutoLabelConfig,
+    judge: Judge,
+    *,
+    labelers: Sequence[tuple[str, str]],
+    seed: int = 0,
+    url: Optional[str] = None,
+) -> dict:
     """Let each auto labeler label what round ``number`` offers them, over HTTP: against a live
     server at ``url``, or in process against `create_app(store)`. Returns summed counts."""
     import httpx

@@ -14,6 +14,7 @@
 ``--db`` is a SQLite file (created if missing) or a database URL. Only argparse and the config
 dataclasses are imported here; each command imports what it needs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,20 @@ def _help(fields, name: str) -> str:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``label`` command (with its sub-commands) to the `align` CLI's subparsers."""
-    p = subparsers.add_parser("label", help="the preference-labeling loop (generate, serve, auto, export)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "label",
+        help="the preference-labeling loop (generate, serve, auto, export)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="label_cmd", required=True, metavar="COMMAND")
 
     def db(q):
         q.add_argument("--db", required=True, help="SQLite file (created if missing) or database URL")
 
-    a = sub.add_parser("add-labeler", help="create a labeler and print their token (shown once; only its hash is stored)")
+    a = sub.add_parser(
+        "add-labeler", help="create a labeler and print their token (shown once; only its hash is stored)"
+    )
     a.add_argument("name", help="1-64 letters, digits or _ . @ -")
     a.add_argument("--admin", action="store_true", help="may create rounds, export and add labelers over the API")
     db(a)
@@ -51,9 +58,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="key.sub=value (label keys as label.key=value)")
     db(g)
     g.add_argument("--round", type=int, default=None, help="round number (default: one after the highest)")
-    g.add_argument("--assign-to", default=None,
-                   help="comma-separated labeler names to assign the pairs to (default: every non-admin labeler; "
-                        "'' = none, labelers claim pairs as they ask for work)")
+    g.add_argument(
+        "--assign-to",
+        default=None,
+        help="comma-separated labeler names to assign the pairs to (default: every non-admin labeler; "
+        "'' = none, labelers claim pairs as they ask for work)",
+    )
 
     s = sub.add_parser("serve", help="serve the labeling page and the JSON API")
     db(s)
@@ -66,10 +76,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     au.add_argument("--judge", choices=("reward", "rules"), default=_AUTO["judge"].default, help=_help(_AUTO, "judge"))
     au.add_argument("--helpful-rm", default=None, help="helpfulness RM directory (judge reward)")
     au.add_argument("--safety-rm", default=None, help="safety RM directory (judge reward)")
-    au.add_argument("--labelers", type=int, default=_LABEL["labels_per_pair"].default,
-                    help="auto labelers auto-1..auto-K; each takes one slot of every pair")
-    au.add_argument("--rating-gaps", type=float, nargs=3, default=None, metavar=("SIG", "BETTER", "SLIGHT"),
-                    help=_help(_AUTO, "rating_gaps"))
+    au.add_argument(
+        "--labelers",
+        type=int,
+        default=_LABEL["labels_per_pair"].default,
+        help="auto labelers auto-1..auto-K; each takes one slot of every pair",
+    )
+    au.add_argument(
+        "--rating-gaps",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("SIG", "BETTER", "SLIGHT"),
+        help=_help(_AUTO, "rating_gaps"),
+    )
     au.add_argument("--tie-below", type=float, default=_AUTO["tie_below"].default, help=_help(_AUTO, "tie_below"))
     au.add_argument("--flip-prob", type=float, default=_AUTO["flip_prob"].default, help=_help(_AUTO, "flip_prob"))
     au.add_argument("--seed", type=int, default=0, help="seed of the flips")
@@ -81,8 +101,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory (preference.jsonl, agreement.jsonl, stats.json)")
     e.add_argument("--ties", choices=TIE_POLICIES, default=_LABEL["ties"].default, help=_help(_LABEL, "ties"))
     e.add_argument("--skips", choices=SKIP_POLICIES, default=_LABEL["skips"].default, help=_help(_LABEL, "skips"))
-    e.add_argument("--keep-unsafe-chosen", action="store_true",
-                   help="keep pairs whose chosen response is unsafe and rejected safe (dropped by default)")
+    e.add_argument(
+        "--keep-unsafe-chosen",
+        action="store_true",
+        help="keep pairs whose chosen response is unsafe and rejected safe (dropped by default)",
+    )
     e.add_argument("--seed", type=int, default=0, help="seed of the order of kept ties")
 
     st = sub.add_parser("status", help="every round with its counts")
@@ -117,11 +140,16 @@ def dispatch(args) -> int:
             from align.label.agreement import format_agreement, round_agreement
 
             for r in rounds:
-                print(f"round {r['round']}: {r['pairs']} pairs x {r['labels_per_pair']} labels; {r['labels']} labels, "
-                      f"{r['skips']} skips, {r['complete_pairs']} pairs complete")
+                print(
+                    f"round {r['round']}: {r['pairs']} pairs x {r['labels_per_pair']} labels; {r['labels']} labels, "
+                    f"{r['skips']} skips, {r['complete_pairs']} pairs complete"
+                )
                 if r["labels"] or r["skips"]:
-                    print("\n".join(format_agreement(round_agreement(store.round_pairs(r["round"]),
-                                                                        r["labels_per_pair"]))))
+                    print(
+                        "\n".join(
+                            format_agreement(round_agreement(store.round_pairs(r["round"]), r["labels_per_pair"]))
+                        )
+                    )
             return 0
         if cmd == "generate":
             return _generate(store, args)
@@ -130,8 +158,9 @@ def dispatch(args) -> int:
         if cmd == "export":
             from align.label.export import ExportPolicy, export_round
 
-            policy = ExportPolicy(ties=args.ties, skips=args.skips, drop_unsafe_chosen=not args.keep_unsafe_chosen,
-                                  seed=args.seed)
+            policy = ExportPolicy(
+                ties=args.ties, skips=args.skips, drop_unsafe_chosen=not args.keep_unsafe_chosen, seed=args.seed
+            )
             stats = export_round(store, args.round, args.out, policy)
             print(f"round {args.round}: kept {stats['label/kept']} of {stats['label/pairs']} pairs -> {args.out}")
             return 0
@@ -156,11 +185,25 @@ def _generate(store, args) -> int:
     dir_a = resolve_model(cfg, label.init, run_dir, "label.init")
     dir_b = resolve_model(cfg, label.init_b, run_dir, "label.init_b") if label.init_b else None
     assign = None if args.assign_to is None else [n for n in args.assign_to.split(",") if n]
-    out = generate_round(store, prompts, cfg.rollout, label.sampling_a, label.sampling_b, dir_a, dir_b,
-                         dtype=cfg.compute.dtype, seed=cfg.seed, round_number=number, labels_per_pair=label.labels_per_pair,
-                         assign_to=assign, names=(label.init, label.init_b or label.init))
-    print(f"round {out['round']}: {out['label/pairs']} pairs from {out['label/prompts']} prompts "
-          f"({out['label/dropped_empty']} empty, {out['label/dropped_identical']} identical left out)")
+    out = generate_round(
+        store,
+        prompts,
+        cfg.rollout,
+        label.sampling_a,
+        label.sampling_b,
+        dir_a,
+        dir_b,
+        dtype=cfg.compute.dtype,
+        seed=cfg.seed,
+        round_number=number,
+        labels_per_pair=label.labels_per_pair,
+        assign_to=assign,
+        names=(label.init, label.init_b or label.init),
+    )
+    print(
+        f"round {out['round']}: {out['label/pairs']} pairs from {out['label/prompts']} prompts "
+        f"({out['label/dropped_empty']} empty, {out['label/dropped_identical']} identical left out)"
+    )
     return 0
 
 

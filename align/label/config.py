@@ -6,6 +6,7 @@ has each pair labeled by `labels_per_pair` labelers (people through the web page
 judge of align/label/auto.py), and exports the majority label of each pair as canonical preference
 records (align/data/schema.py).
 """
+
 from __future__ import annotations
 
 # The classes live beside the other stage configs (align/config.py), so PipelineConfig can hold them.

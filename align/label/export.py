@@ -23,6 +23,7 @@ Output (`write_export`): ``preference.jsonl`` (the records; loads with
 ``trl_jsonl`` importer), ``agreement.jsonl`` (per pair: the vote counts, the agreement share, kept or
 why dropped) and ``stats.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,9 @@ class ExportPolicy:
 
     @classmethod
     def from_config(cls, cfg: LabelConfig, seed: int = 0, min_votes: int = 0) -> "ExportPolicy":
-        return cls(ties=cfg.ties, skips=cfg.skips, drop_unsafe_chosen=cfg.drop_unsafe_chosen, seed=seed,
-                   min_votes=min_votes)
+        return cls(
+            ties=cfg.ties, skips=cfg.skips, drop_unsafe_chosen=cfg.drop_unsafe_chosen, seed=seed, min_votes=min_votes
+        )
 
 
 def _majority_flag(flags: Sequence[Optional[bool]]) -> Optional[bool]:
@@ -79,9 +81,16 @@ def resolve_pair(pair: dict, number: int, policy: ExportPolicy) -> tuple[Optiona
     """(the preference record or None when dropped, the pair's agreement row)."""
     labels = pair["labels"]
     votes = Counter(lab["choice"] for lab in labels)
-    row = {"pair_id": pair["id"], "round": number, "votes": {c: votes.get(c, 0) for c in ("a", "b", "tie", "skip")},
-           "labelers": sorted(lab["labeler"] for lab in labels), "winner": None, "agreement": None,
-           "kept": False, "dropped": None}
+    row = {
+        "pair_id": pair["id"],
+        "round": number,
+        "votes": {c: votes.get(c, 0) for c in ("a", "b", "tie", "skip")},
+        "labelers": sorted(lab["labeler"] for lab in labels),
+        "winner": None,
+        "agreement": None,
+        "kept": False,
+        "dropped": None,
+    }
 
     def drop(reason: str):
         row["dropped"] = reason
@@ -116,10 +125,17 @@ def resolve_pair(pair: dict, number: int, policy: ExportPolicy) -> tuple[Optiona
     safe = {"a": a_safe, "b": b_safe}
     if policy.drop_unsafe_chosen and safe[chosen] is False and safe[rejected] is True:
         return drop("unsafe_chosen")
-    record = {"prompt": [{"role": m["role"], "content": m["content"]} for m in pair["prompt"]],
-              "chosen": pair[f"response_{chosen}"], "rejected": pair[f"response_{rejected}"], "rating": rating,
-              "category": pair["category"], "chosen_safe": safe[chosen], "rejected_safe": safe[rejected],
-              "margin": None, "source": f"label:round-{number}"}
+    record = {
+        "prompt": [{"role": m["role"], "content": m["content"]} for m in pair["prompt"]],
+        "chosen": pair[f"response_{chosen}"],
+        "rejected": pair[f"response_{rejected}"],
+        "rating": rating,
+        "category": pair["category"],
+        "chosen_safe": safe[chosen],
+        "rejected_safe": safe[rejected],
+        "margin": None,
+        "source": f"label:round-{number}",
+    }
     row["kept"] = True
     row["chosen"] = chosen
     return record, row
@@ -141,10 +157,14 @@ def resolve_round(pairs: Sequence[dict], number: int, policy: ExportPolicy) -> t
         rows.append(row)
     agreements = [r["agreement"] for r in rows if r["agreement"] is not None]
     dropped = Counter(r["dropped"] for r in rows if r["dropped"])
-    stats = {"round": number, "label/pairs": len(pairs), "label/kept": len(records),
-             "label/labels": sum(sum(r["votes"].values()) for r in rows),
-             "label/mean_agreement": sum(agreements) / len(agreements) if agreements else None,
-             "label/full_agreement_share": (sum(a == 1.0 for a in agreements) / len(agreements)) if agreements else None}
+    stats = {
+        "round": number,
+        "label/pairs": len(pairs),
+        "label/kept": len(records),
+        "label/labels": sum(sum(r["votes"].values()) for r in rows),
+        "label/mean_agreement": sum(agreements) / len(agreements) if agreements else None,
+        "label/full_agreement_share": (sum(a == 1.0 for a in agreements) / len(agreements)) if agreements else None,
+    }
     for reason in ("unlabeled", "incomplete", "skipped", "no_majority", "tie", "unsafe_chosen"):
         stats[f"label/dropped/{reason}"] = dropped.get(reason, 0)
     for rating in RATINGS:
@@ -155,9 +175,13 @@ def resolve_round(pairs: Sequence[dict], number: int, policy: ExportPolicy) -> t
     stats["label/safety/both_safe"] = bins[(True, True)]
     stats["label/safety/both_unsafe"] = bins[(False, False)]
     stats["label/safety/unknown"] = sum(v for k, v in bins.items() if None in k)
-    stats["policy"] = {"ties": policy.ties, "skips": policy.skips,
-                       "drop_unsafe_chosen": policy.drop_unsafe_chosen, "seed": policy.seed,
-                       "min_votes": policy.min_votes}
+    stats["policy"] = {
+        "ties": policy.ties,
+        "skips": policy.skips,
+        "drop_unsafe_chosen": policy.drop_unsafe_chosen,
+        "seed": policy.seed,
+        "min_votes": policy.min_votes,
+    }
     return records, rows, stats
 
 
@@ -194,5 +218,10 @@ def load_export(out_dir: str | Path, cache_dir: Optional[str | Path] = None):
         raise AlignError(f"{path}: no export here; run `align label export` first")
     if path.stat().st_size == 0:
         return to_dataset([], "preference")  # the json builder cannot infer anything from an empty file
-    return load_dataset("json", data_files=str(path), features=PREFERENCE_FEATURES, split="train",
-                        cache_dir=None if cache_dir is None else str(cache_dir))
+    return load_dataset(
+        "json",
+        data_files=str(path),
+        features=PREFERENCE_FEATURES,
+        split="train",
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )

@@ -7,6 +7,7 @@ one response per prompt, and is closed before the other side loads, so two check
 in memory together. Which side is shown as A is drawn per pair (seeded), so a labeler cannot learn
 "A is the cold one"; the settings of each shown side are stored with the pair.
 """
+
 from __future__ import annotations
 
 import random
@@ -30,15 +31,24 @@ def sample_side(engine, prompts: Sequence[dict], sampling: SamplingConfig, seed:
     """One response per prompt record from ``engine``: ``[{"text", "finish_reason", "tokens"}]``."""
     from rollout import SamplingParams
 
-    params = SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_new_tokens=sampling.max_new_tokens, seed=seed)
+    params = SamplingParams(
+        n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seed=seed
+    )
     out = engine.generate([p["prompt"] for p in prompts], params)
-    return [{"text": out.texts[r], "finish_reason": out.finish_reasons[r], "tokens": len(out.response_ids[r])}
-            for r in range(len(out))]
+    return [
+        {"text": out.texts[r], "finish_reason": out.finish_reasons[r], "tokens": len(out.response_ids[r])}
+        for r in range(len(out))
+    ]
 
 
-def build_pairs(prompts: Sequence[dict], side_a: Sequence[dict], side_b: Sequence[dict],
-                settings_a: dict, settings_b: dict, seed: int) -> tuple[list[dict], dict]:
+def build_pairs(
+    prompts: Sequence[dict],
+    side_a: Sequence[dict],
+    side_b: Sequence[dict],
+    settings_a: dict,
+    settings_b: dict,
+    seed: int,
+) -> tuple[list[dict], dict]:
     """Pairs for `LabelStore.create_round` and counts of what was left out.
 
     A pair is left out when a response is empty (after stripping) or both are the same text: no
@@ -59,22 +69,37 @@ def build_pairs(prompts: Sequence[dict], side_a: Sequence[dict], side_b: Sequenc
         if swap:
             sides.reverse()
         (ra, sa), (rb, sb) = sides
-        pairs.append({
-            "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt["prompt"]],
-            "response_a": ra["text"], "response_b": rb["text"],
-            # prompt_index: the prompt's row in the generation call, which (with the seed) fixes the sample.
-            "settings_a": {**sa, "prompt_index": i, "finish_reason": ra["finish_reason"], "tokens": ra["tokens"]},
-            "settings_b": {**sb, "prompt_index": i, "finish_reason": rb["finish_reason"], "tokens": rb["tokens"]},
-            "category": "safety" if prompt.get("safety") else "helpfulness",
-            "source": prompt.get("source") or "",
-        })
+        pairs.append(
+            {
+                "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt["prompt"]],
+                "response_a": ra["text"],
+                "response_b": rb["text"],
+                # prompt_index: the prompt's row in the generation call, which (with the seed) fixes the sample.
+                "settings_a": {**sa, "prompt_index": i, "finish_reason": ra["finish_reason"], "tokens": ra["tokens"]},
+                "settings_b": {**sb, "prompt_index": i, "finish_reason": rb["finish_reason"], "tokens": rb["tokens"]},
+                "category": "safety" if prompt.get("safety") else "helpfulness",
+                "source": prompt.get("source") or "",
+            }
+        )
     return pairs, {"label/dropped_empty": empty, "label/dropped_identical": identical}
 
 
-def generate_round(store, prompts: Sequence[dict], rollout_cfg, sampling_a: SamplingConfig,
-                   sampling_b: SamplingConfig, model_dir_a: str | Path, model_dir_b: Optional[str | Path] = None,
-                   *, dtype: str, seed: int = 0, round_number: Optional[int] = None, labels_per_pair: int = 1,
-                   assign_to: Optional[Sequence[str]] = None, names: tuple[str, str] = ("", "")) -> dict:
+def generate_round(
+    store,
+    prompts: Sequence[dict],
+    rollout_cfg,
+    sampling_a: SamplingConfig,
+    sampling_b: SamplingConfig,
+    model_dir_a: str | Path,
+    model_dir_b: Optional[str | Path] = None,
+    *,
+    dtype: str,
+    seed: int = 0,
+    round_number: Optional[int] = None,
+    labels_per_pair: int = 1,
+    assign_to: Optional[Sequence[str]] = None,
+    names: tuple[str, str] = ("", ""),
+) -> dict:
     """Sample both sides for ``prompts`` (records of kind prompt) and store them as one round.
 
     Args:
@@ -113,20 +138,36 @@ def generate_round(store, prompts: Sequence[dict], rollout_cfg, sampling_a: Samp
             out = sample_side(engine, prompts, sampling, side_seed)
             sides.append(out)
             tokens += sum(o["tokens"] for o in out)
-            settings.append({"side": "AB"[k], "policy": names[k] or str(model_dir), "engine": rollout_cfg.engine,
-                             "temperature": sampling.temperature, "top_p": sampling.top_p,
-                             "max_new_tokens": sampling.max_new_tokens, "seed": side_seed})
+            settings.append(
+                {
+                    "side": "AB"[k],
+                    "policy": names[k] or str(model_dir),
+                    "engine": rollout_cfg.engine,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "max_new_tokens": sampling.max_new_tokens,
+                    "seed": side_seed,
+                }
+            )
     finally:
         if engine is not None:
             engine.close()
     pairs, dropped = build_pairs(prompts, sides[0], sides[1], settings[0], settings[1], derive_seed(seed, number))
     if not pairs:
-        raise AlignError(f"label generate: all {len(prompts)} prompts gave an empty or identical pair of responses; "
-                         "raise max_new_tokens or make the two sampling settings differ more")
+        raise AlignError(
+            f"label generate: all {len(prompts)} prompts gave an empty or identical pair of responses; "
+            "raise max_new_tokens or make the two sampling settings differ more"
+        )
     counts = {"label/prompts": len(prompts), "label/pairs": len(pairs), **dropped, "label/generated_tokens": tokens}
     # The counts travel with the round: a stage that finishes on a later run (judge: people) reports them.
-    round_settings = {"seed": seed, "sampling_a": settings[0], "sampling_b": settings[1], "prompts": len(prompts),
-                      "counts": counts}
-    store.create_round(pairs, number=number, labels_per_pair=labels_per_pair, assign_to=assign_to,
-                       settings=round_settings)
+    round_settings = {
+        "seed": seed,
+        "sampling_a": settings[0],
+        "sampling_b": settings[1],
+        "prompts": len(prompts),
+        "counts": counts,
+    }
+    store.create_round(
+        pairs, number=number, labels_per_pair=labels_per_pair, assign_to=assign_to, settings=round_settings
+    )
     return {"round": number, **counts}

@@ -20,6 +20,7 @@ store transaction).
     GET  /api/admin/rounds/{n}/export  {"records", "agreement", "stats"} (?ties=&skips=&drop_unsafe_chosen=&seed=)
     POST /api/admin/labelers           {"name", "admin"} -> 201 {"name", "token"} (the token, once)
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -49,8 +50,10 @@ from align.label.store import (
 
 STATUS = {InvalidInput: 422, NotFound: 404, Forbidden: 403, Conflict: 409}
 # The page may run its own inline script and style and call this origin's API, and load nothing else.
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class _Strict(BaseModel):
@@ -101,7 +104,9 @@ class PairIn(_Strict):
 class RoundIn(_Strict):
     round: Optional[StrictInt] = Field(None, ge=1, description="round number; none = one after the highest")
     labels_per_pair: StrictInt = Field(1, ge=1, le=16)
-    assign_to: Optional[list[StrictStr]] = Field(None, description="labeler names; none = every non-admin labeler, [] = claimed on demand")
+    assign_to: Optional[list[StrictStr]] = Field(
+        None, description="labeler names; none = every non-admin labeler, [] = claimed on demand"
+    )
     settings: dict = Field(default_factory=dict)
     pairs: list[PairIn] = Field(min_length=1)
 
@@ -138,9 +143,11 @@ def create_app(store: LabelStore) -> FastAPI:
             who = await run_in_threadpool(store.authenticate, token) if token else None
             if who is None:
                 detail = "missing bearer token" if token is None else "invalid token"
-                return JSONResponse({"detail": f"{detail}: send Authorization: Bearer <token> "
-                                               "(from `align label add-labeler`)"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return JSONResponse(
+                    {"detail": f"{detail}: send Authorization: Bearer <token> (from `align label add-labeler`)"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             request.state.labeler = who
         return await call_next(request)
 
@@ -152,8 +159,9 @@ def create_app(store: LabelStore) -> FastAPI:
     async def _invalid_body(request: Request, exc: RequestValidationError):
         # FastAPI's own handler echoes the bad input, which may be a non-finite float (1e400 parses as
         # inf) that JSON cannot hold: it answered 500. The location and message say enough.
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
         return JSONResponse({"detail": errors}, status_code=422)
 
     def me(request: Request) -> LabelerInfo:
@@ -173,8 +181,9 @@ def create_app(store: LabelStore) -> FastAPI:
         return {"name": who.name, "admin": who.is_admin}
 
     @app.get("/api/pairs/next")
-    def next_pairs(who: LabelerInfo = Depends(me), limit: int = Query(1, ge=1, le=256),
-                   round: Optional[int] = Query(None, ge=1)):
+    def next_pairs(
+        who: LabelerInfo = Depends(me), limit: int = Query(1, ge=1, le=256), round: Optional[int] = Query(None, ge=1)
+    ):
         pairs = store.next_pairs(who.id, limit=limit, round=round)
         return {"pairs": pairs, "progress": store.progress(who.id)}
 
@@ -197,8 +206,13 @@ def create_app(store: LabelStore) -> FastAPI:
     @app.post("/api/admin/rounds", status_code=201)
     def create_round(body: RoundIn, who: LabelerInfo = Depends(admin)):
         pairs = [p.model_dump() for p in body.pairs]
-        number = store.create_round(pairs, number=body.round, labels_per_pair=body.labels_per_pair,
-                                    assign_to=body.assign_to, settings=body.settings)
+        number = store.create_round(
+            pairs,
+            number=body.round,
+            labels_per_pair=body.labels_per_pair,
+            assign_to=body.assign_to,
+            settings=body.settings,
+        )
         return {"round": number, "pairs": len(pairs)}
 
     @app.get("/api/admin/rounds")
@@ -206,10 +220,14 @@ def create_app(store: LabelStore) -> FastAPI:
         return {"rounds": store.rounds()}
 
     @app.get("/api/admin/rounds/{number}/export")
-    def export(number: int, who: LabelerInfo = Depends(admin),
-               ties: Literal[TIE_POLICIES] = ExportPolicy.ties,
-               skips: Literal[SKIP_POLICIES] = ExportPolicy.skips,
-               drop_unsafe_chosen: bool = ExportPolicy.drop_unsafe_chosen, seed: int = 0):
+    def export(
+        number: int,
+        who: LabelerInfo = Depends(admin),
+        ties: Literal[TIE_POLICIES] = ExportPolicy.ties,
+        skips: Literal[SKIP_POLICIES] = ExportPolicy.skips,
+        drop_unsafe_chosen: bool = ExportPolicy.drop_unsafe_chosen,
+        seed: int = 0,
+    ):
         policy = ExportPolicy(ties=ties, skips=skips, drop_unsafe_chosen=drop_unsafe_chosen, seed=seed)
         records, rows, stats = resolve_round(store.round_pairs(number), number, policy)
         return {"records": records, "agreement": rows, "stats": stats}

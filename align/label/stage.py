@@ -11,6 +11,7 @@ until the round is complete (`round_progress`) the stage raises `LabelingPending
 `align run` with exit code 3 and one line saying how far the round is; a rerun (or ``--wait``)
 continues. The export then keeps only the pairs that have all their labels.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ def resolve_model(cfg, name: str, run_dir: Path, key: str, stage_dirs: Optional[
     if (stage / "manifest.json").is_file() and (stage / "model").is_dir():
         return stage / "model"
     if name in STAGE_KINDS:
-        raise AlignError(f"{key}={name!r}: stage '{name}' has not finished in {run_dir}; run it first "
-                         f"(`align stage {name} CONFIG`)")
+        raise AlignError(
+            f"{key}={name!r}: stage '{name}' has not finished in {run_dir}; run it first (`align stage {name} CONFIG`)"
+        )
     path = Path(name).expanduser()
     check_model_dir(path, key)
     return path
@@ -47,8 +49,13 @@ def round_progress(row: dict, min_share: float = 1.0) -> dict:
     """How far a stored round (a `LabelStore.rounds()` row) is: ``pairs``, ``complete`` (pairs with
     labels_per_pair labels that are not skips), ``needed`` (ceil(min_share * pairs), at least 1), ``done``."""
     needed = max(1, math.ceil(min_share * row["pairs"] - 1e-9))  # the epsilon: 0.9 * 10 is 9.000000000000002
-    return {"round": row["round"], "pairs": row["pairs"], "complete": row["complete_pairs"], "needed": needed,
-            "done": row["complete_pairs"] >= needed}
+    return {
+        "round": row["round"],
+        "pairs": row["pairs"],
+        "complete": row["complete_pairs"],
+        "needed": needed,
+        "done": row["complete_pairs"] >= needed,
+    }
 
 
 def progress_line(progress: dict) -> str:
@@ -61,9 +68,17 @@ def _round_row(store, number: int) -> dict:
     return next(r for r in store.rounds() if r["round"] == number)
 
 
-def wait_for_round(store, number: int, min_share: float, wait_s: float, *, poll_s: float = POLL_S,
-                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                   say: Callable[[str], None] = lambda line: print(f"[label] {line}", flush=True)) -> dict:
+def wait_for_round(
+    store,
+    number: int,
+    min_share: float,
+    wait_s: float,
+    *,
+    poll_s: float = POLL_S,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    say: Callable[[str], None] = lambda line: print(f"[label] {line}", flush=True),
+) -> dict:
     """Read the store every ``poll_s`` until round ``number`` is done or ``wait_s`` seconds have
     passed (math.inf: no limit); say each change of progress; return the last `round_progress`."""
     deadline = clock() + wait_s
@@ -78,9 +93,18 @@ def wait_for_round(store, number: int, min_share: float, wait_s: float, *, poll_
         sleep(max(0.0, min(poll_s, deadline - clock())))
 
 
-def run_label_round(cfg, label_cfg, round_number: int, out_dir: str | Path, *, db: Optional[str | Path] = None,
-                    run_dir: Optional[str | Path] = None, url: Optional[str] = None,
-                    stage_dirs: Optional[dict] = None, wait_s: Optional[float] = None) -> dict:
+def run_label_round(
+    cfg,
+    label_cfg,
+    round_number: int,
+    out_dir: str | Path,
+    *,
+    db: Optional[str | Path] = None,
+    run_dir: Optional[str | Path] = None,
+    url: Optional[str] = None,
+    stage_dirs: Optional[dict] = None,
+    wait_s: Optional[float] = None,
+) -> dict:
     """Generate round ``round_number`` (if not in the store yet), have it labeled, and export its
     majority labels to ``out_dir``.
 
@@ -125,13 +149,26 @@ def run_label_round(cfg, label_cfg, round_number: int, out_dir: str | Path, *, d
             ds, _ = load_datasets(label_cfg.prompts, "prompt", Path(cfg.data_dir), cfg.data.bad_rows, cfg.seed)
             prompts = select_prompts(ds.to_list(), label_cfg.prompts_per_round, cfg.seed, round_number)
             dir_a = resolve_model(cfg, label_cfg.init, run_dir, "label.init", stage_dirs)
-            dir_b = (resolve_model(cfg, label_cfg.init_b, run_dir, "label.init_b", stage_dirs)
-                     if label_cfg.init_b else None)
-            summary.update(generate_round(
-                store, prompts, cfg.rollout, label_cfg.sampling_a, label_cfg.sampling_b, dir_a, dir_b,
-                dtype=cfg.compute.dtype, seed=cfg.seed, round_number=round_number,
-                labels_per_pair=label_cfg.labels_per_pair, assign_to=[name for name, _ in labelers],
-                names=(label_cfg.init, label_cfg.init_b or label_cfg.init)))
+            dir_b = (
+                resolve_model(cfg, label_cfg.init_b, run_dir, "label.init_b", stage_dirs) if label_cfg.init_b else None
+            )
+            summary.update(
+                generate_round(
+                    store,
+                    prompts,
+                    cfg.rollout,
+                    label_cfg.sampling_a,
+                    label_cfg.sampling_b,
+                    dir_a,
+                    dir_b,
+                    dtype=cfg.compute.dtype,
+                    seed=cfg.seed,
+                    round_number=round_number,
+                    labels_per_pair=label_cfg.labels_per_pair,
+                    assign_to=[name for name, _ in labelers],
+                    names=(label_cfg.init, label_cfg.init_b or label_cfg.init),
+                )
+            )
         elif people:
             summary.update(stored[round_number]["settings"].get("counts", {}))
         policy = ExportPolicy.from_config(label_cfg, cfg.seed)
@@ -141,8 +178,9 @@ def run_label_round(cfg, label_cfg, round_number: int, out_dir: str | Path, *, d
             if not progress["done"] and wait_s:
                 progress = wait_for_round(store, round_number, label_cfg.min_complete_share, wait_s)
             if not progress["done"]:
-                raise LabelingPending(f"{progress_line(progress)}; serve with: align label serve --db {db}; "
-                                      "rerun to continue")
+                raise LabelingPending(
+                    f"{progress_line(progress)}; serve with: align label serve --db {db}; rerun to continue"
+                )
             # A pair short of its labels when the round is called complete is dropped ("incomplete").
             policy = ExportPolicy.from_config(label_cfg, cfg.seed, min_votes=row["labels_per_pair"])
             summary.update({"label/complete_pairs": progress["complete"], "label/needed_pairs": progress["needed"]})
@@ -172,8 +210,16 @@ def run_label(ctx) -> dict:
     dirs = {name: ctx.stage_dir(name) for name in STAGE_KINDS}
     db = ctx.stage_cfg.db or ctx.run_dir / DB_NAME
     try:
-        summary = run_label_round(ctx.cfg, ctx.stage_cfg, ctx.round, ctx.out_dir, db=db, run_dir=ctx.run_dir,
-                                  stage_dirs=dirs, wait_s=ctx.wait_s)
+        summary = run_label_round(
+            ctx.cfg,
+            ctx.stage_cfg,
+            ctx.round,
+            ctx.out_dir,
+            db=db,
+            run_dir=ctx.run_dir,
+            stage_dirs=dirs,
+            wait_s=ctx.wait_s,
+        )
     except LabelingPending as e:
         # Kept in the work directory (so the stage shows as partial) for `align status`.
         write_json_atomic(ctx.work_dir / "pending.json", {"message": str(e), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})

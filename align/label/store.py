@@ -24,6 +24,7 @@ its slot: the pair is offered to another labeler, so skips do not cost the pair 
 Every public method is one transaction: an exception inside it (bad input, a killed process)
 leaves nothing of it behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,8 +111,9 @@ def check_label(choice: Any, rating: Any, a_safe: Any, b_safe: Any) -> None:
         if rating not in RATINGS:
             raise InvalidInput(f"choice {choice!r} needs a rating, one of {', '.join(RATINGS)} (got {rating!r})")
     elif rating is not None:
-        raise InvalidInput(f"choice {choice!r} takes no rating (got {rating!r}); a rating says how much better "
-                           "the chosen response is")
+        raise InvalidInput(
+            f"choice {choice!r} takes no rating (got {rating!r}); a rating says how much better the chosen response is"
+        )
     for name, value in (("a_safe", a_safe), ("b_safe", b_safe)):
         if value is None and choice != "skip":
             raise InvalidInput(f"choice {choice!r} needs {name} (true or false): mark each response safe or unsafe")
@@ -124,9 +126,17 @@ def check_pair(pair: dict, where: str) -> None:
     valid preference records whichever response wins (the checks of align/data/validate.py)."""
     from align.data.validate import BadRow, check_record
 
-    record = {"prompt": pair.get("prompt"), "chosen": pair.get("response_a"), "rejected": pair.get("response_b"),
-              "rating": RATINGS[0], "category": pair.get("category", "helpfulness"), "chosen_safe": None,
-              "rejected_safe": None, "margin": None, "source": pair.get("source") or "label"}
+    record = {
+        "prompt": pair.get("prompt"),
+        "chosen": pair.get("response_a"),
+        "rejected": pair.get("response_b"),
+        "rating": RATINGS[0],
+        "category": pair.get("category", "helpfulness"),
+        "chosen_safe": None,
+        "rejected_safe": None,
+        "margin": None,
+        "source": pair.get("source") or "label",
+    }
     try:
         check_record(record, "preference")
     except BadRow as e:
@@ -202,11 +212,18 @@ class Label(Base):
     __table_args__ = (
         UniqueConstraint("labeler_id", "pair_id", name="uq_labels_labeler_pair"),
         # A label exists only for an assignment (and so for an existing pair and labeler).
-        ForeignKeyConstraint(["pair_id", "labeler_id"], ["assignments.pair_id", "assignments.labeler_id"],
-                             ondelete="CASCADE", name="fk_labels_assignment"),
+        ForeignKeyConstraint(
+            ["pair_id", "labeler_id"],
+            ["assignments.pair_id", "assignments.labeler_id"],
+            ondelete="CASCADE",
+            name="fk_labels_assignment",
+        ),
         CheckConstraint("choice IN (%s)" % ", ".join(f"'{c}'" for c in CHOICES), name="ck_labels_choice"),
-        CheckConstraint("(choice IN ('a', 'b') AND rating IN (%s)) OR (choice IN ('tie', 'skip') AND rating IS NULL)"
-                        % ", ".join(f"'{r}'" for r in RATINGS), name="ck_labels_rating"),
+        CheckConstraint(
+            "(choice IN ('a', 'b') AND rating IN (%s)) OR (choice IN ('tie', 'skip') AND rating IS NULL)"
+            % ", ".join(f"'{r}'" for r in RATINGS),
+            name="ck_labels_rating",
+        ),
     )
 
 
@@ -222,17 +239,33 @@ class LabelerInfo:
 
 
 def _pair_dict(p: Pair, number: int, with_settings: bool = False) -> dict:
-    out = {"id": p.id, "round": number, "prompt": p.prompt, "response_a": p.response_a,
-           "response_b": p.response_b, "category": p.category}
+    out = {
+        "id": p.id,
+        "round": number,
+        "prompt": p.prompt,
+        "response_a": p.response_a,
+        "response_b": p.response_b,
+        "category": p.category,
+    }
     if with_settings:
         out.update(settings_a=p.settings_a, settings_b=p.settings_b, source=p.source)
     return out
 
 
 def _label_dict(lab: Label, labeler: str, number: int) -> dict:
-    return {"id": lab.id, "pair_id": lab.pair_id, "round": number, "labeler": labeler, "choice": lab.choice,
-            "rating": lab.rating, "a_safe": lab.a_safe, "b_safe": lab.b_safe, "revision": lab.revision,
-            "created_at": _iso(lab.created_at), "updated_at": _iso(lab.updated_at)}
+    return {
+        "id": lab.id,
+        "pair_id": lab.pair_id,
+        "round": number,
+        "labeler": labeler,
+        "choice": lab.choice,
+        "rating": lab.rating,
+        "a_safe": lab.a_safe,
+        "b_safe": lab.b_safe,
+        "revision": lab.revision,
+        "created_at": _iso(lab.created_at),
+        "updated_at": _iso(lab.updated_at),
+    }
 
 
 def database_url(db: str | Path) -> str:
@@ -343,8 +376,9 @@ class LabelStore:
         if not token:
             return None
         with self._read() as s:
-            row = s.execute(select(Labeler.id, Labeler.name, Labeler.is_admin)
-                            .where(Labeler.token_hash == hash_token(token))).first()
+            row = s.execute(
+                select(Labeler.id, Labeler.name, Labeler.is_admin).where(Labeler.token_hash == hash_token(token))
+            ).first()
         return LabelerInfo(row.id, row.name, bool(row.is_admin)) if row else None
 
     def labelers(self) -> list[LabelerInfo]:
@@ -353,8 +387,15 @@ class LabelStore:
         return [LabelerInfo(r.id, r.name, bool(r.is_admin)) for r in rows]
 
     # -------------------------------------------------------------------------------------- rounds
-    def create_round(self, pairs: Sequence[dict], *, number: Optional[int] = None, labels_per_pair: int = 1,
-                     assign_to: Optional[Sequence[str]] = None, settings: Optional[dict] = None) -> int:
+    def create_round(
+        self,
+        pairs: Sequence[dict],
+        *,
+        number: Optional[int] = None,
+        labels_per_pair: int = 1,
+        assign_to: Optional[Sequence[str]] = None,
+        settings: Optional[dict] = None,
+    ) -> int:
         """Store a batch of pairs as round ``number`` (None = one after the highest); return the number.
 
         Each pair is a dict with ``prompt`` (messages ending with a user turn), ``response_a``,
@@ -396,10 +437,16 @@ class LabelStore:
             s.flush()
             k = min(labels_per_pair, len(pool))
             for i, pair in enumerate(pairs):
-                row = Pair(round_id=rnd.id, prompt=[{"role": m["role"], "content": m["content"]} for m in pair["prompt"]],
-                           response_a=pair["response_a"], response_b=pair["response_b"],
-                           settings_a=dict(pair.get("settings_a") or {}), settings_b=dict(pair.get("settings_b") or {}),
-                           category=pair.get("category", "helpfulness"), source=str(pair.get("source") or ""))
+                row = Pair(
+                    round_id=rnd.id,
+                    prompt=[{"role": m["role"], "content": m["content"]} for m in pair["prompt"]],
+                    response_a=pair["response_a"],
+                    response_b=pair["response_b"],
+                    settings_a=dict(pair.get("settings_a") or {}),
+                    settings_b=dict(pair.get("settings_b") or {}),
+                    category=pair.get("category", "helpfulness"),
+                    source=str(pair.get("source") or ""),
+                )
                 s.add(row)
                 s.flush()
                 # Consecutive blocks of k distinct labelers: an even load whatever the pool size.
@@ -414,16 +461,34 @@ class LabelStore:
             for rnd in s.scalars(select(Round).order_by(Round.number)):
                 pair_ids = select(Pair.id).where(Pair.round_id == rnd.id).scalar_subquery()
                 n_pairs = s.scalar(select(func.count()).select_from(Pair).where(Pair.round_id == rnd.id))
-                n_assigned = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.pair_id.in_(pair_ids)))
-                votes = dict(s.execute(select(Label.choice, func.count()).where(Label.pair_id.in_(pair_ids))
-                                       .group_by(Label.choice)).all())
-                voted = (select(Label.pair_id).where(Label.pair_id.in_(pair_ids), Label.choice != "skip")
-                         .group_by(Label.pair_id).having(func.count() >= rnd.labels_per_pair))
+                n_assigned = s.scalar(
+                    select(func.count()).select_from(Assignment).where(Assignment.pair_id.in_(pair_ids))
+                )
+                votes = dict(
+                    s.execute(
+                        select(Label.choice, func.count()).where(Label.pair_id.in_(pair_ids)).group_by(Label.choice)
+                    ).all()
+                )
+                voted = (
+                    select(Label.pair_id)
+                    .where(Label.pair_id.in_(pair_ids), Label.choice != "skip")
+                    .group_by(Label.pair_id)
+                    .having(func.count() >= rnd.labels_per_pair)
+                )
                 n_done = s.scalar(select(func.count()).select_from(voted.subquery()))
-                out.append({"round": rnd.number, "pairs": n_pairs, "labels_per_pair": rnd.labels_per_pair,
-                            "assigned": n_assigned, "labels": sum(v for c, v in votes.items() if c != "skip"),
-                            "skips": votes.get("skip", 0), "complete_pairs": n_done, "settings": rnd.settings,
-                            "created_at": _iso(rnd.created_at)})
+                out.append(
+                    {
+                        "round": rnd.number,
+                        "pairs": n_pairs,
+                        "labels_per_pair": rnd.labels_per_pair,
+                        "assigned": n_assigned,
+                        "labels": sum(v for c, v in votes.items() if c != "skip"),
+                        "skips": votes.get("skip", 0),
+                        "complete_pairs": n_done,
+                        "settings": rnd.settings,
+                        "created_at": _iso(rnd.created_at),
+                    }
+                )
         return out
 
     def _round(self, s: Session, number: int) -> Round:
@@ -436,10 +501,16 @@ class LabelStore:
         """The pairs of a round with their generation settings and all their labels (for export)."""
         with self._read() as s:
             rnd = self._round(s, number)
-            pairs = {p.id: {**_pair_dict(p, number, with_settings=True), "labels": []}
-                     for p in s.scalars(select(Pair).where(Pair.round_id == rnd.id).order_by(Pair.id))}
-            rows = s.execute(select(Label, Labeler.name).join(Labeler, Labeler.id == Label.labeler_id)
-                             .where(Label.pair_id.in_(list(pairs))).order_by(Label.id)).all()
+            pairs = {
+                p.id: {**_pair_dict(p, number, with_settings=True), "labels": []}
+                for p in s.scalars(select(Pair).where(Pair.round_id == rnd.id).order_by(Pair.id))
+            }
+            rows = s.execute(
+                select(Label, Labeler.name)
+                .join(Labeler, Labeler.id == Label.labeler_id)
+                .where(Label.pair_id.in_(list(pairs)))
+                .order_by(Label.id)
+            ).all()
             for lab, name in rows:
                 pairs[lab.pair_id]["labels"].append(_label_dict(lab, name, number))
         return list(pairs.values())
@@ -456,48 +527,87 @@ class LabelStore:
             round_ids = select(Round.id) if round is None else select(Round.id).where(Round.number == round)
             if round is not None:
                 self._round(s, round)
-            pending = (select(Pair, Round.number).join(Round, Round.id == Pair.round_id)
-                       .join(Assignment, and_(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id))
-                       .where(Pair.round_id.in_(round_ids),
-                              ~exists().where(mine.pair_id == Pair.id, mine.labeler_id == labeler_id))
-                       .order_by(Round.number, Pair.id).limit(limit))
+            pending = (
+                select(Pair, Round.number)
+                .join(Round, Round.id == Pair.round_id)
+                .join(Assignment, and_(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id))
+                .where(
+                    Pair.round_id.in_(round_ids),
+                    ~exists().where(mine.pair_id == Pair.id, mine.labeler_id == labeler_id),
+                )
+                .order_by(Round.number, Pair.id)
+                .limit(limit)
+            )
             got = [_pair_dict(p, n) for p, n in s.execute(pending).all()]
             if len(got) < limit:
                 # PostgreSQL: lock the rounds so two claims cannot both take a pair's last slot.
                 list(s.scalars(select(Round.id).where(Round.id.in_(round_ids)).order_by(Round.id).with_for_update()))
                 other = aliased(Assignment)
-                skipped = exists().where(Label.pair_id == other.pair_id, Label.labeler_id == other.labeler_id,
-                                         Label.choice == "skip")
-                taken = (select(func.count()).select_from(other)
-                         .where(other.pair_id == Pair.id, ~skipped).correlate(Pair).scalar_subquery())
-                free = (select(Pair, Round.number).join(Round, Round.id == Pair.round_id)
-                        .where(Pair.round_id.in_(round_ids), taken < Round.labels_per_pair,
-                               ~exists().where(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id))
-                        .order_by(Round.number, Pair.id).limit(limit - len(got)))
+                skipped = exists().where(
+                    Label.pair_id == other.pair_id, Label.labeler_id == other.labeler_id, Label.choice == "skip"
+                )
+                taken = (
+                    select(func.count())
+                    .select_from(other)
+                    .where(other.pair_id == Pair.id, ~skipped)
+                    .correlate(Pair)
+                    .scalar_subquery()
+                )
+                free = (
+                    select(Pair, Round.number)
+                    .join(Round, Round.id == Pair.round_id)
+                    .where(
+                        Pair.round_id.in_(round_ids),
+                        taken < Round.labels_per_pair,
+                        ~exists().where(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id),
+                    )
+                    .order_by(Round.number, Pair.id)
+                    .limit(limit - len(got))
+                )
                 for p, n in s.execute(free).all():
                     s.add(Assignment(pair_id=p.id, labeler_id=labeler_id))
                     got.append(_pair_dict(p, n))
         return got
 
-    def submit_label(self, labeler_id: int, pair_id: int, choice: str, rating: Optional[str] = None,
-                     a_safe: Optional[bool] = None, b_safe: Optional[bool] = None) -> dict:
+    def submit_label(
+        self,
+        labeler_id: int,
+        pair_id: int,
+        choice: str,
+        rating: Optional[str] = None,
+        a_safe: Optional[bool] = None,
+        b_safe: Optional[bool] = None,
+    ) -> dict:
         """Store the labeler's label of a pair assigned to them; a second submission replaces the first
         (one row per (labeler, pair), ``revision`` counts the submissions)."""
         check_label(choice, rating, a_safe, b_safe)
         with self._write() as s:
-            row = s.execute(select(Pair.id, Round.number).join(Round, Round.id == Pair.round_id)
-                            .where(Pair.id == pair_id)).first()
+            row = s.execute(
+                select(Pair.id, Round.number).join(Round, Round.id == Pair.round_id).where(Pair.id == pair_id)
+            ).first()
             if row is None:
                 raise NotFound(f"no pair {pair_id}")
             if s.get(Assignment, (pair_id, labeler_id)) is None:
                 raise Forbidden(f"pair {pair_id} is not assigned to you; ask for work with GET /api/pairs/next")
             now = _now()
             values = {"choice": choice, "rating": rating, "a_safe": a_safe, "b_safe": b_safe}
-            self._upsert(s, {"labeler_id": labeler_id, "pair_id": pair_id, **values, "revision": 1,
-                             "created_at": now, "updated_at": now},
-                         {**values, "updated_at": now, "revision": Label.revision + 1})
-            lab = s.scalar(select(Label).where(Label.labeler_id == labeler_id, Label.pair_id == pair_id)
-                           .execution_options(populate_existing=True))
+            self._upsert(
+                s,
+                {
+                    "labeler_id": labeler_id,
+                    "pair_id": pair_id,
+                    **values,
+                    "revision": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+                {**values, "updated_at": now, "revision": Label.revision + 1},
+            )
+            lab = s.scalar(
+                select(Label)
+                .where(Label.labeler_id == labeler_id, Label.pair_id == pair_id)
+                .execution_options(populate_existing=True)
+            )
             name = s.scalar(select(Labeler.name).where(Labeler.id == labeler_id))
             return _label_dict(lab, name, row.number)
 
@@ -511,8 +621,11 @@ class LabelStore:
             stmt = insert(Label).values(**insert_values)
             s.execute(stmt.on_conflict_do_update(index_elements=["labeler_id", "pair_id"], set_=update_values))
             return
-        lab = s.scalar(select(Label).where(Label.labeler_id == insert_values["labeler_id"],
-                                           Label.pair_id == insert_values["pair_id"]).with_for_update())
+        lab = s.scalar(
+            select(Label)
+            .where(Label.labeler_id == insert_values["labeler_id"], Label.pair_id == insert_values["pair_id"])
+            .with_for_update()
+        )
         if lab is None:
             s.add(Label(**insert_values))
         else:
@@ -522,9 +635,13 @@ class LabelStore:
     def labels_of(self, labeler_id: int, round: Optional[int] = None) -> list[dict]:
         """A labeler's own labels, oldest first."""
         with self._read() as s:
-            q = (select(Label, Round.number, Labeler.name).join(Pair, Pair.id == Label.pair_id)
-                 .join(Round, Round.id == Pair.round_id).join(Labeler, Labeler.id == Label.labeler_id)
-                 .where(Label.labeler_id == labeler_id))
+            q = (
+                select(Label, Round.number, Labeler.name)
+                .join(Pair, Pair.id == Label.pair_id)
+                .join(Round, Round.id == Pair.round_id)
+                .join(Labeler, Labeler.id == Label.labeler_id)
+                .where(Label.labeler_id == labeler_id)
+            )
             if round is not None:
                 q = q.where(Round.number == round)
             return [_label_dict(lab, name, n) for lab, n, name in s.execute(q.order_by(Label.id)).all()]
@@ -532,9 +649,13 @@ class LabelStore:
     def get_label(self, label_id: int, labeler: LabelerInfo) -> dict:
         """One label; only its labeler (or an admin) may read it."""
         with self._read() as s:
-            row = s.execute(select(Label, Round.number, Labeler.name).join(Pair, Pair.id == Label.pair_id)
-                            .join(Round, Round.id == Pair.round_id).join(Labeler, Labeler.id == Label.labeler_id)
-                            .where(Label.id == label_id)).first()
+            row = s.execute(
+                select(Label, Round.number, Labeler.name)
+                .join(Pair, Pair.id == Label.pair_id)
+                .join(Round, Round.id == Pair.round_id)
+                .join(Labeler, Labeler.id == Label.labeler_id)
+                .where(Label.id == label_id)
+            ).first()
         if row is None:
             raise NotFound(f"no label {label_id}")
         lab, number, name = row
@@ -549,18 +670,31 @@ class LabelStore:
             labeled = s.scalar(select(func.count()).select_from(Label).where(Label.labeler_id == labeler_id))
             assigned = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.labeler_id == labeler_id))
             other = aliased(Assignment)
-            skipped = exists().where(Label.pair_id == other.pair_id, Label.labeler_id == other.labeler_id,
-                                     Label.choice == "skip")
-            taken = (select(func.count()).select_from(other).where(other.pair_id == Pair.id, ~skipped)
-                     .correlate(Pair).scalar_subquery())
-            available = s.scalar(select(func.count()).select_from(Pair).join(Round, Round.id == Pair.round_id)
-                                 .where(taken < Round.labels_per_pair,
-                                        ~exists().where(Assignment.pair_id == Pair.id,
-                                                        Assignment.labeler_id == labeler_id)))
+            skipped = exists().where(
+                Label.pair_id == other.pair_id, Label.labeler_id == other.labeler_id, Label.choice == "skip"
+            )
+            taken = (
+                select(func.count())
+                .select_from(other)
+                .where(other.pair_id == Pair.id, ~skipped)
+                .correlate(Pair)
+                .scalar_subquery()
+            )
+            available = s.scalar(
+                select(func.count())
+                .select_from(Pair)
+                .join(Round, Round.id == Pair.round_id)
+                .where(
+                    taken < Round.labels_per_pair,
+                    ~exists().where(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id),
+                )
+            )
         return {"labeled": labeled, "assigned": assigned, "available": available}
 
     def counts(self) -> dict:
         """Row counts of every table (for tests and `align label status`)."""
         with self._read() as s:
-            return {t.__tablename__: s.scalar(select(func.count()).select_from(t))
-                    for t in (Round, Pair, Labeler, Assignment, Label)}
+            return {
+                t.__tablename__: s.scalar(select(func.count()).select_from(t))
+                for t in (Round, Pair, Labeler, Assignment, Label)
+            }

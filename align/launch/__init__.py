@@ -1,4 +1,5 @@
 """Multi-process launch: accelerate + DeepSpeed ZeRO-3 (gloo on CPU, NCCL on GPUs)."""
+
 from __future__ import annotations
 
 from pathlib import Path

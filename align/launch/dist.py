@@ -3,6 +3,7 @@ single process.
 
 Every rank must call a collective at the same point with tensors of the same shape (gloo on CPU).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -6,6 +6,7 @@ micro-batches and ranks. Build the model while a `transformers.integrations.HfDe
 resolved config is alive, after `align.launch.init_distributed()`: `from_pretrained` then partitions the
 weights as they load.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,9 @@ import torch
 from align.errors import AlignError
 
 
-def resolve_config(base: dict, micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: float,
-                   bf16: bool) -> dict:
+def resolve_config(
+    base: dict, micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: float, bf16: bool
+) -> dict:
     """`base` (the launch's JSON) with its batch, clipping and precision values set.
 
     bf16 here is DeepSpeed's bf16 mode: bf16 weights in the forward and backward, fp32 master copies
@@ -70,8 +72,10 @@ class DeepSpeedLearner:
         """Backward `loss` (this micro-batch's share, normalised by the global batch's count); at the
         step's last micro-batch (`boundary`) clip and step. Returns the pre-clip global grad norm then."""
         if self.engine.is_gradient_accumulation_boundary() != boundary:
-            raise AlignError("DeepSpeed's accumulation boundary and the optimizer step disagree; this is a bug "
-                             "(micro_batch_size, the batch size and num_processes went out of step)")
+            raise AlignError(
+                "DeepSpeed's accumulation boundary and the optimizer step disagree; this is a bug "
+                "(micro_batch_size, the batch size and num_processes went out of step)"
+            )
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self.engine.step()  # steps (clips, updates) at the boundary only
         if not boundary:
@@ -105,7 +109,8 @@ class DeepSpeedLearner:
             save_file(state, str(directory / "trainable.safetensors"))
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_module_strict=False,
-                                              load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag="ds", load_module_strict=False, load_lr_scheduler_states=False
+        )
         if path is None:
             raise AlignError(f"{directory}: DeepSpeed could not load this checkpoint; delete it to start over")

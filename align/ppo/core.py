@@ -19,6 +19,7 @@ denominator (the number of trained tokens of the mini-batch on all processes), s
 mini-batch (processes, gradient-accumulation micro-batches) SUM to the mini-batch's loss and metrics.
 Every loss/metric function here takes that denominator and returns partial sums of that kind.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,11 +65,15 @@ class Trajectory:
     def __post_init__(self):
         B, T = self.response_mask.shape
         if self.input_ids.dim() != 2 or self.input_ids.shape[0] != B or self.input_ids.shape[1] < T:
-            raise ValueError(f"Trajectory: input_ids {tuple(self.input_ids.shape)} must be (B, P + T) with "
-                             f"B={B}, T={T} (response_mask {tuple(self.response_mask.shape)})")
+            raise ValueError(
+                f"Trajectory: input_ids {tuple(self.input_ids.shape)} must be (B, P + T) with "
+                f"B={B}, T={T} (response_mask {tuple(self.response_mask.shape)})"
+            )
         if self.attention_mask.shape != self.input_ids.shape:
-            raise ValueError(f"Trajectory: attention_mask {tuple(self.attention_mask.shape)} != input_ids "
-                             f"{tuple(self.input_ids.shape)}")
+            raise ValueError(
+                f"Trajectory: attention_mask {tuple(self.attention_mask.shape)} != input_ids "
+                f"{tuple(self.input_ids.shape)}"
+            )
         for name in ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
             if getattr(self, name).shape != (B, T):
                 raise ValueError(f"Trajectory: {name} {tuple(getattr(self, name).shape)} must be (B, T) = ({B}, {T})")

@@ -18,12 +18,17 @@ on the head's bias), gradient clipping 1.0, constant learning rate. One optimize
 mini-batch; the mini-batch may be accumulated over micro-batches (`align.launch.local.LocalLearner.accumulate`) and
 processes (`align.launch.zero3.DeepSpeedLearner`, shared with the reward-model loop).
 """
+
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from align.launch.local import AdamW, LocalLearner
 
 
 VALUE_HEAD = "value_head"
@@ -40,8 +45,9 @@ class PolicyWithValue(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, length: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and values at positions start .. start + length - 1.
 
         Args:
@@ -57,8 +63,9 @@ class PolicyWithValue(torch.nn.Module):
         lm = self.policy.get_base_model()
         backbone = getattr(lm, lm.base_model_prefix)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state[:, start:start + length]
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, start : start + length]
         # Contiguous first: on a strided 3-d slice, torch's linear falls back to a batched matmul that
         # copies the (V, H) head once per row (about half of a log-prob pass: docs/ppo.md).
         hidden = hidden.contiguous()
@@ -76,8 +83,13 @@ class PolicyWithValue(torch.nn.Module):
 def lora_config(lora):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 def build_policy(model_dir: str | Path, lora, base_dtype: str, seed: int) -> PolicyWithValue:
@@ -122,11 +134,11 @@ def torch_learner(net: "PolicyWithValue", cfg, device: str = "cpu") -> "LocalLea
 
 def adapter_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a trainable state, named as in the bare `PeftModel`."""
-    return {k[len(POLICY_PREFIX):]: v for k, v in trainable.items() if k.startswith(POLICY_PREFIX)}
+    return {k[len(POLICY_PREFIX) :]: v for k, v in trainable.items() if k.startswith(POLICY_PREFIX)}
 
 
 def value_head_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(VALUE_HEAD) + 1:]: v for k, v in trainable.items() if k.startswith(VALUE_HEAD + ".")}
+    return {k[len(VALUE_HEAD) + 1 :]: v for k, v in trainable.items() if k.startswith(VALUE_HEAD + ".")}
 
 
 def deepspeed_config(base: dict, cfg, world_size: int, bf16: bool) -> dict:

@@ -29,6 +29,7 @@ optimizer, running moments, RNG, iteration, early-stopping state), written to a 
 renamed; a restart resumes from the newest. Artifacts: `model/` (the adapters merged into the starting
 checkpoint, float32, with the tokenizer), `adapter/`, `value_head.safetensors`, `ppo_curve.png`.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,10 @@ PHASES = ("generate", "score", "logprob", "train", "sync", "eval")
 def split_prompts(rows: list[dict], heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(training pool, held-out prompts): a seeded random `heldout` of the rows are held out."""
     if len(rows) <= heldout:
-        raise AlignError(f"ppo: {len(rows)} prompts, but heldout_prompts={heldout} of them are held out; "
-                         "add prompts or lower heldout_prompts")
+        raise AlignError(
+            f"ppo: {len(rows)} prompts, but heldout_prompts={heldout} of them are held out; "
+            "add prompts or lower heldout_prompts"
+        )
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     held = sorted(perm[:heldout])
     pool = sorted(perm[heldout:])
@@ -75,7 +78,7 @@ def iteration_prompts(n_pool: int, per_iteration: int, seed: int, iteration: int
         epoch, offset = divmod(pos, n_pool)
         perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
         take = min(per_iteration - len(out), n_pool - offset)
-        out.extend(perm[offset:offset + take])
+        out.extend(perm[offset : offset + take])
         pos += take
     return out
 
@@ -169,13 +172,13 @@ class Run:
     """What the loop needs, built by `setup`."""
 
     learner: object
-    engine: Optional[object]        # rollout engine on rank 0, None elsewhere
+    engine: Optional[object]  # rollout engine on rank 0, None elsewhere
     rewards: RewardModels
     tokenizer: object
     pool: list[dict]
     heldout: list[dict]
-    moments: object                 # reward.combined.RunningMoments
-    state: dict                     # iteration, eval history, early stopping; checkpointed
+    moments: object  # reward.combined.RunningMoments
+    state: dict  # iteration, eval history, early stopping; checkpointed
     logger: Optional[object]
     autocast: bool
     hf_ds_config: Optional[object] = None  # keeps ZeRO-3 model loading on while alive
@@ -198,8 +201,10 @@ def setup(ctx) -> Run:
     cfg = ctx.stage_cfg
     multi = ctx.world_size > 1
     if multi and ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
-        raise AlignError(f"ppo.num_processes={cfg.num_processes} needs rollout.in_process=false: an in-process "
-                         "vLLM engine on rank 0 joins the ranks' torch.distributed world and hangs there")
+        raise AlignError(
+            f"ppo.num_processes={cfg.num_processes} needs rollout.in_process=false: an in-process "
+            "vLLM engine on rank 0 joins the ranks' torch.distributed world and hangs there"
+        )
     if multi:
         from align.launch import init_distributed
 
@@ -208,21 +213,27 @@ def setup(ctx) -> Run:
     records, _ = load_datasets(cfg.prompts, "prompt", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed)
     pool, heldout = split_prompts(records.to_list(), cfg.heldout_prompts, ctx.cfg.seed)
     if ctx.is_main:
-        print(f"[align] {ctx.name}: {len(pool)} training prompts, {len(heldout)} held out; init {ctx.init_model_dir}",
-              flush=True)
+        print(
+            f"[align] {ctx.name}: {len(pool)} training prompts, {len(heldout)} held out; init {ctx.init_model_dir}",
+            flush=True,
+        )
     # Plain (unsharded) loads first: once an HfDeepSpeedConfig exists, from_pretrained partitions.
     rewards = RewardModels(ctx, cfg.reward)
     threads = torch.get_num_threads()
-    engine = (make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed=ctx.cfg.seed, dtype=ctx.cfg.compute.dtype)
-              if ctx.is_main else None)
+    engine = (
+        make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed=ctx.cfg.seed, dtype=ctx.cfg.compute.dtype)
+        if ctx.is_main
+        else None
+    )
     torch.set_num_threads(threads)  # an in-process engine pins its own thread count
     lora_dtype = ctx.cfg.compute.dtype  # frozen base weights; adapters and value head are float32
     hf_ds = None
     if multi:
         from transformers.integrations import HfDeepSpeedConfig
 
-        ds = deepspeed_config(read_json(ctx.work_dir / "launch" / "ds_zero3.json"), cfg, ctx.world_size,
-                              ctx.cfg.compute.bf16)
+        ds = deepspeed_config(
+            read_json(ctx.work_dir / "launch" / "ds_zero3.json"), cfg, ctx.world_size, ctx.cfg.compute.bf16
+        )
         hf_ds = HfDeepSpeedConfig(ds)
         net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed)
         learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)
@@ -232,8 +243,14 @@ def setup(ctx) -> Run:
         for model in (learner.net, rewards.helpful.model, rewards.safety.model):  # the first iteration pays it
             compile_layers(model, cfg.compile)  # one process (config check)
     moments = RunningMoments()
-    state = {"iteration": 0, "heldout_before": None, "best_heldout": None, "best_iteration": 0,
-             "bad_evals": 0, "stopped_early": False}
+    state = {
+        "iteration": 0,
+        "heldout_before": None,
+        "best_heldout": None,
+        "best_iteration": 0,
+        "bad_evals": 0,
+        "stopped_early": False,
+    }
     ckpts = list_checkpoints(ctx.work_dir / CHECKPOINTS)
     if ckpts:
         state = load_checkpoint(ckpts[-1], learner, ctx.rank)
@@ -245,8 +262,19 @@ def setup(ctx) -> Run:
         # rows logged after the checkpoint are logged again; without a checkpoint, every row is
         _truncate_metrics(ctx.work_dir / "logs" / "metrics.jsonl", state["iteration"] if ckpts else -1)
         logger = ctx.logger()
-    run = Run(learner=learner, engine=engine, rewards=rewards, tokenizer=tokenizer, pool=pool, heldout=heldout,
-              moments=moments, state=state, logger=logger, autocast=ctx.cfg.compute.bf16, hf_ds_config=hf_ds)
+    run = Run(
+        learner=learner,
+        engine=engine,
+        rewards=rewards,
+        tokenizer=tokenizer,
+        pool=pool,
+        heldout=heldout,
+        moments=moments,
+        state=state,
+        logger=logger,
+        autocast=ctx.cfg.compute.bf16,
+        hf_ds_config=hf_ds,
+    )
     if engine is not None:
         run.closers.append(engine.close)
     if logger is not None:
@@ -293,8 +321,13 @@ def generate(run: Run, prompts: list[dict], cfg, seed: int):
     rollouts = None
     if run.engine is not None:
         threads = torch.get_num_threads()
-        params = SamplingParams(n=1, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                max_new_tokens=cfg.sampling.max_new_tokens, seed=seed)
+        params = SamplingParams(
+            n=1,
+            temperature=cfg.sampling.temperature,
+            top_p=cfg.sampling.top_p,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            seed=seed,
+        )
         rollouts = run.engine.generate([plain(p["prompt"]) for p in prompts], params)
         torch.set_num_threads(threads)
     return dist.broadcast_object(rollouts)
@@ -340,12 +373,23 @@ def train(ctx, run: Run) -> None:
         t0 = time.perf_counter()
         scores = evaluate(run, cfg, seed)
         before = sum(scores) / len(scores)
-        state.update(heldout_before=before, best_heldout=before, best_iteration=0, heldout_before_scores=scores,
-                     heldout_last_scores=scores)
+        state.update(
+            heldout_before=before,
+            best_heldout=before,
+            best_iteration=0,
+            heldout_before_scores=scores,
+            heldout_last_scores=scores,
+        )
         if run.logger:
             run.logger.log({"eval/reward_heldout": before, "time/eval_s": time.perf_counter() - t0}, 0)
-    bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc="ppo", unit="it", dynamic_ncols=True,
-               disable=not ctx.is_main)
+    bar = tqdm(
+        total=cfg.iterations,
+        initial=state["iteration"],
+        desc="ppo",
+        unit="it",
+        dynamic_ncols=True,
+        disable=not ctx.is_main,
+    )
     while state["iteration"] < cfg.iterations and not state["stopped_early"]:
         it = state["iteration"] + 1
         timing: dict[str, float] = {}
@@ -358,23 +402,28 @@ def train(ctx, run: Run) -> None:
         t0 = time.perf_counter()
         rs, rh = run.rewards.score([p["prompt"] for p in prompts], rollouts.texts)
         flags = torch.tensor([bool(p["safety"]) for p in prompts])
-        scores, reward_metrics = combined_reward(rs, rh, flags, run.moments, cfg.reward.safety_threshold,
-                                                 whiten=cfg.reward.whiten)
+        scores, reward_metrics = combined_reward(
+            rs, rh, flags, run.moments, cfg.reward.safety_threshold, whiten=cfg.reward.whiten
+        )
         if not torch.isfinite(scores).all():
-            raise AlignError(f"iteration {it}: non-finite reward (raw helpfulness {rh.tolist()[:4]}, safety "
-                             f"{rs.tolist()[:4]}, ...); check the reward models")
+            raise AlignError(
+                f"iteration {it}: non-finite reward (raw helpfulness {rh.tolist()[:4]}, safety "
+                f"{rs.tolist()[:4]}, ...); check the reward models"
+            )
         timing["score"] = time.perf_counter() - t0
         # ---- logprob: old and reference log-probs, values, rewards, advantages
         t0 = time.perf_counter()
         input_ids, attention_mask, response_mask = build_batch(rollouts.prompt_ids, rollouts.response_ids, pad_id)
         _, engine_logprobs, _ = rollouts.response_tensors(pad_id)
-        traj, traj_metrics = make_trajectory(run.learner, input_ids, attention_mask, response_mask, engine_logprobs,
-                                             scores, cfg, run.autocast)
+        traj, traj_metrics = make_trajectory(
+            run.learner, input_ids, attention_mask, response_mask, engine_logprobs, scores, cfg, run.autocast
+        )
         timing["logprob"] = time.perf_counter() - t0
         # ---- train
         t0 = time.perf_counter()
-        update_metrics, _ = ppo_update(run.learner, traj, cfg, seed=sampling_seed(seed, it), autocast=run.autocast,
-                                       iteration=it)
+        update_metrics, _ = ppo_update(
+            run.learner, traj, cfg, seed=sampling_seed(seed, it), autocast=run.autocast, iteration=it
+        )
         timing["train"] = time.perf_counter() - t0
         # ---- sync
         timing["sync"] = sync_weights(run)
@@ -390,32 +439,46 @@ def train(ctx, run: Run) -> None:
             record_eval(state, value, it, cfg.early_stop_patience)
         state["iteration"] = it
         lengths = response_mask.sum(-1).float()
-        row.update({
-            **update_metrics, **traj_metrics,
-            **{k: v for k, v in reward_metrics.items() if k != "reward/mean"},
-            "reward/whitened_mean": scores.mean().item(),
-            "reward/combined_mean": reward_metrics["reward/logit_mean"],
-            "reward/helpful_mean": rh.mean().item(),
-            "reward/safety_mean": rs.mean().item(),
-            "rollout/response_length": lengths.mean().item(),
-            "rollout/stop_share": sum(f == "stop" for f in rollouts.finish_reasons) / len(rollouts),
-            "rollout/tokens_per_s": rollouts.timing.tokens_per_s,
-            **{f"time/{k}_s": v for k, v in timing.items()},
-            "time/iteration_s": sum(timing.values()),
-        })
+        row.update(
+            {
+                **update_metrics,
+                **traj_metrics,
+                **{k: v for k, v in reward_metrics.items() if k != "reward/mean"},
+                "reward/whitened_mean": scores.mean().item(),
+                "reward/combined_mean": reward_metrics["reward/logit_mean"],
+                "reward/helpful_mean": rh.mean().item(),
+                "reward/safety_mean": rs.mean().item(),
+                "rollout/response_length": lengths.mean().item(),
+                "rollout/stop_share": sum(f == "stop" for f in rollouts.finish_reasons) / len(rollouts),
+                "rollout/tokens_per_s": rollouts.timing.tokens_per_s,
+                **{f"time/{k}_s": v for k, v in timing.items()},
+                "time/iteration_s": sum(timing.values()),
+            }
+        )
         if run.logger:
             run.logger.log(row, it)
         fault("ppo_iteration")  # an iteration logged, its checkpoint (if due) not yet written
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/combined_mean']:.3f}", kl=f"{row['kl/ref_mean']:.3f}",
-                        heldout=f"{row.get('eval/reward_heldout', float('nan')):.3f}")
+        bar.set_postfix(
+            reward=f"{row['reward/combined_mean']:.3f}",
+            kl=f"{row['kl/ref_mean']:.3f}",
+            heldout=f"{row.get('eval/reward_heldout', float('nan')):.3f}",
+        )
         if state["stopped_early"] and ctx.is_main:
-            print(f"[align] {ctx.name}: early stop at iteration {it}: no held-out gain in "
-                  f"{cfg.early_stop_patience} evaluations (best {state['best_heldout']:.4f} at iteration "
-                  f"{state['best_iteration']})", flush=True)
+            print(
+                f"[align] {ctx.name}: early stop at iteration {it}: no held-out gain in "
+                f"{cfg.early_stop_patience} evaluations (best {state['best_heldout']:.4f} at iteration "
+                f"{state['best_iteration']})",
+                flush=True,
+            )
         if it % cfg.save_every == 0 and it < cfg.iterations and not state["stopped_early"]:
-            save_checkpoint(ctx.work_dir / CHECKPOINTS, run.learner, {**state, "moments": run.moments.state_dict()},
-                            ctx.is_main, ctx.rank)
+            save_checkpoint(
+                ctx.work_dir / CHECKPOINTS,
+                run.learner,
+                {**state, "moments": run.moments.state_dict()},
+                ctx.is_main,
+                ctx.rank,
+            )
     bar.close()
 
 
@@ -445,8 +508,10 @@ def save(ctx, run: Run) -> dict:
         result = peft_model.load_state_dict(adapters, strict=False)
         wanted = {n for n, p in peft_model.named_parameters() if p.requires_grad}
         if result.unexpected_keys or wanted - set(adapters):
-            raise AlignError(f"ppo: the trained adapters do not fit a fresh LoRA model (unexpected "
-                             f"{result.unexpected_keys[:3]}, missing {sorted(wanted - set(adapters))[:3]})")
+            raise AlignError(
+                f"ppo: the trained adapters do not fit a fresh LoRA model (unexpected "
+                f"{result.unexpected_keys[:3]}, missing {sorted(wanted - set(adapters))[:3]})"
+            )
         peft_model.save_pretrained(str(out / "adapter"))
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(str(out / "model"), safe_serialization=True)
@@ -468,8 +533,13 @@ def _heldout_change(state: dict) -> dict:
     if not before or not last:
         return {}
     c = paired_change(before, last)
-    return {"eval/reward_heldout_change": c["change"], "eval/reward_heldout_change_lo": c["lo"],
-            "eval/reward_heldout_change_hi": c["hi"], "eval/heldout_n": c["n"], "eval/within_noise": c["within_noise"]}
+    return {
+        "eval/reward_heldout_change": c["change"],
+        "eval/reward_heldout_change_lo": c["lo"],
+        "eval/reward_heldout_change_hi": c["hi"],
+        "eval/heldout_n": c["n"],
+        "eval/within_noise": c["within_noise"],
+    }
 
 
 def summarize(rows: list[dict], state: dict, model_dir: str) -> dict:
@@ -512,7 +582,9 @@ def plot_curve(rows: list[dict], path: Path, kl_bound: float | None = None) -> N
     evals = [r for r in rows if r.get("eval/reward_heldout") is not None]
     fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(10, 7.5))
     ax1.plot([r["step"] for r in its], [r["reward/combined_mean"] for r in its], marker="o", label="batch LOGIT(Rc)")
-    ax1.plot([r["step"] for r in evals], [r["eval/reward_heldout"] for r in evals], marker="s", label="held-out LOGIT(Rc)")
+    ax1.plot(
+        [r["step"] for r in evals], [r["eval/reward_heldout"] for r in evals], marker="s", label="held-out LOGIT(Rc)"
+    )
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("combined reward (before whitening)")
     ax1.legend()
@@ -526,7 +598,9 @@ def plot_curve(rows: list[dict], path: Path, kl_bound: float | None = None) -> N
     kl = [r.get("kl/ref_mean", 0.0) if r["step"] >= 1 else 0.0 for r in evals]  # before training: the reference
     ax3.plot(kl, [r["eval/reward_heldout"] for r in evals], marker="s", color="tab:green")
     for x, r in zip(kl, evals):
-        ax3.annotate(str(r["step"]), (x, r["eval/reward_heldout"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax3.annotate(
+            str(r["step"]), (x, r["eval/reward_heldout"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     ax3.set_xlabel("KL(pi || pi_0) per sequence at the evaluation (nats)")
     ax3.set_ylabel("held-out LOGIT(Rc)")
     ax3.set_title("reward against KL (labels: iteration)", fontsize=9)

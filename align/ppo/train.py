@@ -7,6 +7,7 @@ feed it a fixed one): each mini-batch is drawn by a permutation seeded the same 
 each rank trains on its contiguous share of it; the result does not depend on the number of processes
 or micro-batches (align/ppo/core.py `aggregate`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,9 @@ from align.launch import dist
 from align.ppo import core
 
 
-def build_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_batch(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack prompts (left-padded to P) and responses (right-padded to T) into one tensor.
 
     Returns:
@@ -36,15 +38,16 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
     attn = torch.zeros((B, P + T), dtype=torch.bool)
     resp = torch.zeros((B, T), dtype=torch.bool)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, P - len(p):P] = torch.as_tensor(list(p))
-        ids[i, P:P + len(r)] = torch.as_tensor(list(r))
-        attn[i, P - len(p):P + len(r)] = True
-        resp[i, :len(r)] = True
+        ids[i, P - len(p) : P] = torch.as_tensor(list(p))
+        ids[i, P : P + len(r)] = torch.as_tensor(list(r))
+        attn[i, P - len(p) : P + len(r)] = True
+        resp[i, : len(r)] = True
     return ids, attn, resp
 
 
-def forward_window(learner, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                   autocast: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+def forward_window(
+    learner, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, autocast: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Logits and values of the response tokens of a few rows, on the columns they need.
 
     Columns that are padding in every row (left of the longest prompt, right of the longest response)
@@ -55,8 +58,8 @@ def forward_window(learner, input_ids: torch.Tensor, attention_mask: torch.Tenso
     Tm = int(response_mask.sum(-1).max())
     left = P - int(attention_mask[:, :P].sum(-1).max())
     device = learner.device
-    ids = input_ids[:, left:P + Tm].to(device)
-    attn = attention_mask[:, left:P + Tm].to(device).long()
+    ids = input_ids[:, left : P + Tm].to(device)
+    attn = attention_mask[:, left : P + Tm].to(device).long()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits, values = learner.module(ids, attn, P - left - 1, Tm)
     return logits, values, Tm
@@ -67,8 +70,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return core.logprobs_from_logits(core.temper(logits, temperature), tokens)
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy (B, T) float32 under ``softmax(logits / temperature)``."""
     return core.logprobs_and_entropy(core.temper(logits, temperature), tokens)
 
@@ -95,7 +99,7 @@ def vocab_fns(compiled: bool):
 
 
 def chunks(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def by_length(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -106,9 +110,16 @@ def by_length(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                    engine_logprobs: torch.Tensor, scores: torch.Tensor, cfg, autocast: bool
-                    ) -> tuple[core.Trajectory, dict[str, float]]:
+def make_trajectory(
+    learner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    engine_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    cfg,
+    autocast: bool,
+) -> tuple[core.Trajectory, dict[str, float]]:
     """Old and reference log-probs, values, per-token rewards, GAE and whitened advantages.
 
     Args:
@@ -156,22 +167,35 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
     with learner.net.reference():
         for rows in parts:
             local = rows - rank * share
-            logits, _, Tm = forward_window(learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast)
+            logits, _, Tm = forward_window(
+                learner, input_ids[rows], attention_mask[rows], response_mask[rows], autocast
+            )
             logits, tok = logits.cpu(), tokens[rows, :Tm]
-            ref_logprobs[local, :Tm] = lp_ent_fn(logits, tok, temperature)[0] if cfg.compile else lp_fn(logits, tok, temperature)
+            ref_logprobs[local, :Tm] = (
+                lp_ent_fn(logits, tok, temperature)[0] if cfg.compile else lp_fn(logits, tok, temperature)
+            )
             del logits
     # every rank now holds the whole batch
     logprobs, ref_logprobs, values, entropy, gap = (
-        dist.all_gather_rows(x) for x in (logprobs, ref_logprobs, values, entropy, gap))
+        dist.all_gather_rows(x) for x in (logprobs, ref_logprobs, values, entropy, gap)
+    )
     mask = response_mask
     zero = torch.zeros_like(logprobs)
     logprobs, ref_logprobs, values = (torch.where(mask, x, zero) for x in (logprobs, ref_logprobs, values))
     rewards, kl = core.per_token_rewards(scores, logprobs, ref_logprobs, mask, cfg.kl_beta)
     advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    traj = core.Trajectory(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
-                           logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
-                           advantages=core.masked_whiten(advantages, mask), returns=returns,
-                           scores=scores.float())
+    traj = core.Trajectory(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=mask,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        rewards=rewards,
+        advantages=core.masked_whiten(advantages, mask),
+        returns=returns,
+        scores=scores.float(),
+    )
     seq_kl = kl.sum(-1)
     k3 = torch.where(mask, core.kl_k3(logprobs, ref_logprobs), zero).sum(-1)
     gap_masked = torch.where(mask, gap, zero)
@@ -189,12 +213,19 @@ def make_trajectory(learner, input_ids: torch.Tensor, attention_mask: torch.Tens
     return traj, metrics
 
 
-UPDATE_METRICS = ("ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/clipfrac", "ppo/ratio",
-                  "ppo/value_clipfrac")
+UPDATE_METRICS = (
+    "ppo/policy_loss",
+    "ppo/value_loss",
+    "ppo/approx_kl",
+    "ppo/clipfrac",
+    "ppo/ratio",
+    "ppo/value_clipfrac",
+)
 
 
-def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, iteration: int = 0
-               ) -> tuple[dict[str, float], list[dict[str, float]]]:
+def ppo_update(
+    learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, iteration: int = 0
+) -> tuple[dict[str, float], list[dict[str, float]]]:
     """`cfg.ppo_epochs` passes over `traj` in mini-batches of `cfg.mini_batch_size`, one optimizer step each.
 
     Every rank passes the same whole `traj` and `seed`. Mini-batch k of an epoch is rows
@@ -218,7 +249,6 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
     if B % M:
         raise AlignError(f"iteration {iteration}: {B} sequences are not a whole number of mini-batches of {M}")
     share = M // world
-    T = traj.response_mask.shape[1]
     P = traj.prompt_len
     temperature = cfg.sampling.temperature
     lp_fn, _ = vocab_fns(cfg.compile)
@@ -229,24 +259,37 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
     for _epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
         for k in range(B // M):
-            rows = perm[k * M:(k + 1) * M]
+            rows = perm[k * M : (k + 1) * M]
             num_tokens = int(traj.response_mask[rows].sum())
-            mine = by_length(rows[rank * share:(rank + 1) * share], traj.attention_mask)
+            mine = by_length(rows[rank * share : (rank + 1) * share], traj.attention_mask)
             micro = chunks(mine, cfg.micro_batch_size)
             sums = torch.zeros(len(UPDATE_METRICS), dtype=torch.float64)
             norm: Optional[float] = None
             bad = False
             for j, idx in enumerate(micro):
                 part = traj.select(idx)
-                logits, values, Tm = forward_window(learner, part.input_ids, part.attention_mask,
-                                                    part.response_mask, autocast)
+                logits, values, Tm = forward_window(
+                    learner, part.input_ids, part.attention_mask, part.response_mask, autocast
+                )
                 device = logits.device
                 mask = part.response_mask[:, :Tm].to(device)
-                logp = lp_fn(logits, part.input_ids[:, P:P + Tm].to(device), temperature)
-                pl, pm = core.policy_loss(logp, part.logprobs[:, :Tm].to(device), part.advantages[:, :Tm].to(device),
-                                          mask, cfg.clip, num_tokens)
-                vl, vm = core.value_loss(values.float(), part.values[:, :Tm].to(device), part.returns[:, :Tm].to(device),
-                                         mask, cfg.value_clip, num_tokens)
+                logp = lp_fn(logits, part.input_ids[:, P : P + Tm].to(device), temperature)
+                pl, pm = core.policy_loss(
+                    logp,
+                    part.logprobs[:, :Tm].to(device),
+                    part.advantages[:, :Tm].to(device),
+                    mask,
+                    cfg.clip,
+                    num_tokens,
+                )
+                vl, vm = core.value_loss(
+                    values.float(),
+                    part.values[:, :Tm].to(device),
+                    part.returns[:, :Tm].to(device),
+                    mask,
+                    cfg.value_clip,
+                    num_tokens,
+                )
                 loss = pl + cfg.vf_coef * vl
                 # every rank learns whether ANY rank's loss is non-finite, so all raise together
                 if not math.isfinite(dist.all_reduce_sum(loss.detach().float().cpu()).item()):
@@ -254,8 +297,10 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
                         bad = True
                         learner.discard()
                         break
-                    raise AlignError(f"iteration {iteration}: non-finite PPO loss (epoch {_epoch + 1}, mini-batch "
-                                     f"{k + 1}); lower lr (now {cfg.lr}) or check the rewards")
+                    raise AlignError(
+                        f"iteration {iteration}: non-finite PPO loss (epoch {_epoch + 1}, mini-batch "
+                        f"{k + 1}); lower lr (now {cfg.lr}) or check the rewards"
+                    )
                 norm = learner.accumulate(loss, boundary=(j == len(micro) - 1))
                 metrics = {**pm, **vm}
                 sums += torch.tensor([float(metrics[name]) for name in UPDATE_METRICS], dtype=torch.float64)
@@ -264,16 +309,20 @@ def ppo_update(learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, i
                 skipped += 1  # nothing was stepped: the learner drops non-finite gradients itself
                 continue
             if norm is None or not math.isfinite(norm):
-                raise AlignError(f"iteration {iteration}: non-finite gradient norm (epoch {_epoch + 1}, mini-batch "
-                                 f"{k + 1}); lower lr (now {cfg.lr})")
+                raise AlignError(
+                    f"iteration {iteration}: non-finite gradient norm (epoch {_epoch + 1}, mini-batch "
+                    f"{k + 1}); lower lr (now {cfg.lr})"
+                )
             step = {name: sums[i].item() for i, name in enumerate(UPDATE_METRICS)}
             step["ppo/loss"] = step["ppo/policy_loss"] + cfg.vf_coef * step["ppo/value_loss"]
             step["ppo/grad_norm"] = norm
             steps.append(step)
     learner.module.eval()
     if not steps:
-        raise AlignError(f"iteration {iteration}: every PPO step was non-finite and skipped; lower lr (now "
-                         f"{cfg.lr}) or check the rewards")
+        raise AlignError(
+            f"iteration {iteration}: every PPO step was non-finite and skipped; lower lr (now "
+            f"{cfg.lr}) or check the rewards"
+        )
     mean = {name: sum(s[name] for s in steps) / len(steps) for name in steps[0]}
     mean["ppo/skipped_steps"] = float(skipped)
     return mean, steps

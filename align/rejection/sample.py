@@ -7,6 +7,7 @@ missing ones; the engine and the scorer are built lazily, so a round whose batch
 loads neither. Each batch's sampling seed derives from (seed, round, batch index) alone, so a resumed
 round gives the same samples as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from rollout.types import SamplingParams, derive_seed
 
 
 class Scorer(Protocol):
-    def __call__(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str],
-                 is_safety: Sequence[bool]) -> dict[str, list]:
+    def __call__(
+        self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool]
+    ) -> dict[str, list]:
         """``score`` (selection score), ``helpful_score``, ``safety_score`` (raw RM scores) and
         ``safety_rm_used`` (bool), one entry per response."""
 
@@ -40,9 +42,11 @@ def _read_batch(path: Path, prompt_ids: list[int], n: int) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     got = sorted({r["prompt_id"] for r in rows})
     if got != sorted(prompt_ids) or len(rows) != n * len(prompt_ids):
-        raise AlignError(f"{path}: holds {len(rows)} samples of prompts {got[:5]}..., expected {n} samples of "
-                         f"prompts {sorted(prompt_ids)[:5]}...; the stage's work directory is inconsistent: "
-                         f"delete {path.parent} and rerun")
+        raise AlignError(
+            f"{path}: holds {len(rows)} samples of prompts {got[:5]}..., expected {n} samples of "
+            f"prompts {sorted(prompt_ids)[:5]}...; the stage's work directory is inconsistent: "
+            f"delete {path.parent} and rerun"
+        )
     return rows
 
 
@@ -83,7 +87,7 @@ def sample_and_score(
     engine = scorer = None
     starts = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
-        batch = list(prompts[start:start + batch_size])
+        batch = list(prompts[start : start + batch_size])
         ids = [int(p["prompt_id"]) for p in batch]
         path = batch_path(state_dir, b)
         if path.is_file():
@@ -99,14 +103,20 @@ def sample_and_score(
         rows = []
         for r in range(len(rollouts)):
             p = batch[r // n]
-            rows.append({
-                "prompt_id": int(p["prompt_id"]), "round": round_, "sample": r % n,
-                "prompt": [{"role": m["role"], "content": m["content"]} for m in p["prompt"]],
-                "safety": bool(p["safety"]), "source": p.get("source", ""),
-                "response": rollouts.texts[r], "finish_reason": rollouts.finish_reasons[r],
-                "response_tokens": len(rollouts.response_ids[r]),
-                **{k: (v[r] if not hasattr(v[r], "item") else v[r].item()) for k, v in scores.items()},
-            })
+            rows.append(
+                {
+                    "prompt_id": int(p["prompt_id"]),
+                    "round": round_,
+                    "sample": r % n,
+                    "prompt": [{"role": m["role"], "content": m["content"]} for m in p["prompt"]],
+                    "safety": bool(p["safety"]),
+                    "source": p.get("source", ""),
+                    "response": rollouts.texts[r],
+                    "finish_reason": rollouts.finish_reasons[r],
+                    "response_tokens": len(rollouts.response_ids[r]),
+                    **{k: (v[r] if not hasattr(v[r], "item") else v[r].item()) for k, v in scores.items()},
+                }
+            )
         write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         out.extend(rows)
     return out

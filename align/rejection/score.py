@@ -7,6 +7,7 @@ with running statistics would make a score depend on when it was computed, and t
 scores across rounds. LOGIT(Rc) is the chosen RM's raw score (reward/combined.py), so scores of
 the safety and helpfulness RM are compared on their raw scales, as in the recipe.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,7 @@ class CombinedScorer:
     """Scores (prompt, response) pairs with the helpfulness and safety RMs and combines them."""
 
     def __init__(self, helpful, safety, threshold: float, batch_size: int):
-        self.helpful = helpful      # reward.model.RewardScorer
+        self.helpful = helpful  # reward.model.RewardScorer
         self.safety = safety
         self.threshold = threshold
         self.batch_size = batch_size
@@ -45,16 +46,21 @@ class CombinedScorer:
         helpful, safety = load_reward_scorers(ctx, reward_cfg)
         return cls(helpful, safety, reward_cfg.safety_threshold, reward_cfg.score_batch_size)
 
-    def __call__(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str],
-                 is_safety: Sequence[bool]) -> dict[str, list]:
+    def __call__(
+        self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool]
+    ) -> dict[str, list]:
         """Per response: ``score`` = LOGIT(Rc) (selection score), ``helpful_score`` and
         ``safety_score`` (raw RM scores), ``safety_rm_used`` (Rc took the safety RM)."""
         from reward.combined import combined_reward, safety_selected
 
         rh = self.helpful.score(prompts, responses, self.batch_size)  # (B,)
-        rs = self.safety.score(prompts, responses, self.batch_size)   # (B,)
+        rs = self.safety.score(prompts, responses, self.batch_size)  # (B,)
         flags = torch.tensor(list(is_safety), dtype=torch.bool)
         score, _ = combined_reward(rs, rh, flags, None, self.threshold, whiten=False)
         used = safety_selected(rs, flags, self.threshold)
-        return {"score": score.tolist(), "helpful_score": rh.tolist(), "safety_score": rs.tolist(),
-                "safety_rm_used": used.tolist()}
+        return {
+            "score": score.tolist(),
+            "helpful_score": rh.tolist(),
+            "safety_score": rs.tolist(),
+            "safety_rm_used": used.tolist(),
+        }

@@ -9,6 +9,7 @@ A sample is a dict with at least ``prompt_id`` (int), ``round`` (int, 1-based), 
 among the round's K samples of that prompt) and ``score`` (the selection score: the combined reward
 before whitening, LOGIT(Rc); see align/rejection/score.py). Other keys are carried along untouched.
 """
+
 from __future__ import annotations
 
 import math

@@ -18,6 +18,7 @@ per prompt; pool_roundR.jsonl per round when rounds > 1), heldout.jsonl, best_of
 (recipe figure 7), report.md. Resume: every round's sampling and scoring is checkpointed per batch
 of prompts in the work directory (align/rejection/sample.py); intermediate rounds' models too.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,9 @@ def resolve_sampler(ctx) -> Path:
     if sampler in ctx.cfg.stages:
         model = ctx.stage_dir(sampler) / "model"
         if not model.is_dir():
-            raise AlignError(f"rejection_sampling.sampler={sampler!r}: stage '{sampler}' has not finished "
-                             f"(no {model}); run it first")
+            raise AlignError(
+                f"rejection_sampling.sampler={sampler!r}: stage '{sampler}' has not finished (no {model}); run it first"
+            )
         return model
     path = Path(sampler).expanduser()
     check_model_dir(path, "rejection_sampling.sampler")
@@ -108,22 +110,35 @@ def load_prompts(ctx, tokenizer) -> tuple[list[dict], list[dict], dict]:
     random.Random(ctx.cfg.seed).shuffle(records)
     for i, rec in enumerate(records):
         rec["prompt_id"] = i
-    heldout, train = records[: cfg.heldout_prompts], records[cfg.heldout_prompts:]
+    heldout, train = records[: cfg.heldout_prompts], records[cfg.heldout_prompts :]
     if not train:
-        raise AlignError(f"rejection_sampling: {len(records)} usable prompts, all held out (heldout_prompts="
-                         f"{cfg.heldout_prompts}, {too_long} too long for rollout.max_model_len="
-                         f"{ctx.cfg.rollout.max_model_len}): add prompts or lower heldout_prompts")
-    stats = {"data/prompts": len(train), "data/heldout_prompts": len(heldout), "data/prompts_too_long": too_long,
-             "data/safety_prompts": sum(r["safety"] for r in train),
-             "data/bad_rows_skipped": sum(sum(r.skipped.values()) for r in reports)}
+        raise AlignError(
+            f"rejection_sampling: {len(records)} usable prompts, all held out (heldout_prompts="
+            f"{cfg.heldout_prompts}, {too_long} too long for rollout.max_model_len="
+            f"{ctx.cfg.rollout.max_model_len}): add prompts or lower heldout_prompts"
+        )
+    stats = {
+        "data/prompts": len(train),
+        "data/heldout_prompts": len(heldout),
+        "data/prompts_too_long": too_long,
+        "data/safety_prompts": sum(r["safety"] for r in train),
+        "data/bad_rows_skipped": sum(sum(r.skipped.values()) for r in reports),
+    }
     return train, heldout, stats
 
 
 def kept_conversations(kept: list[dict]) -> list[dict]:
     """SFT records of the kept answers: the prompt's turns untrained, the answer trained."""
-    return [{"messages": [*({"role": m["role"], "content": m["content"], "train": False} for m in s["prompt"]),
-                          {"role": "assistant", "content": s["response"], "train": True}],
-             "source": f"rejection_sampling:round{s['round']}"} for s in kept]
+    return [
+        {
+            "messages": [
+                *({"role": m["role"], "content": m["content"], "train": False} for m in s["prompt"]),
+                {"role": "assistant", "content": s["response"], "train": True},
+            ],
+            "source": f"rejection_sampling:round{s['round']}",
+        }
+        for s in kept
+    ]
 
 
 def _train(ctx, kept: list[dict]) -> dict:
@@ -132,7 +147,9 @@ def _train(ctx, kept: list[dict]) -> dict:
     from align.sft import tokenize_conversations, train_sft
 
     cfg = ctx.stage_cfg
-    dataset, stats = tokenize_conversations(load_tokenizer(ctx.init_model_dir), kept_conversations(kept), cfg.max_length)
+    dataset, stats = tokenize_conversations(
+        load_tokenizer(ctx.init_model_dir), kept_conversations(kept), cfg.max_length
+    )
     return {**stats, **train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)}
 
 
@@ -163,8 +180,10 @@ def plot_best_of_n(curves: dict[int, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r, c in curves.items():
-        line, = ax.plot(c["n"], c["max"], marker="o", label=f"round {r}: max of N")
-        ax.plot(c["n"], c["median"], marker="s", linestyle="--", color=line.get_color(), label=f"round {r}: median of N")
+        (line,) = ax.plot(c["n"], c["max"], marker="o", label=f"round {r}: max of N")
+        ax.plot(
+            c["n"], c["median"], marker="s", linestyle="--", color=line.get_color(), label=f"round {r}: median of N"
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("N samples")
     ax.set_ylabel("combined reward, LOGIT(Rc)")
@@ -196,22 +215,33 @@ def heldout_change(before: list[dict], after: list[dict], seed: int) -> dict:
     if not ids:
         return {}
     c = paired_change([b[i] for i in ids], [a[i] for i in ids], seed=seed)
-    return {"rejection/reward_gain_lo": c["lo"], "rejection/reward_gain_hi": c["hi"], "rejection/heldout_n": c["n"],
-            "rejection/within_noise": c["within_noise"]}
+    return {
+        "rejection/reward_gain_lo": c["lo"],
+        "rejection/reward_gain_hi": c["hi"],
+        "rejection/heldout_n": c["n"],
+        "rejection/within_noise": c["within_noise"],
+    }
 
 
 def _report(summary: dict, curves: dict[int, dict]) -> str:
     before, after = summary["rejection/reward_before"], summary["rejection/reward_after"]
-    held = (f"before {before:.4f}, after {after:.4f}" if before is not None else "not measured (heldout_prompts: 0)")
+    held = f"before {before:.4f}, after {after:.4f}" if before is not None else "not measured (heldout_prompts: 0)"
     if "rejection/reward_gain_lo" in summary:
-        held += (f"; change {summary['rejection/reward_gain']:+.4f} [{summary['rejection/reward_gain_lo']:+.4f}, "
-                 f"{summary['rejection/reward_gain_hi']:+.4f}] (n={summary['rejection/heldout_n']} prompts, paired "
-                 f"bootstrap 95%){', within noise' if summary['rejection/within_noise'] else ''}")
-    lines = ["# Rejection sampling", "",
-             f"Mean combined reward (LOGIT(Rc)) on {summary['data/heldout_prompts']} held-out prompts: {held}.", "",
-             "Best-of-N reward (exact expectation over N-subsets of the K samples, mean over prompts):", "",
-             "| round | curve | " + " | ".join(f"N={n}" for n in next(iter(curves.values()))["n"]) + " |",
-             "|---|---|" + "---|" * len(next(iter(curves.values()))["n"])]
+        held += (
+            f"; change {summary['rejection/reward_gain']:+.4f} [{summary['rejection/reward_gain_lo']:+.4f}, "
+            f"{summary['rejection/reward_gain_hi']:+.4f}] (n={summary['rejection/heldout_n']} prompts, paired "
+            f"bootstrap 95%){', within noise' if summary['rejection/within_noise'] else ''}"
+        )
+    lines = [
+        "# Rejection sampling",
+        "",
+        f"Mean combined reward (LOGIT(Rc)) on {summary['data/heldout_prompts']} held-out prompts: {held}.",
+        "",
+        "Best-of-N reward (exact expectation over N-subsets of the K samples, mean over prompts):",
+        "",
+        "| round | curve | " + " | ".join(f"N={n}" for n in next(iter(curves.values()))["n"]) + " |",
+        "|---|---|" + "---|" * len(next(iter(curves.values()))["n"]),
+    ]
     for r, c in curves.items():
         for kind in ("max", "median"):
             lines.append(f"| {r} | {kind} | " + " | ".join(f"{v:.4f}" for v in c[kind]) + " |")
@@ -228,20 +258,39 @@ def run_rejection(ctx) -> dict:
     seed = ctx.cfg.seed
     train_prompts, heldout, stats = load_prompts(ctx, load_tokenizer(ctx.init_model_dir))
     sampler_dir = resolve_sampler(ctx)
-    draw = SamplingParams(n=cfg.k, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                          max_new_tokens=cfg.sampling.max_new_tokens)
+    draw = SamplingParams(
+        n=cfg.k,
+        temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p,
+        max_new_tokens=cfg.sampling.max_new_tokens,
+    )
     # Held-out prompts are scored on samples from one fixed seed, so before and after see the same draw.
     eval_draw = replace(draw, n=cfg.eval_samples)
     engines = _EngineSlot(ctx.cfg.rollout, seed, ctx.cfg.compute.dtype)
     scorer = _Lazy(lambda: CombinedScorer.from_run(ctx, cfg.reward))
     logger = ctx.logger()
     if ctx.is_main:
-        print(f"[align] {ctx.name}: {len(train_prompts)} prompts x K={cfg.k}, {cfg.rounds} round(s), "
-              f"{len(heldout)} held out; sampler {sampler_dir}", flush=True)
+        print(
+            f"[align] {ctx.name}: {len(train_prompts)} prompts x K={cfg.k}, {cfg.rounds} round(s), "
+            f"{len(heldout)} held out; sampler {sampler_dir}",
+            flush=True,
+        )
     try:
-        before = sample_and_score(heldout, lambda: engines.get(ctx.init_model_dir), scorer, eval_draw,
-                                  ctx.work_dir / "heldout_before", cfg.prompts_per_batch, 0, seed,
-                                  desc="held-out (before)") if heldout else []
+        before = (
+            sample_and_score(
+                heldout,
+                lambda: engines.get(ctx.init_model_dir),
+                scorer,
+                eval_draw,
+                ctx.work_dir / "heldout_before",
+                cfg.prompts_per_batch,
+                0,
+                seed,
+                desc="held-out (before)",
+            )
+            if heldout
+            else []
+        )
         kept: list[dict] = []
         samples: list[dict] = []
         curves: dict[int, dict] = {}
@@ -249,27 +298,44 @@ def run_rejection(ctx) -> dict:
         per_round: dict[str, float] = {}
         source = sampler_dir
         for r in range(1, cfg.rounds + 1):
-            got = sample_and_score(train_prompts, lambda: engines.get(source), scorer, draw,
-                                   ctx.work_dir / f"round{r}" / "samples", cfg.prompts_per_batch, r, seed,
-                                   desc=f"round {r} sampling")
+            got = sample_and_score(
+                train_prompts,
+                lambda: engines.get(source),
+                scorer,
+                draw,
+                ctx.work_dir / f"round{r}" / "samples",
+                cfg.prompts_per_batch,
+                r,
+                seed,
+                desc=f"round {r} sampling",
+            )
             kept = pool_round(kept, got)
             samples.extend(got)
             pools[r] = kept
             curves[r] = best_of_n_curve(scores_by_prompt(got))
-            row = {f"rejection/round{r}/sample_reward": _mean(s["score"] for s in got),
-                   f"rejection/round{r}/kept_reward": _mean(s["score"] for s in kept),
-                   f"rejection/round{r}/kept_from_earlier": _mean(float(s["round"] < r) for s in kept),
-                   f"rejection/round{r}/finished_share": _mean(float(s["finish_reason"] == "stop") for s in got)}
+            row = {
+                f"rejection/round{r}/sample_reward": _mean(s["score"] for s in got),
+                f"rejection/round{r}/kept_reward": _mean(s["score"] for s in kept),
+                f"rejection/round{r}/kept_from_earlier": _mean(float(s["round"] < r) for s in kept),
+                f"rejection/round{r}/finished_share": _mean(float(s["finish_reason"] == "stop") for s in got),
+            }
             per_round.update(row)
             logger.log(row, r)
             for i, n in enumerate(curves[r]["n"]):
-                logger.log({f"rejection/round{r}/best_of_n/max": curves[r]["max"][i],
-                            f"rejection/round{r}/best_of_n/median": curves[r]["median"][i]}, n)
+                logger.log(
+                    {
+                        f"rejection/round{r}/best_of_n/max": curves[r]["max"][i],
+                        f"rejection/round{r}/best_of_n/median": curves[r]["median"][i],
+                    },
+                    n,
+                )
             if ctx.is_main:
                 c = curves[r]
-                print(f"[align] {ctx.name}: round {r}: mean reward {row[f'rejection/round{r}/sample_reward']:.3f}, "
-                      f"best-of-{cfg.k} {c['max'][-1]:.3f}, kept {row[f'rejection/round{r}/kept_reward']:.3f}",
-                      flush=True)
+                print(
+                    f"[align] {ctx.name}: round {r}: mean reward {row[f'rejection/round{r}/sample_reward']:.3f}, "
+                    f"best-of-{cfg.k} {c['max'][-1]:.3f}, kept {row[f'rejection/round{r}/kept_reward']:.3f}",
+                    flush=True,
+                )
             if r < cfg.rounds and not cfg.sampler:
                 engines.close()  # free the CPU and memory for training
                 source = _train_round(ctx, kept, r)
@@ -278,8 +344,21 @@ def run_rejection(ctx) -> dict:
         train_summary = _train(ctx, kept)
         after_dir = ctx.work_dir / "heldout_after"  # never resumed: the model is retrained after a kill
         shutil.rmtree(after_dir, ignore_errors=True)
-        after = sample_and_score(heldout, lambda: engines.get(ctx.out_dir / "model"), scorer, eval_draw,
-                                 after_dir, cfg.prompts_per_batch, 0, seed, desc="held-out (after)") if heldout else []
+        after = (
+            sample_and_score(
+                heldout,
+                lambda: engines.get(ctx.out_dir / "model"),
+                scorer,
+                eval_draw,
+                after_dir,
+                cfg.prompts_per_batch,
+                0,
+                seed,
+                desc="held-out (after)",
+            )
+            if heldout
+            else []
+        )
     finally:
         engines.close()
         logger.close()
@@ -290,9 +369,17 @@ def run_rejection(ctx) -> dict:
     if cfg.rounds > 1:
         for r, pool in pools.items():
             _jsonl(out / f"pool_round{r}.jsonl", pool)
-    _jsonl(out / "heldout.jsonl", [{**s, "policy": "before"} for s in before] + [{**s, "policy": "after"} for s in after])
-    write_json_atomic(out / "best_of_n.json", {"k": cfg.k, "estimator": "exact expectation over N-subsets of the K "
-                                               "samples of each prompt, mean over prompts", "rounds": curves})
+    _jsonl(
+        out / "heldout.jsonl", [{**s, "policy": "before"} for s in before] + [{**s, "policy": "after"} for s in after]
+    )
+    write_json_atomic(
+        out / "best_of_n.json",
+        {
+            "k": cfg.k,
+            "estimator": "exact expectation over N-subsets of the K samples of each prompt, mean over prompts",
+            "rounds": curves,
+        },
+    )
     plot_best_of_n(curves, out / "best_of_n.png")
     reward_before, reward_after = _mean(s["score"] for s in before), _mean(s["score"] for s in after)
     summary = {

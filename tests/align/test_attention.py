@@ -1,5 +1,6 @@
 """align/attention.py: per-sequence causal attention on padding-free rows equals sdpa's block-diagonal
 mask (forward and gradients), and falls back to sdpa on padded batches."""
+
 import torch
 
 from align.attention import VARLEN, use_varlen
@@ -30,10 +31,19 @@ def test_packed_row_equals_block_diagonal_sdpa_and_separate_sequences(tiny_dir, 
     ref = sdpa(input_ids=ids, position_ids=pos, use_cache=False).logits
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
-    got = varlen(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                 max_length_q=max(LENGTHS), max_length_k=max(LENGTHS)).logits
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k),
+    )
+    got = varlen(
+        input_ids=ids,
+        position_ids=pos,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(LENGTHS),
+        max_length_k=max(LENGTHS),
+    ).logits
     assert calls == list(LENGTHS) * sdpa.config.num_hidden_layers  # one causal call per sequence and layer
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
     # ... and each sequence alone gives the same logits
@@ -47,8 +57,15 @@ def test_packed_row_gradients_equal_sdpa(tiny_dir):
     sdpa, varlen = _models(tiny_dir)
     ids, pos, cu = _packed(sdpa.config.vocab_size)
     sdpa(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss.backward()
-    varlen(input_ids=ids, position_ids=pos, labels=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-           max_length_q=max(LENGTHS), max_length_k=max(LENGTHS)).loss.backward()
+    varlen(
+        input_ids=ids,
+        position_ids=pos,
+        labels=ids,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(LENGTHS),
+        max_length_k=max(LENGTHS),
+    ).loss.backward()
     for (name, a), (_, b) in zip(sdpa.named_parameters(), varlen.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
@@ -71,7 +88,8 @@ def test_trl_padding_free_batch_runs_per_sequence(tiny_dir, tiny_tok):
     examples = [{"input_ids": list(range(10, 10 + n)), "seq_lengths": [n]} for n in LENGTHS]
     batch = DataCollatorForLanguageModeling(pad_token_id=tiny_tok.pad_token_id, padding_free=True)(examples)
     assert batch["input_ids"].shape == (1, sum(LENGTHS)) and "cu_seq_lens_q" in batch
-    ref = sdpa(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-               use_cache=False).loss
+    ref = sdpa(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+    ).loss
     got = varlen(**batch).loss
     assert torch.allclose(got, ref, atol=1e-6)

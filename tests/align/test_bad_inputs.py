@@ -1,5 +1,6 @@
 """The bad-input corpus: each case gets one clear message naming the file, row or key and a fix, a
 non-zero exit, no traceback, and leaves the run directory as it was (here: never created)."""
+
 import gzip
 import json
 import shutil
@@ -27,9 +28,15 @@ CONFIG_CASES = [
     ("input-no-stage-makes", ["stages=[rm_helpful]"], "no earlier stage makes 'sft'"),
     ("stage-without-section", ["stages=[sft,eval]"], "has no 'eval:' section"),
     ("stage-twice", ["stages=[sft,sft]"], "listed twice"),
-    ("rm-stage-not-listed", ["stages=[sft,rm_helpful]",
-                             "rejection_sampling={prompts: [{format: synthetic_prompts}]}",
-                             "stages=[sft,rm_helpful,rejection_sampling]"], "needs the output of stage 'rm_safety'"),
+    (
+        "rm-stage-not-listed",
+        [
+            "stages=[sft,rm_helpful]",
+            "rejection_sampling={prompts: [{format: synthetic_prompts}]}",
+            "stages=[sft,rm_helpful,rejection_sampling]",
+        ],
+        "needs the output of stage 'rm_safety'",
+    ),
     ("override-without-equals", ["sft.train.lr"], "expected KEY=VALUE"),
     ("override-empty-key", ["=3"], "the key is empty"),
     ("custom-margin-without-table", ["rm_helpful.margin=custom"], "margin_table"),
@@ -39,16 +46,27 @@ CONFIG_CASES = [
     ("negative-limit", ["sft.datasets=[{format: alpaca, path: x, limit: -1}]"], "limit=-1"),
     ("file-format-without-path", ["sft.datasets=[{format: alpaca}]"], "set path"),
     ("dataset-not-a-mapping", ["sft.datasets=[3]"], "expected a mapping"),
-    ("ppo-batch-arithmetic", ["ppo={prompts: [{format: synthetic_prompts}], prompts_per_iteration: 10, mini_batch_size: 4}",
-                              "stages=[sft,rm_helpful,rm_safety,ppo]"], "prompts_per_iteration=10"),
+    (
+        "ppo-batch-arithmetic",
+        [
+            "ppo={prompts: [{format: synthetic_prompts}], prompts_per_iteration: 10, mini_batch_size: 4}",
+            "stages=[sft,rm_helpful,rm_safety,ppo]",
+        ],
+        "prompts_per_iteration=10",
+    ),
     ("rollout-memory-negative", ["rollout.kv_cache_gib=-1"], "kv_cache_gib=-1.0"),
     ("gatt-eval-repeats-zero", ["gatt.eval_repeats=0"], "gatt.eval_repeats=0: must be >= 1"),
     ("gatt-reference-max-parts-negative", ["gatt.reference_max_parts=-1"], "gatt.reference_max_parts=-1: must be >= 0"),
-    ("rating-thresholds-unsorted",
-     ["rm_helpful.primary=[{format: ultrafeedback, path: x, rating_thresholds: [1, 2, 3]}]"],
-     "rating_thresholds=(1.0, 2.0, 3.0): give 3 cut-offs, largest first"),
-    ("rating-thresholds-wrong-format", ["sft.datasets=[{format: messages, path: x, rating_thresholds: [3, 2, 1]}]"],
-     "applies to formats trl_jsonl, ultrafeedback only"),
+    (
+        "rating-thresholds-unsorted",
+        ["rm_helpful.primary=[{format: ultrafeedback, path: x, rating_thresholds: [1, 2, 3]}]"],
+        "rating_thresholds=(1.0, 2.0, 3.0): give 3 cut-offs, largest first",
+    ),
+    (
+        "rating-thresholds-wrong-format",
+        ["sft.datasets=[{format: messages, path: x, rating_thresholds: [3, 2, 1]}]"],
+        "applies to formats trl_jsonl, ultrafeedback only",
+    ),
 ]
 
 
@@ -120,36 +138,98 @@ DATA_CASES = [
     ("not-json", "a.json", "this is not json", "alpaca", "sft", "a.json"),
     ("empty-file", "a.json", "", "alpaca", "sft", "a.json"),
     ("alpaca-missing-output", "a.json", json.dumps([{"instruction": "x", "input": ""}]), "alpaca", "sft", "output"),
-    ("alpaca-empty-instruction", "a.json", json.dumps([{"instruction": "", "input": "", "output": "y"}]), "alpaca", "sft", "empty"),
+    (
+        "alpaca-empty-instruction",
+        "a.json",
+        json.dumps([{"instruction": "", "input": "", "output": "y"}]),
+        "alpaca",
+        "sft",
+        "empty",
+    ),
     ("pref-missing-chosen", "p.jsonl", _jsonl([GOOD, {"prompt": "x", "rejected": "y"}]), "trl_jsonl", "rm", "line 2"),
     ("pref-empty-chosen", "p.jsonl", _jsonl([{**GOOD, "chosen": ""}]), "trl_jsonl", "rm", "'chosen' is empty"),
     ("chosen-equals-rejected", "p.jsonl", _jsonl([{**GOOD, "rejected": GOOD["chosen"]}]), "trl_jsonl", "rm", "line 1"),
     ("unknown-rating", "p.jsonl", _jsonl([{**GOOD, "rating": "much_better"}]), "trl_jsonl", "rm", "much_better"),
-    ("non-utf8-row", "p.jsonl", _jsonl([GOOD]).encode() + b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}\n',
-     "trl_jsonl", "rm", "line 2"),
+    (
+        "non-utf8-row",
+        "p.jsonl",
+        _jsonl([GOOD]).encode() + b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}\n',
+        "trl_jsonl",
+        "rm",
+        "line 2",
+    ),
     ("row-not-object", "p.jsonl", _jsonl([GOOD]) + "[1, 2]\n", "trl_jsonl", "rm", "line 2"),
-    ("broken-json-line", "p.jsonl", _jsonl([GOOD]) + "{\"prompt\": \n", "trl_jsonl", "rm", "line 2"),
-    ("unknown-role", "p.jsonl", _jsonl([{"prompt": [{"role": "wizard", "content": "x"}], "chosen": "a", "rejected": "b"}]),
-     "trl_jsonl", "rm", "wizard"),
+    ("broken-json-line", "p.jsonl", _jsonl([GOOD]) + '{"prompt": \n', "trl_jsonl", "rm", "line 2"),
+    (
+        "unknown-role",
+        "p.jsonl",
+        _jsonl([{"prompt": [{"role": "wizard", "content": "x"}], "chosen": "a", "rejected": "b"}]),
+        "trl_jsonl",
+        "rm",
+        "wizard",
+    ),
     ("margin-not-number", "p.jsonl", _jsonl([{**GOOD, "margin": "big"}]), "trl_jsonl", "rm", "margin"),
     ("xstest-wrong-columns", "x.csv", "a,b\n1,2\n", "xstest", "eval", "x.csv"),
-    ("hh-truncated-gzip", "h.jsonl.gz", gzip.compress(_jsonl([{"chosen": "\n\nHuman: a\n\nAssistant: b",
-                                                              "rejected": "\n\nHuman: a\n\nAssistant: c"}]).encode())[:-8],
-     "hh", "rm", "h.jsonl.gz"),
+    (
+        "hh-truncated-gzip",
+        "h.jsonl.gz",
+        gzip.compress(
+            _jsonl([{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}]).encode()
+        )[:-8],
+        "hh",
+        "rm",
+        "h.jsonl.gz",
+    ),
     ("oasst-json-list", "o.jsonl", json.dumps([{"prompt": {}}]), "oasst", "sft", "o.jsonl"),
-    ("messages-ends-with-user", "c.jsonl", _jsonl([{"messages": [_turn("user", "hi")]}]), "messages", "sft",
-     "line 1: 'messages' ends with a user turn"),
-    ("messages-parquet-bad-row", "c.parquet", _parquet([{"messages": [_turn("user", "hi"), _turn("assistant", "yo")]},
-                                                        {"messages": [_turn("user", "hi")]}]), "messages", "sft",
-     "index 1: 'messages' ends with a user turn"),
+    (
+        "messages-ends-with-user",
+        "c.jsonl",
+        _jsonl([{"messages": [_turn("user", "hi")]}]),
+        "messages",
+        "sft",
+        "line 1: 'messages' ends with a user turn",
+    ),
+    (
+        "messages-parquet-bad-row",
+        "c.parquet",
+        _parquet([{"messages": [_turn("user", "hi"), _turn("assistant", "yo")]}, {"messages": [_turn("user", "hi")]}]),
+        "messages",
+        "sft",
+        "index 1: 'messages' ends with a user turn",
+    ),
     ("prompts-given-to-sft", "p.jsonl", _jsonl([{"prompt": "hi"}]), "prompts", "sft", "cannot give conversation"),
-    ("implicit-pair-no-shared-prompt", "p.jsonl", _jsonl([{"chosen": [_turn("user", "a"), _turn("assistant", "b")],
-                                                           "rejected": [_turn("user", "x"), _turn("assistant", "y")]}]),
-     "trl_jsonl", "rm", "line 1: 'chosen' and 'rejected' share no prompt"),
-    ("ultrafeedback-tie", "u.jsonl", _jsonl([{"chosen": [_turn("user", "a"), _turn("assistant", "b")],
-                                              "rejected": [_turn("user", "a"), _turn("assistant", "c")],
-                                              "score_chosen": 5, "score_rejected": 5}]),
-     "ultrafeedback", "rm", "line 1: 'score_chosen' is not above 'score_rejected'"),
+    (
+        "implicit-pair-no-shared-prompt",
+        "p.jsonl",
+        _jsonl(
+            [
+                {
+                    "chosen": [_turn("user", "a"), _turn("assistant", "b")],
+                    "rejected": [_turn("user", "x"), _turn("assistant", "y")],
+                }
+            ]
+        ),
+        "trl_jsonl",
+        "rm",
+        "line 1: 'chosen' and 'rejected' share no prompt",
+    ),
+    (
+        "ultrafeedback-tie",
+        "u.jsonl",
+        _jsonl(
+            [
+                {
+                    "chosen": [_turn("user", "a"), _turn("assistant", "b")],
+                    "rejected": [_turn("user", "a"), _turn("assistant", "c")],
+                    "score_chosen": 5,
+                    "score_rejected": 5,
+                }
+            ]
+        ),
+        "ultrafeedback",
+        "rm",
+        "line 1: 'score_chosen' is not above 'score_rejected'",
+    ),
 ]
 
 
@@ -159,7 +239,10 @@ def _data_overrides(fmt, where, path):
         return ["stages=[sft]", f"sft.datasets={spec}"]
     if where == "rm":
         return ["stages=[rm_helpful]", "rm_helpful.init=base", f"rm_helpful.primary={spec}", "rm_helpful.secondary=[]"]
-    return ["stages=[sft,rm_helpful,rm_safety,eval]", f"eval={{prompts: [{{format: synthetic_prompts}}], xstest: {spec}}}"]
+    return [
+        "stages=[sft,rm_helpful,rm_safety,eval]",
+        f"eval={{prompts: [{{format: synthetic_prompts}}], xstest: {spec}}}",
+    ]
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
@@ -221,7 +304,9 @@ def test_tokenizer_without_chat_template(capsys, tmp_path, tiny_copy):
 def test_prompts_longer_than_the_context(capsys, tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"instruction": "word " * 100, "input": "", "output": "ok"}]))
-    rc, err, run_dir = _run(capsys, tmp_path, [TINY, "stages=[sft]", f"sft.datasets=[{{format: alpaca, path: '{path}'}}]"])
+    rc, err, run_dir = _run(
+        capsys, tmp_path, [TINY, "stages=[sft]", f"sft.datasets=[{{format: alpaca, path: '{path}'}}]"]
+    )
     assert rc == 2 and "max_length" in err and "Traceback" not in err, err
     assert not run_dir.exists()
 

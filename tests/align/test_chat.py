@@ -1,4 +1,5 @@
 """Answer-only loss masks, checked token by token on real chat templates."""
+
 import pytest
 
 from align.chat import prompt_ids, tokenize_chat
@@ -37,10 +38,11 @@ def test_mask_covers_exactly_the_answers_and_their_stop_token(which, tiny_tok, s
     for start, end in runs:
         assert t.input_ids[end] == im_end  # the stop token is trained
         # the token before each answer is the newline closing the "<|im_start|>assistant\n" header
-        assert tok.decode(t.input_ids[max(0, start - 12):start]).endswith("assistant\n")
+        assert tok.decode(t.input_ids[max(0, start - 12) : start]).endswith("assistant\n")
     # Full text is the tokenizer's own rendering.
     assert tok.decode(t.input_ids) == tok.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in CHAT], tokenize=False)
+        [{"role": m["role"], "content": m["content"]} for m in CHAT], tokenize=False
+    )
 
 
 def test_untrained_assistant_turn_has_no_loss(tiny_tok):

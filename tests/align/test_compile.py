@@ -3,6 +3,7 @@
 torch.compile (inductor, a C++ compiler on this CPU) runs for real here; the tiny GQA model keeps the
 one-off compile to seconds.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -65,8 +66,15 @@ def test_compile_is_one_process_only():
     with pytest.raises(ConfigError, match="compile"):
         build(TrainConfig, {"compile": True, "num_processes": 2, "batch_size": 16})
     with pytest.raises(ConfigError, match="compile"):
-        build(PPOConfig, {"compile": True, "num_processes": 2, "prompts": [{"format": "synthetic_prompts"}],
-                          "lora": {"enabled": True}})
+        build(
+            PPOConfig,
+            {
+                "compile": True,
+                "num_processes": 2,
+                "prompts": [{"format": "synthetic_prompts"}],
+                "lora": {"enabled": True},
+            },
+        )
 
 
 def test_compiled_vocab_reductions_equal_eager():
@@ -96,9 +104,15 @@ def test_compiled_ppo_trajectory_and_update_equal_eager(tiny_dir):
     from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import build_batch, make_trajectory, ppo_update
 
-    base = {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 4, "mini_batch_size": 2,
-            "micro_batch_size": 2, "lr": 1e-2, "lora": {"enabled": True, "r": 4, "alpha": 8},
-            "vf_coef": 0.5}
+    base = {
+        "prompts": [{"format": "synthetic_prompts"}],
+        "prompts_per_iteration": 4,
+        "mini_batch_size": 2,
+        "micro_batch_size": 2,
+        "lr": 1e-2,
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+        "vf_coef": 0.5,
+    }
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 7, 5, 9)]
     responses = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (6, 2, 8, 4)]
@@ -138,8 +152,16 @@ def test_compiled_layers_with_packed_attention_equal_eager(tiny_dir):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     losses = []
     for m in models:
-        out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                max_length_q=max(lengths), max_length_k=max(lengths))
+        out = m(
+            input_ids=ids,
+            position_ids=pos,
+            labels=ids,
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max(lengths),
+            max_length_k=max(lengths),
+        )
         out.loss.backward()
         losses.append(out.loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)

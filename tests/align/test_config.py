@@ -1,4 +1,5 @@
 """Config loading: precedence, strictness, derived values, and every shipped YAML."""
+
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,21 @@ def test_negative_lr_rejected():
 
 def test_batch_arithmetic_checked_and_derived():
     with pytest.raises(ConfigError, match=r"batch_size=10: must be a positive multiple of .* 4 \* 1 = 4"):
-        build(PipelineConfig, _minimal(sft={"datasets": [{"format": "synthetic_sft"}],
-                                            "train": {"batch_size": 10, "micro_batch_size": 4}}))
-    cfg = build(PipelineConfig, _minimal(sft={"datasets": [{"format": "synthetic_sft"}],
-                                             "train": {"batch_size": 16, "micro_batch_size": 4, "num_processes": 2}}))
+        build(
+            PipelineConfig,
+            _minimal(
+                sft={"datasets": [{"format": "synthetic_sft"}], "train": {"batch_size": 10, "micro_batch_size": 4}}
+            ),
+        )
+    cfg = build(
+        PipelineConfig,
+        _minimal(
+            sft={
+                "datasets": [{"format": "synthetic_sft"}],
+                "train": {"batch_size": 16, "micro_batch_size": 4, "num_processes": 2},
+            }
+        ),
+    )
     assert cfg.sft.train.grad_accum == 2
 
 

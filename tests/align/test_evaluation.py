@@ -1,4 +1,5 @@
 """The eval stage's pieces: win rates by hand, and `align eval` on a finished tiny run."""
+
 import json
 import subprocess
 import sys
@@ -20,14 +21,28 @@ def test_align_eval_on_a_tiny_run(tmp_path):
     from align.config import load_config
     from align.pipeline import run_pipeline
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"run_dir={tmp_path}/run", "stages=[sft,rm_helpful,rm_safety]", "sft.train.max_steps=4",
-        "rm_helpful.train.max_steps=2", "rm_safety.train.max_steps=2"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"run_dir={tmp_path}/run",
+            "stages=[sft,rm_helpful,rm_safety]",
+            "sft.train.max_steps=4",
+            "rm_helpful.train.max_steps=2",
+            "rm_safety.train.max_steps=2",
+        ],
+    )
     run_pipeline(cfg)
-    ev = ("eval={prompts: [{format: synthetic_prompts, limit: 16}], num_prompts: 6, "
-          "sampling: {temperature: 1.0, max_new_tokens: 12}}")
-    res = subprocess.run([sys.executable, "-m", "align.cli", "eval", cfg.run_dir, ev, "rollout.engine=transformers"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    ev = (
+        "eval={prompts: [{format: synthetic_prompts, limit: 16}], num_prompts: 6, "
+        "sampling: {temperature: 1.0, max_new_tokens: 12}}"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "align.cli", "eval", cfg.run_dir, ev, "rollout.engine=transformers"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = Path(cfg.run_dir) / "eval_adhoc"
     metrics = json.loads((out / "eval.json").read_text())["metrics"]

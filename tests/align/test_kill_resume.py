@@ -2,6 +2,7 @@
 checkpoint writes, a rollout, a stage's final rename, between rounds), rerun it, and check that the run
 completes, nothing partial is marked done, finished stages are not redone, and the final metrics equal
 an uninterrupted run's (the tiny run is deterministic on CPU)."""
+
 import json
 import os
 import subprocess
@@ -11,13 +12,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LABEL = ("label={init: sft, prompts: [{format: synthetic_prompts, limit: 16}], prompts_per_round: 6, "
-         "sampling_a: {temperature: 0.7, max_new_tokens: 12}, sampling_b: {temperature: 1.3, max_new_tokens: 12}, "
-         "auto: {judge: reward}}")
-ARGS = ["stages=[sft,rm_helpful,rm_safety]", "rounds=2", "round_stages=[label,rm_helpful]", LABEL,
-        "rollout.engine=transformers", "sft.train.max_steps=6", "sft.train.save_steps=2",
-        "rm_helpful.train.max_steps=6", "rm_helpful.train.save_steps=2", "rm_safety.train.max_steps=4",
-        "rm_safety.train.save_steps=2"]
+LABEL = (
+    "label={init: sft, prompts: [{format: synthetic_prompts, limit: 16}], prompts_per_round: 6, "
+    "sampling_a: {temperature: 0.7, max_new_tokens: 12}, sampling_b: {temperature: 1.3, max_new_tokens: 12}, "
+    "auto: {judge: reward}}"
+)
+ARGS = [
+    "stages=[sft,rm_helpful,rm_safety]",
+    "rounds=2",
+    "round_stages=[label,rm_helpful]",
+    LABEL,
+    "rollout.engine=transformers",
+    "sft.train.max_steps=6",
+    "sft.train.save_steps=2",
+    "rm_helpful.train.max_steps=6",
+    "rm_helpful.train.save_steps=2",
+    "rm_safety.train.max_steps=4",
+    "rm_safety.train.save_steps=2",
+]
 INSTANCES = ["sft", "rm_helpful", "rm_safety", "label.r2", "rm_helpful.r2"]
 # (fault point[:n-th hit], what it interrupts)
 POINTS = [
@@ -34,13 +46,22 @@ def _run(run_dir, fault=None):
     env = {k: v for k, v in os.environ.items() if k != "ALIGN_FAULT"}
     if fault:
         env["ALIGN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "align.cli", "run", "configs/tiny.yaml", f"run_dir={run_dir}", *ARGS],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", "run", "configs/tiny.yaml", f"run_dir={run_dir}", *ARGS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _manifests(run_dir):
-    return {n: json.loads((run_dir / n / "manifest.json").read_text()) for n in INSTANCES
-            if (run_dir / n / "manifest.json").is_file()}
+    return {
+        n: json.loads((run_dir / n / "manifest.json").read_text())
+        for n in INSTANCES
+        if (run_dir / n / "manifest.json").is_file()
+    }
 
 
 def _headline(m):

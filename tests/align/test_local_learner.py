@@ -1,4 +1,5 @@
 """align/launch/local.py: the one-process learner, with float32 weights and with bf16 weights + fp32 masters."""
+
 import torch
 
 from align.launch.local import AdamW, LocalLearner
@@ -17,7 +18,7 @@ def _steps(learner, n_steps=3, micro=2):
         for j in range(micro):
             x = torch.randn(4, 8, generator=g)
             out = learner.module(x.to(next(learner.module.parameters()).dtype)).float()
-            learner.accumulate((out ** 2).mean() / micro, boundary=j == micro - 1)
+            learner.accumulate((out**2).mean() / micro, boundary=j == micro - 1)
 
 
 def test_weight_decay_skips_1d_tensors():

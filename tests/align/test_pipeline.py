@@ -1,4 +1,5 @@
 """The runner: skip finished stages, rerun changed ones and everything after, status, CLI errors."""
+
 import json
 import subprocess
 import sys
@@ -11,13 +12,18 @@ from align.pipeline import run_pipeline, stage_status, status_table
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
-FAST = ["stages=[sft,rm_helpful,rm_safety]", "sft.train.max_steps=2", "rm_helpful.train.max_steps=2",
-        "rm_safety.train.max_steps=2"]
+FAST = [
+    "stages=[sft,rm_helpful,rm_safety]",
+    "sft.train.max_steps=2",
+    "rm_helpful.train.max_steps=2",
+    "rm_safety.train.max_steps=2",
+]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_validate_names_the_bad_key():
@@ -30,7 +36,9 @@ def test_validate_names_the_bad_key():
 
 def test_bad_config_file_gets_one_clear_message(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("stages: [sft]\nsft:\n  datasets: [{format: alpaca, path: x}]\n  train: {batch_size: 10, micro_batch_size: 4}\n")
+    bad.write_text(
+        "stages: [sft]\nsft:\n  datasets: [{format: alpaca, path: x}]\n  train: {batch_size: 10, micro_batch_size: 4}\n"
+    )
     res = _cli("run", str(bad), f"run_dir={tmp_path}/run")
     assert res.returncode == 2
     assert "sft.train.batch_size=10" in res.stderr and "Traceback" not in res.stderr
@@ -38,8 +46,13 @@ def test_bad_config_file_gets_one_clear_message(tmp_path):
 
 
 def test_missing_data_file_fails_before_anything_is_marked_done(tmp_path):
-    res = _cli("run", str(TINY), f"run_dir={tmp_path}/run", "stages=[sft]",
-               "sft.datasets=[{format: alpaca, path: nowhere/missing.json}]")
+    res = _cli(
+        "run",
+        str(TINY),
+        f"run_dir={tmp_path}/run",
+        "stages=[sft]",
+        "sft.datasets=[{format: alpaca, path: nowhere/missing.json}]",
+    )
     assert res.returncode == 2
     assert "missing.json" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "sft").exists()

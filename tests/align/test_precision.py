@@ -1,4 +1,5 @@
 """align/precision.py: `precision: auto | bf16 | fp32` resolved from the hardware, with the probes patched."""
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,16 @@ def machine(monkeypatch):
     return set_
 
 
-@pytest.mark.parametrize("units,isa,name", [
-    (("AMX",), "AVX512", "bf16"),
-    (("AVX512-BF16",), "AVX512", "bf16"),
-    (("AMX", "AVX512-BF16"), "AVX512", "bf16"),
-    ((), "AVX2", "fp32"),
-    ((), "AVX512", "fp32"),  # AVX512 without its BF16 extension emulates bf16
-])
+@pytest.mark.parametrize(
+    "units,isa,name",
+    [
+        (("AMX",), "AVX512", "bf16"),
+        (("AVX512-BF16",), "AVX512", "bf16"),
+        (("AMX", "AVX512-BF16"), "AVX512", "bf16"),
+        ((), "AVX2", "fp32"),
+        ((), "AVX512", "fp32"),  # AVX512 without its BF16 extension emulates bf16
+    ],
+)
 def test_auto_on_cpus(machine, units, isa, name):
     machine(units=units, isa=isa)
     p = prec.resolve_precision("auto")
@@ -100,7 +104,9 @@ def test_a_bad_precision_names_the_choices():
         load_config(ROOT / "configs" / "tiny.yaml", ["precision=fp16"])
 
 
-@pytest.mark.parametrize("old", ["model.dtype=float32", "rollout.dtype=float32", "sft.train.bf16=false", "ppo.bf16=false"])
+@pytest.mark.parametrize(
+    "old", ["model.dtype=float32", "rollout.dtype=float32", "sft.train.bf16=false", "ppo.bf16=false"]
+)
 def test_the_old_per_stage_dtype_keys_are_gone(old):
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(ROOT / "configs" / "default.yaml", [old])
@@ -134,10 +140,19 @@ def _run_recording_dtypes(tmp_path, setting: str) -> tuple[set, set, set, list]:
         engines.append(dtype)
         original(self, *a, dtype=dtype, **kw)
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"precision={setting}", f"run_dir={tmp_path / setting}", "stages=[sft, rm_helpful, rm_safety, ppo]",
-        "sft.train.max_steps=1", "rm_helpful.train.max_steps=1", "rm_safety.train.max_steps=1",
-        "ppo.iterations=1", "ppo.heldout_prompts=0"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"precision={setting}",
+            f"run_dir={tmp_path / setting}",
+            "stages=[sft, rm_helpful, rm_safety, ppo]",
+            "sft.train.max_steps=1",
+            "rm_helpful.train.max_steps=1",
+            "rm_safety.train.max_steps=1",
+            "ppo.iterations=1",
+            "ppo.heldout_prompts=0",
+        ],
+    )
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     Engine.__init__ = spy
     try:

@@ -1,8 +1,8 @@
 """The run report of the tiny config: built, self-contained, and every image loads in a real browser."""
+
 import base64
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,13 @@ from align.config import load_config
 from align.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["stages=[sft,rm_helpful,rm_safety]", "sft.train.max_steps=3", "sft.test_size=4", "rm_helpful.train.max_steps=2",
-        "rm_safety.train.max_steps=2"]
+FAST = [
+    "stages=[sft,rm_helpful,rm_safety]",
+    "sft.train.max_steps=3",
+    "sft.test_size=4",
+    "rm_helpful.train.max_steps=2",
+    "rm_safety.train.max_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +50,19 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto(report.as_uri())
         sizes = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
@@ -60,17 +75,41 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
 def test_headline_gives_each_stage_its_effect_with_interval():
     from align.report import headline
 
-    sft = {"heldout/loss_before": 1.5, "heldout/loss_after": 1.4, "heldout/loss_change": -0.1,
-           "heldout/loss_change_lo": -0.15, "heldout/loss_change_hi": -0.05, "heldout/n": 40, "heldout/within_noise": False}
+    sft = {
+        "heldout/loss_before": 1.5,
+        "heldout/loss_after": 1.4,
+        "heldout/loss_change": -0.1,
+        "heldout/loss_change_lo": -0.15,
+        "heldout/loss_change_hi": -0.05,
+        "heldout/n": 40,
+        "heldout/within_noise": False,
+    }
     assert headline("sft", sft) == ("held-out answer loss 1.500 &rarr; 1.400: change -0.100 [-0.150, -0.050] (n=40)")
-    ppo = {"eval/reward_heldout_change": 0.02, "eval/reward_heldout_change_lo": -0.01,
-           "eval/reward_heldout_change_hi": 0.05, "eval/heldout_n": 8, "eval/within_noise": True, "kl/ref_final": 0.4}
-    assert headline("ppo", ppo) == ("held-out reward +0.020 [-0.010, +0.050] (n=8) <b>within noise</b>; "
-                                    "KL to the reference 0.400")
-    gatt = {"gatt/recall_before/turn2": 0.1, "gatt/recall_after/turn2": 0.3, "gatt/recall_after/turn2_lo": 0.2,
-            "gatt/recall_after/turn2_hi": 0.4, "gatt/recall_after/turn2_n": 200, "gatt/recall_after/turn2/emoji": 0.5}
+    ppo = {
+        "eval/reward_heldout_change": 0.02,
+        "eval/reward_heldout_change_lo": -0.01,
+        "eval/reward_heldout_change_hi": 0.05,
+        "eval/heldout_n": 8,
+        "eval/within_noise": True,
+        "kl/ref_final": 0.4,
+    }
+    assert headline("ppo", ppo) == (
+        "held-out reward +0.020 [-0.010, +0.050] (n=8) <b>within noise</b>; KL to the reference 0.400"
+    )
+    gatt = {
+        "gatt/recall_before/turn2": 0.1,
+        "gatt/recall_after/turn2": 0.3,
+        "gatt/recall_after/turn2_lo": 0.2,
+        "gatt/recall_after/turn2_hi": 0.4,
+        "gatt/recall_after/turn2_n": 200,
+        "gatt/recall_after/turn2/emoji": 0.5,
+    }
     assert headline("gatt", gatt) == "recall turn 2: 10% &rarr; 30% [20, 40] (n=200)"
-    ev = {"eval/ppo/lc_winrate_helpful_vs_sft": 0.4, "eval/ppo/lc_winrate_helpful_vs_sft_lo": 0.3,
-          "eval/ppo/lc_winrate_helpful_vs_sft_hi": 0.5, "eval/ppo/winrate_helpful_vs_sft": 0.6}
+    ev = {
+        "eval/ppo/lc_winrate_helpful_vs_sft": 0.4,
+        "eval/ppo/lc_winrate_helpful_vs_sft_lo": 0.3,
+        "eval/ppo/lc_winrate_helpful_vs_sft_hi": 0.5,
+        "eval/ppo/winrate_helpful_vs_sft": 0.6,
+    }
     assert headline("eval", ev) == "ppo: LC win 40% [30, 50] (raw 60%)"
     assert headline("sft", {}) == "" and headline("ppo", {"eval/reward_heldout_change": 1.0}) == ""

@@ -1,4 +1,5 @@
 """RLHF rounds: label -> retrain the RMs on all rounds' labels, repeated, with the automatic labeler."""
+
 import json
 from pathlib import Path
 
@@ -12,16 +13,37 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_three_rounds_with_the_auto_labeler(tmp_path):
-    label = ("label={init: sft, prompts: [{format: synthetic_prompts, limit: 24}], prompts_per_round: 8, "
-             "sampling_a: {temperature: 0.7, max_new_tokens: 16}, sampling_b: {temperature: 1.3, max_new_tokens: 16}, "
-             "auto: {judge: reward}}")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"run_dir={tmp_path}/run", "stages=[sft,rm_helpful,rm_safety]", "rounds=3",
-        "round_stages=[label,rm_helpful,rm_safety]", label, "rollout.engine=transformers",
-        "sft.train.max_steps=2", "rm_helpful.train.max_steps=2", "rm_safety.train.max_steps=2"])
+    label = (
+        "label={init: sft, prompts: [{format: synthetic_prompts, limit: 24}], prompts_per_round: 8, "
+        "sampling_a: {temperature: 0.7, max_new_tokens: 16}, sampling_b: {temperature: 1.3, max_new_tokens: 16}, "
+        "auto: {judge: reward}}"
+    )
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"run_dir={tmp_path}/run",
+            "stages=[sft,rm_helpful,rm_safety]",
+            "rounds=3",
+            "round_stages=[label,rm_helpful,rm_safety]",
+            label,
+            "rollout.engine=transformers",
+            "sft.train.max_steps=2",
+            "rm_helpful.train.max_steps=2",
+            "rm_safety.train.max_steps=2",
+        ],
+    )
     names = [i[0] for i in instances(cfg)]
-    assert names == ["sft", "rm_helpful", "rm_safety", "label.r2", "rm_helpful.r2", "rm_safety.r2",
-                     "label.r3", "rm_helpful.r3", "rm_safety.r3"]
+    assert names == [
+        "sft",
+        "rm_helpful",
+        "rm_safety",
+        "label.r2",
+        "rm_helpful.r2",
+        "rm_safety.r2",
+        "label.r3",
+        "rm_helpful.r3",
+        "rm_safety.r3",
+    ]
     manifests = {m["stage"]: m for m in run_pipeline(cfg)}
     run_dir = Path(cfg.run_dir)
     for r in (2, 3):
@@ -52,12 +74,24 @@ def test_two_rounds_labeled_by_people(tmp_path, capsys):
     from align.pipeline import status_table
 
     run = tmp_path / "run"
-    label = ("label={init: sft, judge: people, labels_per_pair: 2, prompts: [{format: synthetic_prompts, limit: 12}], "
-             "prompts_per_round: 8, sampling_a: {temperature: 0.7, max_new_tokens: 12}, "
-             "sampling_b: {temperature: 1.3, max_new_tokens: 12}}")
-    argv = ["run", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run}", "stages=[sft,rm_helpful,rm_safety]",
-            "rounds=2", "round_stages=[label,rm_helpful,rm_safety]", label, "rollout.engine=transformers",
-            "sft.train.max_steps=2", "rm_helpful.train.max_steps=2", "rm_safety.train.max_steps=2"]
+    label = (
+        "label={init: sft, judge: people, labels_per_pair: 2, prompts: [{format: synthetic_prompts, limit: 12}], "
+        "prompts_per_round: 8, sampling_a: {temperature: 0.7, max_new_tokens: 12}, "
+        "sampling_b: {temperature: 1.3, max_new_tokens: 12}}"
+    )
+    argv = [
+        "run",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"run_dir={run}",
+        "stages=[sft,rm_helpful,rm_safety]",
+        "rounds=2",
+        "round_stages=[label,rm_helpful,rm_safety]",
+        label,
+        "rollout.engine=transformers",
+        "sft.train.max_steps=2",
+        "rm_helpful.train.max_steps=2",
+        "rm_safety.train.max_steps=2",
+    ]
     assert main(argv) == EXIT_LABELING
     db = run / "labels.db"
     store = LabelStore.open(db)
@@ -65,11 +99,13 @@ def test_two_rounds_labeled_by_people(tmp_path, capsys):
     n = rnd["pairs"]
     assert rnd["round"] == 2 and n > 0 and rnd["assigned"] == 0  # claimed on demand, not assigned
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"align: round 2: 0 of {n} pairs labeled; serve with: align label serve --db {db}; "
-                       "rerun to continue")
+    assert err[-1] == (
+        f"align: round 2: 0 of {n} pairs labeled; serve with: align label serve --db {db}; rerun to continue"
+    )
     assert all((run / s / "manifest.json").is_file() for s in ("sft", "rm_helpful", "rm_safety"))
-    assert not (run / "label.r2").exists() and "waiting on labelers: round 2: 0 of" in status_table(load_config(
-        ROOT / "configs" / "tiny.yaml", argv[2:]))
+    assert not (run / "label.r2").exists() and "waiting on labelers: round 2: 0 of" in status_table(
+        load_config(ROOT / "configs" / "tiny.yaml", argv[2:])
+    )
 
     # A rerun before anyone labels stops the same way and generates nothing new.
     assert main(argv) == EXIT_LABELING and store.counts()["pairs"] == n
@@ -84,21 +120,29 @@ def test_two_rounds_labeled_by_people(tmp_path, capsys):
                     break
                 pid = pairs[0]["id"]
                 choices[name][pid] = rule(pid)
-                body = {"pair_id": pid, "choice": rule(pid), "rating": "significantly_better" if name == "ann"
-                        else "better", "a_safe": True, "b_safe": True}
+                body = {
+                    "pair_id": pid,
+                    "choice": rule(pid),
+                    "rating": "significantly_better" if name == "ann" else "better",
+                    "a_safe": True,
+                    "b_safe": True,
+                }
                 assert client.post("/api/labels", headers=auth, json=body).status_code == 200
     store.close()
     assert len(choices["ann"]) == len(choices["bob"]) == n
 
     assert main(argv) == 0
-    m = {s: json.loads((run / s / "manifest.json").read_text()) for s in ("rm_helpful", "label.r2", "rm_helpful.r2",
-                                                                           "rm_safety", "rm_safety.r2")}
+    m = {
+        s: json.loads((run / s / "manifest.json").read_text())
+        for s in ("rm_helpful", "label.r2", "rm_helpful.r2", "rm_safety", "rm_safety.r2")
+    }
     agreed = sum(choices["ann"][p] == choices["bob"][p] for p in choices["ann"])
     s = m["label.r2"]["summary"]
     assert s["label/labels"] == 2 * n and s["label/kept"] == agreed and s["label/dropped/no_majority"] == n - agreed
     ids = sorted(choices["ann"])
     assert s["label/quality/cohen_kappa"] == pytest.approx(
-        cohen_kappa([choices["ann"][p] for p in ids], [choices["bob"][p] for p in ids]))
+        cohen_kappa([choices["ann"][p] for p in ids], [choices["bob"][p] for p in ids])
+    )
     assert s["label/prompts"] == 8  # the generation counts of the first run reach the manifest
     rows = [json.loads(x) for x in (run / "label.r2" / "preference.jsonl").read_text().splitlines()]
     # The weaker of the two ratings (median of an even count), which sets the RM's margin.

@@ -1,6 +1,6 @@
 """SFT: packed == unpacked loss, a tiny run that learns, kill-and-resume, and 2-process ZeRO-3."""
+
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,15 +17,21 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 CHATS = [
-    [{"role": "user", "content": "Name a colour.", "train": False},
-     {"role": "assistant", "content": "Blue.", "train": True}],
-    [{"role": "user", "content": "Hi", "train": False},
-     {"role": "assistant", "content": "Hello there, friend.", "train": True},
-     {"role": "user", "content": "Bye", "train": False},
-     {"role": "assistant", "content": "Goodbye!", "train": True}],
-    [{"role": "system", "content": "Answer in French.", "train": False},
-     {"role": "user", "content": "Thanks", "train": False},
-     {"role": "assistant", "content": "Merci a vous.", "train": True}],
+    [
+        {"role": "user", "content": "Name a colour.", "train": False},
+        {"role": "assistant", "content": "Blue.", "train": True},
+    ],
+    [
+        {"role": "user", "content": "Hi", "train": False},
+        {"role": "assistant", "content": "Hello there, friend.", "train": True},
+        {"role": "user", "content": "Bye", "train": False},
+        {"role": "assistant", "content": "Goodbye!", "train": True},
+    ],
+    [
+        {"role": "system", "content": "Answer in French.", "train": False},
+        {"role": "user", "content": "Thanks", "train": False},
+        {"role": "assistant", "content": "Merci a vous.", "train": True},
+    ],
 ]
 
 
@@ -39,8 +45,7 @@ def test_packed_and_unpacked_loss_agree(tiny_dir, tiny_tok):
     rows = []
     for chat in CHATS:
         t = tokenize_chat(tiny_tok, chat, 512)
-        rows.append({"input_ids": t.input_ids,
-                     "labels": [i if m else -100 for i, m in zip(t.input_ids, t.loss_mask)]})
+        rows.append({"input_ids": t.input_ids, "labels": [i if m else -100 for i, m in zip(t.input_ids, t.loss_mask)]})
     total, count = 0.0, 0
     with torch.no_grad():
         for r in rows:
@@ -57,8 +62,9 @@ def test_packed_and_unpacked_loss_agree(tiny_dir, tiny_tok):
         assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
         # use_cache=False as in TRL's compute_loss: with a KV cache, transformers skips the packed-sequence
         # mask it derives from position_ids, and every chat would attend to the ones packed before it.
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       labels=batch["labels"], use_cache=False).loss.item()
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+        ).loss.item()
         # Without the position_ids (one long causal sequence) the answers would see earlier chats.
         leaky = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
     assert packed == pytest.approx(unpacked, abs=1e-5)
@@ -81,8 +87,7 @@ def test_tiny_sft_run_learns_and_saves_a_loadable_checkpoint(tmp_path, tiny_dir)
 
     from align.pipeline import run_pipeline
 
-    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=12",
-                             "sft.test_size=8"])
+    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=12", "sft.test_size=8"])
     (m,) = run_pipeline(cfg)
     s = m["summary"]
     assert m["status"] == "done" and s["train/steps"] == 12
@@ -143,8 +148,16 @@ def test_a_nan_loss_in_sft_stops_keeping_the_checkpoint_or_is_skipped(tmp_path, 
         return out
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
-    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=4",
-                             "sft.train.save_steps=2", f"sft.train.nonfinite={mode}"])
+    cfg = load_config(
+        TINY,
+        [
+            "stages=[sft]",
+            f"run_dir={tmp_path}/run",
+            "sft.train.max_steps=4",
+            "sft.train.save_steps=2",
+            f"sft.train.nonfinite={mode}",
+        ],
+    )
     if mode == "stop":
         with pytest.raises(AlignError, match="non-finite loss or gradient at step 3"):
             run_pipeline(cfg)
@@ -167,8 +180,13 @@ def test_a_nan_loss_in_sft_stops_keeping_the_checkpoint_or_is_skipped(tmp_path, 
 def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     args = ["stage", "sft", str(TINY), f"run_dir={run_dir}", "sft.train.max_steps=40", "sft.train.save_steps=5"]
-    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ckpts = run_dir / ".work" / "sft" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -197,8 +215,19 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_two_process_zero3_sft_trains(tmp_path, tiny_dir):
     run_dir = tmp_path / "run"
-    res = _run(["stage", "sft", str(TINY), f"run_dir={run_dir}", "sft.train.num_processes=2",
-                "sft.train.batch_size=8", "sft.train.micro_batch_size=4", "sft.train.max_steps=6"], timeout=900)
+    res = _run(
+        [
+            "stage",
+            "sft",
+            str(TINY),
+            f"run_dir={run_dir}",
+            "sft.train.num_processes=2",
+            "sft.train.batch_size=8",
+            "sft.train.micro_batch_size=4",
+            "sft.train.max_steps=6",
+        ],
+        timeout=900,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     manifest = json.loads((run_dir / "sft" / "manifest.json").read_text())
     s = manifest["summary"]
@@ -222,8 +251,9 @@ def test_a_full_disk_gives_one_clear_error_and_the_rerun_resumes(tmp_path, monke
             f.flush()
 
     monkeypatch.setattr(sft_mod, "save_policy", full_disk)
-    cfg = load_config(TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=2",
-                             "sft.train.save_steps=2"])
+    cfg = load_config(
+        TINY, ["stages=[sft]", f"run_dir={tmp_path}/run", "sft.train.max_steps=2", "sft.train.save_steps=2"]
+    )
     with pytest.raises(AlignError, match=r"disk full while stage 'sft' was writing .* rerun the same command"):
         run_pipeline(cfg)
     assert not (Path(cfg.run_dir) / "sft").exists()  # nothing marked done
@@ -243,8 +273,16 @@ def test_trained_token_loss_matches_trls_fused_head(tmp_path, tiny_dir, tiny_tok
     from align.sft import sft_trainer_class, tokenize_conversations
 
     dataset, _ = tokenize_conversations(tiny_tok, [{"messages": c} for c in CHATS], 512)
-    args = TRLSFTConfig(output_dir=str(tmp_path), max_length=512, packing=packing, packing_strategy="bfd",
-                        per_device_train_batch_size=3, use_cpu=True, report_to=[], bf16=False)
+    args = TRLSFTConfig(
+        output_dir=str(tmp_path),
+        max_length=512,
+        packing=packing,
+        packing_strategy="bfd",
+        per_device_train_batch_size=3,
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+    )
     results = {}
     for name, cls in (("trl", SFTTrainer), ("ours", sft_trainer_class())):
         torch.manual_seed(0)

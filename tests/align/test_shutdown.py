@@ -1,4 +1,5 @@
 """Ctrl-C during a 2-process (accelerate + ZeRO-3) stage leaves no child process and a resumable run."""
+
 import signal
 import subprocess
 import sys
@@ -17,10 +18,22 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_ctrl_c_stops_every_rank_and_leaves_a_resumable_run(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["stage", "sft", "configs/tiny.yaml", f"run_dir={run_dir}", "sft.train.num_processes=2",
-            "sft.train.max_steps=400", "sft.train.save_steps=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        "stage",
+        "sft",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        "sft.train.num_processes=2",
+        "sft.train.max_steps=400",
+        "sft.train.save_steps=2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     me = psutil.Process(proc.pid)
     deadline, family = time.time() + 600, []
     ckpts = run_dir / ".work" / "sft" / "checkpoints"

@@ -1,10 +1,20 @@
 """align/stats.py: the Wilson interval and Pearson's r, against values worked out by hand."""
+
 import math
 
 import pytest
 
-from align.stats import (bootstrap_mean, bootstrap_stat, fmt_change, fmt_share, length_controlled_win_rate, paired_change,
-                         pearson, wilson, win_outcomes)
+from align.stats import (
+    bootstrap_mean,
+    bootstrap_stat,
+    fmt_change,
+    fmt_share,
+    length_controlled_win_rate,
+    paired_change,
+    pearson,
+    wilson,
+    win_outcomes,
+)
 
 
 def test_wilson_known_values():

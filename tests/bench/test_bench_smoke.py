@@ -7,6 +7,7 @@ starts, measures both sides and writes its JSON; they assert on the figures' pre
 never on their size. `bench/ppo.py` is not here: it builds its own SmolLM2 reward model and two
 pipeline runs (minutes even at its smallest).
 """
+
 import json
 import math
 import subprocess
@@ -19,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench(name: str, *args: str, timeout: int = 600) -> None:
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert res.returncode == 0, f"bench/{name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     assert "precision: " in res.stdout and "bf16 units: " in res.stdout, "the CPU and the precision are printed"
 
@@ -46,8 +48,24 @@ def test_sft_bench_compares_trl_and_ours(tmp_path, tiny_dir, shared_data):
 @pytest.mark.slow
 def test_reward_bench_compares_trl_and_ours(tmp_path, tiny_dir, shared_data):
     out = tmp_path / "reward.json"
-    _bench("reward.py", "--train-pairs", "16", "--test-pairs", "8", "--batch", "4", "--max-length", "512", "--eager",
-           "--freeze-layers", "1", "--model", str(tiny_dir), "--out", str(out))
+    _bench(
+        "reward.py",
+        "--train-pairs",
+        "16",
+        "--test-pairs",
+        "8",
+        "--batch",
+        "4",
+        "--max-length",
+        "512",
+        "--eager",
+        "--freeze-layers",
+        "1",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+    )
     r = json.loads(out.read_text())
     for side in ("ours", "trl"):
         lo, hi = r[side]["heldout_ci"]
@@ -59,8 +77,21 @@ def test_reward_bench_compares_trl_and_ours(tmp_path, tiny_dir, shared_data):
 @pytest.mark.slow
 def test_rollout_bench_compares_vllm_and_transformers(tmp_path, tiny_dir, shared_data):
     out = tmp_path / "rollout.json"
-    _bench("rollout.py", "--model", str(tiny_dir), "--prompts", "4", "--n", "2", "--max-new-tokens", "8",
-           "--kv-cache-gib", "0.5", "--out", str(out))
+    _bench(
+        "rollout.py",
+        "--model",
+        str(tiny_dir),
+        "--prompts",
+        "4",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--kv-cache-gib",
+        "0.5",
+        "--out",
+        str(out),
+    )
     r = json.loads(out.read_text())
     assert r["hf"]["tokens"] > 0 and r["vllm"]["tokens"] > 0
     assert r["vllm_over_hf"] == pytest.approx(r["vllm"]["tokens_per_s"] / r["hf"]["tokens_per_s"])

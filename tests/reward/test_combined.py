@@ -1,4 +1,5 @@
 """reward/combined.py against hand-computed numbers."""
+
 import math
 
 import pytest
@@ -23,8 +24,12 @@ def test_combine_selects_on_the_sigmoid_scale():
     rc = combine(rs_raw, rh_raw, is_safety)
     # safety prompt -> Rs; sigmoid(1) = 0.731 >= 0.15 -> Rh; sigmoid(-2) = 0.1192 < 0.15 -> Rs even for
     # a non-safety prompt; sigmoid(-1.7) = 0.1545 >= 0.15 -> Rh
-    expected = [torch.sigmoid(torch.tensor(1.0)).item(), torch.sigmoid(torch.tensor(3.0)).item(),
-                0.119203, torch.sigmoid(torch.tensor(3.0)).item()]
+    expected = [
+        torch.sigmoid(torch.tensor(1.0)).item(),
+        torch.sigmoid(torch.tensor(3.0)).item(),
+        0.119203,
+        torch.sigmoid(torch.tensor(3.0)).item(),
+    ]
     assert rc.tolist() == pytest.approx(expected, abs=1e-6)
     assert safety_selected(rs_raw, is_safety).tolist() == [True, False, True, False]
 
@@ -91,6 +96,7 @@ def test_combined_reward_batch_of_one():
 
 def test_logit_of_combine_recovers_the_raw_score():
     # LOGIT(sigmoid(raw)) == raw up to the eps clamp at 13.8; float64 inside keeps 12 exact
-    reward, _ = combined_reward(torch.tensor([-12.0, 0.5]), torch.tensor([1.0, 12.0]), torch.tensor([False, False]),
-                                None, whiten=False)
+    reward, _ = combined_reward(
+        torch.tensor([-12.0, 0.5]), torch.tensor([1.0, 12.0]), torch.tensor([False, False]), None, whiten=False
+    )
     assert reward.tolist() == pytest.approx([-12.0, 12.0], abs=1e-4)

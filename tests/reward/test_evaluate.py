@@ -1,4 +1,5 @@
 """reward/evaluate.py with a scorer whose scores are fixed by hand."""
+
 import json
 
 import pytest
@@ -22,15 +23,23 @@ class FixedScorer(RewardScorer):
 
 
 def rec(chosen, rejected, rating, source, chosen_safe=None, rejected_safe=None):
-    return {"prompt": [{"role": "user", "content": "q"}], "chosen": chosen, "rejected": rejected, "rating": rating,
-            "category": "safety", "chosen_safe": chosen_safe, "rejected_safe": rejected_safe, "margin": None,
-            "source": source}
+    return {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": chosen,
+        "rejected": rejected,
+        "rating": rating,
+        "category": "safety",
+        "chosen_safe": chosen_safe,
+        "rejected_safe": rejected_safe,
+        "margin": None,
+        "source": source,
+    }
 
 
 RECORDS = [
-    rec("a", "b", "significantly_better", "hh", True, False),   # gap 2 - (-1) = 3, right
-    rec("c", "d", "significantly_better", "hh", True, False),   # gap 0.5 - 1 = -0.5, wrong; unsafe d scored 1 >= 0
-    rec("e", "f", "better", "oasst"),                           # gap 1 - 0 = 1, right
+    rec("a", "b", "significantly_better", "hh", True, False),  # gap 2 - (-1) = 3, right
+    rec("c", "d", "significantly_better", "hh", True, False),  # gap 0.5 - 1 = -0.5, wrong; unsafe d scored 1 >= 0
+    rec("e", "f", "better", "oasst"),  # gap 1 - 0 = 1, right
     rec("g", "h", "negligibly_better", "oasst", False, False),  # gap -2 - (-1) = -1, wrong; both unsafe < 0
 ]
 SCORES = {"a": 2.0, "b": -1.0, "c": 0.5, "d": 1.0, "e": 1.0, "f": 0.0, "g": -2.0, "h": -1.0}
@@ -81,7 +90,10 @@ def test_length_controlled_by_hand():
     want = statistics.correlation([2, 2, 1, -1, 0, 0, 0, 0, 0, 1], [10, 10, 3, 3, 4, 5, 5, 8, 8, 4])
     assert m["rm/length/reward_corr"] == pytest.approx(want)
     one_sided = length_controlled(t(1, 1), t(0, 0), t(5, 5), t(1, 1))
-    assert one_sided["rm/length/longer_wins"] == 1.0 and one_sided["rm/length/balanced_accuracy"] != one_sided["rm/length/balanced_accuracy"]  # NaN
+    assert (
+        one_sided["rm/length/longer_wins"] == 1.0
+        and one_sided["rm/length/balanced_accuracy"] != one_sided["rm/length/balanced_accuracy"]
+    )  # NaN
 
 
 def test_calibration_bins_by_hand():

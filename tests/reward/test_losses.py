@@ -1,11 +1,19 @@
 """reward/losses.py against hand-computed numbers."""
+
 import math
 
 import pytest
 import torch
 
-from reward.losses import (MARGIN_TABLES, RATING_LEVELS, accuracy_by_level, margin_table, margins_for,
-                           ranking_loss, safety_aux_loss)
+from reward.losses import (
+    MARGIN_TABLES,
+    RATING_LEVELS,
+    accuracy_by_level,
+    margin_table,
+    margins_for,
+    ranking_loss,
+    safety_aux_loss,
+)
 
 
 def test_rating_levels_match_the_schema():

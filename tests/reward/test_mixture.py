@@ -4,8 +4,10 @@ from reward.mixture import balance_length, drop_prompts, holdout, mix, prompt_ke
 
 
 def _recs(source, n, per_prompt=1):
-    return [{"source": source, "i": i, "prompt": [{"role": "user", "content": f"{source} {i // per_prompt}"}]}
-            for i in range(n)]
+    return [
+        {"source": source, "i": i, "prompt": [{"role": "user", "content": f"{source} {i // per_prompt}"}]}
+        for i in range(n)
+    ]
 
 
 def test_holdout_takes_test_size_per_source_and_is_fixed_by_seed():
@@ -51,10 +53,16 @@ def test_balance_length_evens_chosen_longer_and_shorter_per_source():
     recs += [{"source": "b", "chosen": "x" * (20 if i < 5 else 5), "rejected": "y" * 10, "i": i} for i in range(10)]
     recs += [{"source": "b", "chosen": "same", "rejected": "four", "i": 99}] * 2
     out = balance_length(recs, seed=0)
-    count = Counter((r["source"], len(r["chosen"]) > len(r["rejected"]), len(r["chosen"]) == len(r["rejected"]))
-                    for r in out)
-    assert count == {("a", True, False): 10, ("a", False, False): 10, ("b", True, False): 5, ("b", False, False): 5,
-                     ("b", False, True): 2}
+    count = Counter(
+        (r["source"], len(r["chosen"]) > len(r["rejected"]), len(r["chosen"]) == len(r["rejected"])) for r in out
+    )
+    assert count == {
+        ("a", True, False): 10,
+        ("a", False, False): 10,
+        ("b", True, False): 5,
+        ("b", False, False): 5,
+        ("b", False, True): 2,
+    }
     assert out == [r for r in recs if r in out]  # order kept
     assert balance_length(recs, seed=0) == out
 

@@ -1,12 +1,24 @@
 """reward/model.py: tokenisation, pooling at the last real token, batched scoring, save/reload."""
+
 import pytest
 import torch
 
 from align.config import LoraConfig
 from align.errors import AlignError
-from reward.model import (ADAPTER_SUBDIR, SCORER_FILE, RewardScorer, ScorerSettings, chat_template_sha, format_pair,
-                          load_reward_model, pad_batch, save_reward_model, sequence_scores, shared_prefix_batch,
-                          shared_prefix_scores)
+from reward.model import (
+    ADAPTER_SUBDIR,
+    SCORER_FILE,
+    RewardScorer,
+    ScorerSettings,
+    chat_template_sha,
+    format_pair,
+    load_reward_model,
+    pad_batch,
+    save_reward_model,
+    sequence_scores,
+    shared_prefix_batch,
+    shared_prefix_scores,
+)
 
 PROMPTS = [[{"role": "user", "content": "hi" * k}] for k in range(1, 8)]
 RESPONSES = ["Hello there. " * k for k in range(7, 0, -1)]
@@ -31,8 +43,9 @@ def rm(tiny_dir, tiny_tok):
 
 def test_format_pair_is_the_chat_rendering_ending_at_end_of_turn(tiny_tok):
     enc = format_pair(tiny_tok, [{"role": "user", "content": "Hi", "train": False}], "Hello!", 512)
-    text = tiny_tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-                                        tokenize=False).rstrip()
+    text = tiny_tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenize=False
+    ).rstrip()
     assert enc.input_ids == tiny_tok(text, add_special_tokens=False)["input_ids"]
     assert enc.input_ids[-1] == tiny_tok.convert_tokens_to_ids("<|im_end|>")
     assert not enc.truncated
@@ -104,8 +117,10 @@ def test_a_user_loading_with_from_pretrained_gets_the_scorers_scores(rm, tiny_to
     save_reward_model(rm, tiny_tok, tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
-    texts = [tok.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False).rstrip()
-             for p, r in zip(PROMPTS, RESPONSES)]
+    texts = [
+        tok.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False).rstrip()
+        for p, r in zip(PROMPTS, RESPONSES)
+    ]
     batch = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
     assert (batch["input_ids"] == tok.pad_token_id).any()  # the batch does hold pad tokens
     with torch.no_grad():
@@ -178,16 +193,20 @@ def test_shared_prefix_batch_layout_by_hand():
     assert b.chosen_end.tolist() == [2, 1] and b.rejected_end.tolist() == [4, 2]
     assert b.real_tokens == 5 + 3
     T, F = True, False
-    assert b.attention_mask[0, 0].tolist() == [[T, F, F, F, F],
-                                               [T, T, F, F, F],
-                                               [T, T, T, F, F],
-                                               [T, T, F, T, F],   # rejected: prefix and itself, not chosen
-                                               [T, T, F, T, T]]
-    assert b.attention_mask[1, 0].tolist() == [[T, F, F, F, F],
-                                               [T, T, F, F, F],
-                                               [T, F, T, F, F],   # rejected [8] after prefix [7]
-                                               [F, F, F, T, F],   # padding sees itself only
-                                               [F, F, F, F, T]]
+    assert b.attention_mask[0, 0].tolist() == [
+        [T, F, F, F, F],
+        [T, T, F, F, F],
+        [T, T, T, F, F],
+        [T, T, F, T, F],  # rejected: prefix and itself, not chosen
+        [T, T, F, T, T],
+    ]
+    assert b.attention_mask[1, 0].tolist() == [
+        [T, F, F, F, F],
+        [T, T, F, F, F],
+        [T, F, T, F, F],  # rejected [8] after prefix [7]
+        [F, F, F, T, F],  # padding sees itself only
+        [F, F, F, F, T],
+    ]
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -197,8 +216,10 @@ def test_shared_prefix_scores_equal_separate_forwards(rm, tiny_dir, tiny_tok, lo
         torch.manual_seed(1)
         model = load_reward_model(tiny_dir, tiny_tok, lora=LoraConfig(enabled=True, r=4, alpha=8))
         _randomise_head(model, seed=1)
-    pairs = [(format_pair(tiny_tok, p, r, 512).input_ids, format_pair(tiny_tok, p, r2, 512).input_ids)
-             for p, r, r2 in zip(PROMPTS, RESPONSES, RESPONSES[1:] + RESPONSES[:1])]
+    pairs = [
+        (format_pair(tiny_tok, p, r, 512).input_ids, format_pair(tiny_tok, p, r2, 512).input_ids)
+        for p, r, r2 in zip(PROMPTS, RESPONSES, RESPONSES[1:] + RESPONSES[:1])
+    ]
     pairs.append(pairs[0][:1] * 2)  # chosen == rejected
     with torch.no_grad():
         c, r = shared_prefix_scores(model, shared_prefix_batch(pairs, tiny_tok.pad_token_id))

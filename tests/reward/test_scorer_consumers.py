@@ -1,4 +1,5 @@
 """Every consumer of a trained RM scores with the settings saved beside it (model/scorer.json)."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +12,10 @@ from reward.model import ScorerSettings, chat_template_sha, load_reward_model, s
 def run_with_rms(tmp_path_factory, tiny_dir, tiny_tok):
     """A run directory with two saved RMs whose scorer.json differ (lengths 96 and 80, bf16 and fp32)."""
     run = tmp_path_factory.mktemp("run")
-    for seed, name, settings in ((1, "rm_helpful", ScorerSettings(96, "bfloat16", chat_template_sha=chat_template_sha(tiny_tok))),
-                                 (2, "rm_safety", ScorerSettings(80, "float32", chat_template_sha=chat_template_sha(tiny_tok)))):
+    for seed, name, settings in (
+        (1, "rm_helpful", ScorerSettings(96, "bfloat16", chat_template_sha=chat_template_sha(tiny_tok))),
+        (2, "rm_safety", ScorerSettings(80, "float32", chat_template_sha=chat_template_sha(tiny_tok))),
+    ):
         torch.manual_seed(seed)
         save_reward_model(load_reward_model(tiny_dir, tiny_tok), tiny_tok, run / name / "model", settings)
     return run
@@ -35,8 +38,12 @@ def test_align_rm_eval_reads_scorer_json(run_with_rms, tmp_path, make_pairs, cap
     from align.cli import main
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
-                            for r in make_pairs(6)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
+            for r in make_pairs(6)
+        )
+    )
     seen = []
     from reward import model as rm_model
 

@@ -1,4 +1,5 @@
 """The reward-model stages inside the pipeline, on the tiny config."""
+
 import json
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """reward/train.py: schedule, data order, a tiny RM that learns an easy preference, exact resume, and
 the same run on 2 processes under ZeRO-3."""
+
 import json
 import math
 import os
@@ -14,8 +15,15 @@ from safetensors.torch import load_file
 from align.config import DatasetSpec, LoraConfig, RewardConfig, TrainConfig
 from align.errors import AlignError
 from reward.model import RewardScorer, load_reward_model
-from reward.train import (epoch_micro_batches, list_checkpoints, lr_factor, micro_batch_stream, token_pieces,
-                          total_steps, train_reward_model)
+from reward.train import (
+    epoch_micro_batches,
+    list_checkpoints,
+    lr_factor,
+    micro_batch_stream,
+    token_pieces,
+    total_steps,
+    train_reward_model,
+)
 
 
 class ListLogger:
@@ -30,11 +38,22 @@ class ListLogger:
 
 def rm_config(max_steps=20, lr=1e-3, save_steps=100, lora=False, **kw) -> RewardConfig:
     return RewardConfig(
-        primary=(DatasetSpec(format="synthetic_pref"),), margin="small", max_length=256,
-        train=TrainConfig(lr=lr, min_lr_ratio=0.1, warmup_ratio=0.1, batch_size=8, micro_batch_size=4,
-                          max_steps=max_steps, save_steps=save_steps, save_total_limit=2,
-                          lora=LoraConfig(enabled=lora, r=8, alpha=16)),
-        **kw)
+        primary=(DatasetSpec(format="synthetic_pref"),),
+        margin="small",
+        max_length=256,
+        train=TrainConfig(
+            lr=lr,
+            min_lr_ratio=0.1,
+            warmup_ratio=0.1,
+            batch_size=8,
+            micro_batch_size=4,
+            max_steps=max_steps,
+            save_steps=save_steps,
+            save_total_limit=2,
+            lora=LoraConfig(enabled=lora, r=8, alpha=16),
+        ),
+        **kw,
+    )
 
 
 def moved(init_dir, rm_dir) -> dict[str, bool]:
@@ -90,8 +109,9 @@ def test_tiny_rm_learns_an_easy_preference(tiny_dir, tiny_tok, tmp_path, make_pa
     torch.manual_seed(0)
     before = RewardScorer(load_reward_model(tiny_dir, tiny_tok), tiny_tok, 256)
     prompts = [r["prompt"] for r in held_out]
-    gap_before = (before.score(prompts, [r["chosen"] for r in held_out])
-                  - before.score(prompts, [r["rejected"] for r in held_out]))
+    gap_before = before.score(prompts, [r["chosen"] for r in held_out]) - before.score(
+        prompts, [r["rejected"] for r in held_out]
+    )
     logger = ListLogger()
     out = train_reward_model(tiny_dir, tiny_tok, train, held_out, cfg, tmp_path, seed=0, logger=logger)
     change = moved(tiny_dir, tmp_path / "model")
@@ -150,9 +170,11 @@ def test_micro_batch_tokens_cut_the_forwards_not_the_step(tiny_dir, tiny_tok, tm
         cfg = rm_config(max_steps=3, micro_batch_tokens=b)
         cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=8))
         logger, calls = ListLogger(), []
-        monkeypatch.setattr(rt, "shared_prefix_scores",
-                            lambda model, packed, _calls=calls: (_calls.append(tuple(packed.input_ids.shape)),
-                                                                 real(model, packed))[1])
+        monkeypatch.setattr(
+            rt,
+            "shared_prefix_scores",
+            lambda model, packed, _calls=calls: (_calls.append(tuple(packed.input_ids.shape)), real(model, packed))[1],
+        )
         train_reward_model(tiny_dir, tiny_tok, records, [], cfg, tmp_path / str(b), seed=0, logger=logger)
         rows[b], forwards[b] = [m for _, m in logger.rows], calls
     assert len(forwards[0]) == 3 and len(forwards[budget]) > 3  # one forward a step, then several
@@ -196,11 +218,20 @@ def test_resume_after_a_crash_reproduces_the_straight_run(tiny_dir, tiny_tok, tm
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_dir, tiny_tok, tmp_path, make_pairs):
     records = make_pairs(16, seed=4)
     with pytest.raises(KeyboardInterrupt):
-        train_reward_model(tiny_dir, tiny_tok, records, [], rm_config(max_steps=4, save_steps=1), tmp_path, seed=0,
-                           logger=ListLogger(crash_at=2))
+        train_reward_model(
+            tiny_dir,
+            tiny_tok,
+            records,
+            [],
+            rm_config(max_steps=4, save_steps=1),
+            tmp_path,
+            seed=0,
+            logger=ListLogger(crash_at=2),
+        )
     with pytest.raises(AlignError, match="different config"):
-        train_reward_model(tiny_dir, tiny_tok, records, [], rm_config(max_steps=4, save_steps=1, lr=2e-3), tmp_path,
-                           seed=0)
+        train_reward_model(
+            tiny_dir, tiny_tok, records, [], rm_config(max_steps=4, save_steps=1, lr=2e-3), tmp_path, seed=0
+        )
 
 
 def test_shared_prefix_rows_train_like_separate_rows(tiny_dir, tiny_tok, tmp_path, make_pairs):
@@ -268,15 +299,17 @@ def test_safety_aux_loss_runs_and_needs_labels(tiny_dir, tiny_tok, tmp_path, mak
 
 
 def test_bf16_autocast_run(tiny_dir, tiny_tok, tmp_path, make_pairs):
-    out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), make_pairs(8, seed=9), rm_config(max_steps=2),
-                             tmp_path, seed=0, bf16=True)
+    out = train_reward_model(
+        tiny_dir, tiny_tok, make_pairs(16), make_pairs(8, seed=9), rm_config(max_steps=2), tmp_path, seed=0, bf16=True
+    )
     assert math.isfinite(out["final_train_metrics"]["rm/loss"]) and any(moved(tiny_dir, tmp_path / "model").values())
 
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_frozen_lower_layers_stay_as_loaded(tiny_dir, tiny_tok, tmp_path, make_pairs, bf16):
-    out = train_reward_model(tiny_dir, tiny_tok, make_pairs(16), [], rm_config(max_steps=2, freeze_layers=1),
-                             tmp_path, seed=0, bf16=bf16)
+    out = train_reward_model(
+        tiny_dir, tiny_tok, make_pairs(16), [], rm_config(max_steps=2, freeze_layers=1), tmp_path, seed=0, bf16=bf16
+    )
     before = load_file(str(tiny_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     lower = [n for n in before if n.startswith("model.layers.0.") or "embed_tokens" in n]
@@ -288,8 +321,14 @@ def test_frozen_lower_layers_stay_as_loaded(tiny_dir, tiny_tok, tmp_path, make_p
 
 
 ROOT = Path(__file__).resolve().parents[2]
-RM_ARGS = ["stages=[rm_helpful]", "rm_helpful.init=base", "rm_helpful.train.micro_batch_size=4",
-           "rm_helpful.train.max_steps=4", "rm_helpful.train.save_steps=2", "precision=fp32"]
+RM_ARGS = [
+    "stages=[rm_helpful]",
+    "rm_helpful.init=base",
+    "rm_helpful.train.micro_batch_size=4",
+    "rm_helpful.train.max_steps=4",
+    "rm_helpful.train.save_steps=2",
+    "precision=fp32",
+]
 
 
 def _loss_rows(run_dir: Path) -> list[dict]:
@@ -309,10 +348,20 @@ def test_two_process_zero3_run_equals_one_process_and_resumes(tmp_path, tiny_dir
     run_pipeline(load_config(tiny, [f"run_dir={one}", *RM_ARGS]), only="rm_helpful")
 
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "align.cli", "rm", "train", str(tiny), f"run_dir={two}", *RM_ARGS,
-           "rm_helpful.train.num_processes=2"]
-    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "ALIGN_FAULT": "rm_step:3"})  # both ranks die in step 3
+    cmd = [
+        sys.executable,
+        "-m",
+        "align.cli",
+        "rm",
+        "train",
+        str(tiny),
+        f"run_dir={two}",
+        *RM_ARGS,
+        "rm_helpful.train.num_processes=2",
+    ]
+    killed = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "ALIGN_FAULT": "rm_step:3"}
+    )  # both ranks die in step 3
     assert killed.returncode != 0, (killed.stdout + killed.stderr)[-3000:]
     ckpt = two / ".work" / "rm_helpful" / "checkpoints" / "step-2"
     assert (ckpt / "ds").is_dir() and {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}

@@ -1,4 +1,5 @@
 """Fixtures of the rollout tests: `checks`, the Engine-contract checks both engine test modules run."""
+
 from __future__ import annotations
 
 import importlib.util

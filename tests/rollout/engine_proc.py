@@ -9,6 +9,7 @@ Prints `CHILDREN <pids>` (this process's descendants once the engine is up), the
   sigint print `LOOPING` and generate until a SIGINT arrives (the test sends it)
   exit   return without closing: interpreter exit must shut the engine down
 """
+
 from __future__ import annotations
 
 import sys

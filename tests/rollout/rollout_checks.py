@@ -3,6 +3,7 @@
 Imported by tests/rollout/test_vllm_engine.py and test_hf_engine.py (pytest puts this directory on
 sys.path). The reference everywhere is the plain transformers model, never another engine.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,14 @@ def lora_wrapped(model, seed: int = 2):
     """A PEFT LoRA (r=4, all linear projections) with non-zero A and B, so the adapters change outputs."""
     from peft import LoraConfig, get_peft_model
 
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    pm = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -47,8 +54,14 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids) 
     with torch.no_grad():
         for p in prompt_ids:
             x = torch.tensor([p])
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
-                               eos_token_id=list(eos_ids), pad_token_id=0)[0, len(p):].tolist()
+            y = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=list(eos_ids),
+                pad_token_id=0,
+            )[0, len(p) :].tolist()
             for t, tok in enumerate(y):
                 if tok in eos_ids:
                     y = y[: t + 1]
@@ -61,7 +74,7 @@ def hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
     """log p(response[t] | prompt, response[:t]) from one full forward pass, fp32."""
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1: -1].float()
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
 
 

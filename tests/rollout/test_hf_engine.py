@@ -1,4 +1,5 @@
 """The transformers reference engine on the tiny model: the Engine contract, against plain `generate`."""
+
 from __future__ import annotations
 
 import pytest

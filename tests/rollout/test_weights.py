@@ -1,5 +1,6 @@
 """rollout/weights.py: the HF-named export of plain and PEFT models (no engine; ZeRO-3 is covered by
 test_vllm_engine.py::test_zero3_two_process_push)."""
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,9 @@ def test_lora_export_equals_merge_and_unload_and_leaves_model_alone(tiny_dir):
     assert worst < 1e-6
     # the adapters changed the pushed weights, not the model
     base = load_causal_lm(tiny_dir, "float32").state_dict()
-    assert not torch.allclose(state["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.allclose(
+        state["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(state["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
     assert all(torch.equal(before[k], v) for k, v in pm.state_dict().items())
 

@@ -9,6 +9,7 @@ torch.distributed world). Both ranks call `push_weights` (rank 1 with no engine)
 outputs against transformers on the unsharded weights. Then the same with a PEFT LoRA model.
 Rank 0 writes the words `sharded plain_match lora_match` to OUT, each only if it held.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,9 +30,11 @@ def load_checks():
 def zero3(model):
     import deepspeed
 
-    config = {"train_micro_batch_size_per_gpu": 1,
-              # persistence threshold 0: partition every parameter, however small (the tiny model's are)
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        # persistence threshold 0: partition every parameter, however small (the tiny model's are)
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
     engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine
 

@@ -1,4 +1,5 @@
 """load_records / to_dataset / load_datasets: paths, limit, category, and the datasets round trip."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ REAL = [
     ("sharegpt_dpo", "llamafactory/dpo_en_demo.json", "preference"),
     ("oasst_prompts", "oasst/prompt_lottery_en_250_text.jsonl", "prompt"),
 ]
-SYNTHETIC = [("synthetic_sft", "", "conversation"), ("synthetic_pref", "", "preference"),
-             ("synthetic_prompts", "", "prompt")]
+SYNTHETIC = [
+    ("synthetic_sft", "", "conversation"),
+    ("synthetic_pref", "", "preference"),
+    ("synthetic_prompts", "", "prompt"),
+]
 
 
 def roundtrip(records, kind):
@@ -69,8 +73,11 @@ def test_relative_paths_resolve_against_data_dir(tmp_path):
 
 
 def test_missing_file_names_the_path_and_data_dir(tmp_path):
-    with pytest.raises(DataError, match=rf"data file {tmp_path}/nope.jsonl does not exist \(path 'nope.jsonl' is "
-                                        rf"relative to data_dir '{tmp_path}': set the config's data_dir key"):
+    with pytest.raises(
+        DataError,
+        match=rf"data file {tmp_path}/nope.jsonl does not exist \(path 'nope.jsonl' is "
+        rf"relative to data_dir '{tmp_path}': set the config's data_dir key",
+    ):
         load_records(DatasetSpec(format="hh", path="nope.jsonl"), "preference", tmp_path)
     with pytest.raises(DataError, match=r"data file /nonexistent/x.jsonl does not exist; check"):
         load_records(DatasetSpec(format="hh", path="/nonexistent/x.jsonl"), "preference", tmp_path)
@@ -108,8 +115,10 @@ def test_category_on_a_non_preference_dataset_is_an_error():
 
 
 def test_load_datasets_concatenates_in_order(shared_data):
-    specs = [DatasetSpec(format="synthetic_pref", limit=5),
-             DatasetSpec(format="sharegpt_dpo", path="llamafactory/dpo_en_demo.json", limit=7)]
+    specs = [
+        DatasetSpec(format="synthetic_pref", limit=5),
+        DatasetSpec(format="sharegpt_dpo", path="llamafactory/dpo_en_demo.json", limit=7),
+    ]
     dataset, reports = load_datasets(specs, "preference", shared_data, "fail", seed=0)
     assert len(dataset) == 12 and dataset.features == FEATURES["preference"]
     assert dataset["source"] == ["synthetic_pref"] * 5 + ["sharegpt_dpo"] * 7

@@ -1,12 +1,20 @@
 """GAtt data: the loss mask of a built sample token by token on real chat templates, the instruction
 only once, turn-by-turn sampling with best-of by the checker (a fake engine), dialogues from data."""
+
 import random
 
 import pytest
 
 from align.chat import tokenize_chat
-from align.gatt.build import (answered_turns, chat, make_dialogues, reference_records,
-                              roll_dialogues, training_record, training_records)
+from align.gatt.build import (
+    answered_turns,
+    chat,
+    make_dialogues,
+    reference_records,
+    roll_dialogues,
+    training_record,
+    training_records,
+)
 from align.gatt.instructions import Instruction, Part
 from rollout.types import Rollouts, SamplingParams
 
@@ -38,7 +46,7 @@ def test_loss_mask_is_zero_on_every_earlier_turn_token_by_token(tokenizer, short
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(ANSWERS[-1] + "<|im_end|>", add_special_tokens=False)["input_ids"]
     assert t.input_ids[: len(head_ids)] == head_ids
-    assert t.input_ids[len(head_ids): len(head_ids) + len(answer_ids)] == answer_ids
+    assert t.input_ids[len(head_ids) : len(head_ids) + len(answer_ids)] == answer_ids
     expected = [False] * len(head_ids) + [True] * len(answer_ids)
     expected += [False] * (len(t.input_ids) - len(expected))
     assert t.loss_mask == expected
@@ -79,16 +87,30 @@ class ScriptedEngine:
         for c in chats:
             turn = sum(m["role"] == "user" for m in c)
             texts += [f"answer {turn} banana" if j == 1 else f" plain {turn}-{j}. " for j in range(n)]
-        return Rollouts(prompt_ids=[[1]] * len(texts), response_ids=[[5]] * len(texts), logprobs=[[0.0]] * len(texts),
-                        finish_reasons=["stop"] * len(texts), prompt_index=[r // n for r in range(len(texts))],
-                        texts=texts, n=n)
+        return Rollouts(
+            prompt_ids=[[1]] * len(texts),
+            response_ids=[[5]] * len(texts),
+            logprobs=[[0.0]] * len(texts),
+            finish_reasons=["stop"] * len(texts),
+            prompt_index=[r // n for r in range(len(texts))],
+            texts=texts,
+            n=n,
+        )
 
 
 def test_roll_dialogues_samples_turn_by_turn_and_keeps_the_best_by_the_checker():
     eng = ScriptedEngine()
     insts = [Instruction((END,), False), Instruction((FIGURE,), True)]
-    answers, stats = roll_dialogues(eng.generate, [USERS, USERS[:2]], insts, SamplingParams(max_new_tokens=8),
-                                    every_turn=True, best_of=3, seed=0, fits=lambda c: True)
+    answers, stats = roll_dialogues(
+        eng.generate,
+        [USERS, USERS[:2]],
+        insts,
+        SamplingParams(max_new_tokens=8),
+        every_turn=True,
+        best_of=3,
+        seed=0,
+        fits=lambda c: True,
+    )
     assert answers[0] == ["answer 1 banana", "answer 2 banana", "answer 3 banana"]
     assert answers[1] == ["plain 1-0.", "plain 2-0."]  # nothing to check: the first sample, stripped
     assert len(eng.prompts) == 3 and len(eng.prompts[2]) == 1  # the 2-turn dialogue is done after turn 2
@@ -102,8 +124,17 @@ def test_roll_dialogues_samples_turn_by_turn_and_keeps_the_best_by_the_checker()
 def test_roll_dialogues_repairs_when_no_sample_keeps_the_instruction_and_stops_at_the_context():
     eng = ScriptedEngine()
     insts = [Instruction((END,), False)]
-    answers, stats = roll_dialogues(eng.generate, [USERS], insts, SamplingParams(max_new_tokens=8), every_turn=False,
-                                    best_of=1, seed=0, fits=lambda c: len(c) < 4, do_repair=True)
+    answers, stats = roll_dialogues(
+        eng.generate,
+        [USERS],
+        insts,
+        SamplingParams(max_new_tokens=8),
+        every_turn=False,
+        best_of=1,
+        seed=0,
+        fits=lambda c: len(c) < 4,
+        do_repair=True,
+    )
     assert answers == [["plain 1-0. Banana.", "plain 2-0. Banana."]]  # the third prompt does not fit
     assert stats["repaired"] == 2 and stats["cut_by_context"] == 1
     second_prompt = eng.prompts[1][0]  # u1 + instruction, a1, u2: the instruction in the first turn only
@@ -119,19 +150,28 @@ def test_make_dialogues_tops_up_single_prompts_without_repeats():
 
 
 def test_answered_turns_pairs_each_user_turn_with_its_answer():
-    rec = {"messages": [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello."},
-                        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."},
-                        {"role": "user", "content": "Unanswered"}]}
+    rec = {
+        "messages": [
+            {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+            {"role": "user", "content": "Unanswered"},
+        ]
+    }
     assert answered_turns(rec, "conversation") == [("Hi", "Hello."), ("Bye", "Goodbye.")]
     assert answered_turns({"prompt": [{"role": "user", "content": "Hi"}]}, "prompt") == []
 
 
 def test_reference_records_repair_every_answer_and_train_only_the_last():
-    convs = [[("Name a fruit.", "An apple is a fruit. It is red."), ("And a colour?", "Green is a colour.")],
-             [("Say hi.", "Hi there! Nice to meet you.")],
-             [("Write code.", "def f(x):\n    return x")]]  # no finished sentence: cannot end with a word
-    recs, stats = reference_records(convs, 12, 3, lambda: Instruction((END,), False), every_prefix=True,
-                                    rng=random.Random(0), max_answer_chars=600)
+    convs = [
+        [("Name a fruit.", "An apple is a fruit. It is red."), ("And a colour?", "Green is a colour.")],
+        [("Say hi.", "Hi there! Nice to meet you.")],
+        [("Write code.", "def f(x):\n    return x")],
+    ]  # no finished sentence: cannot end with a word
+    recs, stats = reference_records(
+        convs, 12, 3, lambda: Instruction((END,), False), every_prefix=True, rng=random.Random(0), max_answer_chars=600
+    )
     assert len(recs) == 12
     assert stats["cut"] > 0  # the code answer is never used
     for r in recs:
@@ -150,12 +190,24 @@ def test_reference_records_repair_every_answer_and_train_only_the_last():
 def test_reference_records_cut_long_answers_to_whole_sentences_and_need_answers():
     long = "This is one sentence. " * 60
     for max_chars in (600, 100):
-        recs, _ = reference_records([[("Q?", long)]], 1, 3, lambda: Instruction((END,), False), every_prefix=True,
-                                    rng=random.Random(0), max_answer_chars=max_chars)
+        recs, _ = reference_records(
+            [[("Q?", long)]],
+            1,
+            3,
+            lambda: Instruction((END,), False),
+            every_prefix=True,
+            rng=random.Random(0),
+            max_answer_chars=max_chars,
+        )
         answer = recs[0]["messages"][-1]["content"]
         assert max_chars - 30 < len(answer) <= max_chars + len(" Banana.") and answer.endswith("sentence. Banana.")
-    assert reference_records([], 0, 3, lambda: Instruction((END,), False), True, random.Random(0), 600) == ([], {"conversations": 0, "cut": 0})
+    assert reference_records([], 0, 3, lambda: Instruction((END,), False), True, random.Random(0), 600) == (
+        [],
+        {"conversations": 0, "cut": 0},
+    )
     with pytest.raises(ValueError, match="no answered conversation"):
         reference_records([], 4, 3, lambda: Instruction((END,), False), True, random.Random(0), 600)
     with pytest.raises(ValueError, match="can be repaired"):
-        reference_records([[("Write code.", "x = [1,")]], 4, 3, lambda: Instruction((END,), False), True, random.Random(0), 600)
+        reference_records(
+            [[("Write code.", "x = [1,")]], 4, 3, lambda: Instruction((END,), False), True, random.Random(0), 600
+        )

@@ -1,4 +1,5 @@
 """The constraint checkers and repairs, on hand-written answers."""
+
 import pytest
 
 from align.gatt.checkers import check, repair, words
@@ -8,40 +9,49 @@ def test_words_ignore_punctuation_and_emoji():
     assert words("Don't stop -- well-known 42 🙂 fact!") == ["Don't", "stop", "well-known", "42", "fact"]
 
 
-@pytest.mark.parametrize("text,ok", [
-    ("HELLO, WORLD! 123", True),
-    ("ÉTÉ À PARIS 🙂", True),
-    ("Hello WORLD", False),
-    ("HELLo", False),
-    ("123 !!!", False),   # no letter at all
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("HELLO, WORLD! 123", True),
+        ("ÉTÉ À PARIS 🙂", True),
+        ("Hello WORLD", False),
+        ("HELLo", False),
+        ("123 !!!", False),  # no letter at all
+        ("", False),
+    ],
+)
 def test_capitals(text, ok):
     assert check("capitals", text) is ok
 
 
-@pytest.mark.parametrize("text,ok", [
-    ("That is all, banana.", True),
-    ("That is all, Banana!", True),
-    ("THAT IS ALL BANANA", True),
-    ("That is all, banana 🙂", True),      # an emoji after the word is not a word
-    ('That is all. "banana"', True),
-    ("That is all, bananas.", False),
-    ("banana is what I said.", False),
-    ("That is all, banana-split.", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("That is all, banana.", True),
+        ("That is all, Banana!", True),
+        ("THAT IS ALL BANANA", True),
+        ("That is all, banana 🙂", True),  # an emoji after the word is not a word
+        ('That is all. "banana"', True),
+        ("That is all, bananas.", False),
+        ("banana is what I said.", False),
+        ("That is all, banana-split.", False),
+        ("", False),
+    ],
+)
 def test_end_with_word(text, ok):
     assert check("end_with", text, "banana") is ok
 
 
-@pytest.mark.parametrize("text,ok", [
-    ("One two three four five.", True),
-    ("One, two, three, four, five, six.", False),
-    ("Don't over-think it.", True),        # 3 words
-    ("", False),
-    ("🙂 !!", False),
-])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("One two three four five.", True),
+        ("One, two, three, four, five, six.", False),
+        ("Don't over-think it.", True),  # 3 words
+        ("", False),
+        ("🙂 !!", False),
+    ],
+)
 def test_max_words(text, ok):
     assert check("max_words", text, "5") is ok
 
@@ -52,12 +62,15 @@ def test_include_emoji():
     assert not check("include", "Sure 🙂", "🚀")
 
 
-@pytest.mark.parametrize("text,ok", [
-    ("Bread is made of flour.", True),
-    ("Why not?", False),
-    ("WHY NOT?", False),                    # either case
-    ("   ", False),
-])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("Bread is made of flour.", True),
+        ("Why not?", False),
+        ("WHY NOT?", False),  # either case
+        ("   ", False),
+    ],
+)
 def test_avoid_letter(text, ok):
     assert check("avoid_letter", text, "y") is ok
 

@@ -1,4 +1,5 @@
 """The instruction bank: the built-in file, a user's own file, combinations and the short form."""
+
 import random
 
 import pytest
@@ -46,10 +47,16 @@ def test_combinations_mix_kinds_and_never_contradict():
 
 
 def test_instruction_score_and_keeps():
-    bank = InstructionBank.from_dict({"kinds": {
-        "caps": {"long": "Use capitals.", "short": "Caps", "check": "capitals"},
-        "end": {"long": "End with {value}.", "short": "End: {value}", "check": "end_with", "values": ["ok"]},
-        "fig": {"long": "Act as {value}.", "short": "Figure: {value}", "values": ["Napoleon"]}}, "max_parts": 3})
+    bank = InstructionBank.from_dict(
+        {
+            "kinds": {
+                "caps": {"long": "Use capitals.", "short": "Caps", "check": "capitals"},
+                "end": {"long": "End with {value}.", "short": "End: {value}", "check": "end_with", "values": ["ok"]},
+                "fig": {"long": "Act as {value}.", "short": "Figure: {value}", "values": ["Napoleon"]},
+            },
+            "max_parts": 3,
+        }
+    )
     from align.gatt.instructions import Instruction
 
     caps, end, fig = (k.part(random.Random(0)) for k in bank.kinds)
@@ -62,9 +69,11 @@ def test_instruction_score_and_keeps():
 
 def test_a_users_own_bank_file(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text('max_parts: 1\nkinds:\n  pirate:\n    long: "Talk like a pirate."\n    short: "Style: pirate"\n'
-                    '  sign:\n    long: "Sign every answer with {value}."\n    short: "Sign: {value}"\n'
-                    '    check: end_with\n    values: [Ahoy]\n    weight: 3\n')
+    path.write_text(
+        'max_parts: 1\nkinds:\n  pirate:\n    long: "Talk like a pirate."\n    short: "Style: pirate"\n'
+        '  sign:\n    long: "Sign every answer with {value}."\n    short: "Sign: {value}"\n'
+        "    check: end_with\n    values: [Ahoy]\n    weight: 3\n"
+    )
     bank = InstructionBank.load(path)
     rng = random.Random(0)
     kinds = [bank.sample(rng, 0.5).parts[0].kind for _ in range(400)]
@@ -72,14 +81,20 @@ def test_a_users_own_bank_file(tmp_path):
     assert [i.text for i in bank.evaluation_set(2, rng)] == ["Sign every answer with Ahoy."] * 2
 
 
-@pytest.mark.parametrize("raw,msg", [
-    ({"kinds": {"x": {"long": "a", "short": "b", "check": "rhymes"}}}, "not one of"),
-    ({"kinds": {"x": {"long": "a {value}", "short": "b"}}}, "lists no values"),
-    ({"kinds": {"x": {"long": "a", "short": "b", "colour": 1}}}, "unknown key"),
-    ({"kinds": {"x": {"long": "a"}}}, "'short'"),
-    ({"kinds": {}}, "non-empty"),
-    ({"kinds": {"x": {"long": "{value}", "short": "{value}", "check": "max_words", "values": ["ten"]}}}, "whole numbers"),
-])
+@pytest.mark.parametrize(
+    "raw,msg",
+    [
+        ({"kinds": {"x": {"long": "a", "short": "b", "check": "rhymes"}}}, "not one of"),
+        ({"kinds": {"x": {"long": "a {value}", "short": "b"}}}, "lists no values"),
+        ({"kinds": {"x": {"long": "a", "short": "b", "colour": 1}}}, "unknown key"),
+        ({"kinds": {"x": {"long": "a"}}}, "'short'"),
+        ({"kinds": {}}, "non-empty"),
+        (
+            {"kinds": {"x": {"long": "{value}", "short": "{value}", "check": "max_words", "values": ["ten"]}}},
+            "whole numbers",
+        ),
+    ],
+)
 def test_bad_banks_are_rejected_with_a_reason(raw, msg):
     with pytest.raises(AlignError, match=msg):
         InstructionBank.from_dict(raw)

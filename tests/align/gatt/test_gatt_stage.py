@@ -1,4 +1,5 @@
 """The GAtt stage end to end on the tiny config."""
+
 import json
 from pathlib import Path
 
@@ -16,7 +17,9 @@ def test_tiny_gatt_builds_trains_and_reports_recall(tmp_path):
     from align.pipeline import run_pipeline
 
     run_dir = tmp_path / "run"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", "stages=[sft,gatt]", "sft.train.max_steps=2"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", "stages=[sft,gatt]", "sft.train.max_steps=2"]
+    )
     manifests = {m["stage"]: m for m in run_pipeline(cfg)}
     g, d = cfg.gatt, run_dir / "gatt"
     s = manifests["gatt"]["summary"]
@@ -71,9 +74,9 @@ def test_evaluation_repeats_draw_their_own_instructions_and_keep_the_first_draw(
     three_d, three_i = evaluation_draws(bank, held, 3, seed=7)
     assert one_d == held and three_d == held * 3
     assert [i.text for i in three_i[:10]] == [i.text for i in one_i]  # repeats=1 is the draw of before
-    kinds = [[i.parts[0].kind for i in three_i[r * 10:(r + 1) * 10]] for r in range(3)]
+    kinds = [[i.parts[0].kind for i in three_i[r * 10 : (r + 1) * 10]] for r in range(3)]
     assert kinds[0] == kinds[1] == kinds[2]  # every repeat measures each kind equally often
-    values = [[i.parts[0].value for i in three_i[r * 10:(r + 1) * 10]] for r in range(3)]
+    values = [[i.parts[0].value for i in three_i[r * 10 : (r + 1) * 10]] for r in range(3)]
     assert values[0] != values[1] and values[1] != values[2]  # but with its own values
     assert all(i.checkable and not i.shortened for i in three_i)
     assert evaluation_draws(bank, [], 3, seed=7) == ([], [])

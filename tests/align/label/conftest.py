@@ -1,4 +1,5 @@
 """Fixtures of the labeling tests: a file-backed store, tokens, an in-process client and a live server."""
+
 from __future__ import annotations
 
 import socket
@@ -15,9 +16,14 @@ from align.label.store import LabelStore
 
 def pair(i: int = 0, category: str = "helpfulness") -> dict:
     """A valid pair for `LabelStore.create_round`."""
-    return {"prompt": [{"role": "user", "content": f"Question {i}: what is a kite?"}],
-            "response_a": f"A kite is a tethered aircraft ({i}).", "response_b": f"no idea {i}",
-            "settings_a": {"temperature": 0.7}, "settings_b": {"temperature": 1.2}, "category": category}
+    return {
+        "prompt": [{"role": "user", "content": f"Question {i}: what is a kite?"}],
+        "response_a": f"A kite is a tethered aircraft ({i}).",
+        "response_b": f"no idea {i}",
+        "settings_a": {"temperature": 0.7},
+        "settings_b": {"temperature": 1.2},
+        "category": category,
+    }
 
 
 def rows(db: Path, table: str) -> int:
@@ -48,7 +54,11 @@ def store(db):
 @pytest.fixture
 def tokens(store) -> dict:
     """Tokens of an admin ('root') and two labelers ('ann', 'bob')."""
-    return {"root": store.add_labeler("root", admin=True), "ann": store.add_labeler("ann"), "bob": store.add_labeler("bob")}
+    return {
+        "root": store.add_labeler("root", admin=True),
+        "ann": store.add_labeler("ann"),
+        "bob": store.add_labeler("bob"),
+    }
 
 
 def auth(token: str) -> dict:
@@ -121,7 +131,11 @@ def rm_dirs(tmp_path_factory, tiny_dir):
     for seed, name in ((1, "rm_helpful"), (2, "rm_safety")):
         torch.manual_seed(seed)
         path = tmp_path_factory.mktemp(name)
-        save_reward_model(load_reward_model(tiny_dir, tok), tok, path,
-                          ScorerSettings(max_length=128, chat_template_sha=chat_template_sha(tok)))
+        save_reward_model(
+            load_reward_model(tiny_dir, tok),
+            tok,
+            path,
+            ScorerSettings(max_length=128, chat_template_sha=chat_template_sha(tok)),
+        )
         out.append(path)
     return out

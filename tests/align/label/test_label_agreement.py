@@ -1,4 +1,5 @@
 """Agreement figures (align/label/agreement.py) against hand-computed values."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,18 @@ from align.label.agreement import (
 
 def test_fleiss_kappa_textbook_example():
     # Fleiss (1971) as worked on Wikipedia's "Fleiss' kappa": 10 items, 14 raters, 5 categories.
-    table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
-             [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    table = [
+        [0, 0, 0, 0, 14],
+        [0, 2, 6, 4, 2],
+        [0, 0, 3, 5, 6],
+        [0, 3, 9, 2, 0],
+        [2, 2, 8, 1, 1],
+        [7, 7, 0, 0, 0],
+        [3, 2, 6, 3, 0],
+        [2, 5, 3, 2, 2],
+        [6, 5, 2, 1, 0],
+        [0, 2, 2, 3, 7],
+    ]
     # By hand: P_bar = 0.378, P_e = 0.213, kappa = (0.378 - 0.213) / (1 - 0.213) = 0.210.
     assert fleiss_kappa(table) == pytest.approx(0.20993, abs=1e-4)
 
@@ -46,8 +57,12 @@ def test_cohen_kappa_textbook_example():
 
 def test_majority_and_gaps():
     assert majority(["a", "a", "b"]) == "a" and majority(["a", "b"]) is None and majority([]) is None
-    times = ["2024-01-01T10:00:00+00:00", "2024-01-01T10:00:10+00:00", "2024-01-01T10:00:40+00:00",
-             "2024-01-01T11:00:00+00:00"]  # the last gap (an hour) is a break
+    times = [
+        "2024-01-01T10:00:00+00:00",
+        "2024-01-01T10:00:10+00:00",
+        "2024-01-01T10:00:40+00:00",
+        "2024-01-01T11:00:00+00:00",
+    ]  # the last gap (an hour) is a break
     assert label_gaps(times) == [10.0, 30.0]
 
 
@@ -57,10 +72,12 @@ def _lab(name, choice, t, rating=None):
 
 def test_round_agreement_two_labelers_by_hand():
     # ann / bob over 4 pairs: (a, a), (b, b), (a, b), (tie, skip).
-    pairs = [{"id": 1, "labels": [_lab("ann", "a", 0), _lab("bob", "a", 0)]},
-             {"id": 2, "labels": [_lab("ann", "b", 1), _lab("bob", "b", 2)]},
-             {"id": 3, "labels": [_lab("ann", "a", 2), _lab("bob", "b", 4)]},
-             {"id": 4, "labels": [_lab("ann", "tie", 3), _lab("bob", "skip", 6)]}]
+    pairs = [
+        {"id": 1, "labels": [_lab("ann", "a", 0), _lab("bob", "a", 0)]},
+        {"id": 2, "labels": [_lab("ann", "b", 1), _lab("bob", "b", 2)]},
+        {"id": 3, "labels": [_lab("ann", "a", 2), _lab("bob", "b", 4)]},
+        {"id": 4, "labels": [_lab("ann", "tie", 3), _lab("bob", "skip", 6)]},
+    ]
     got = round_agreement(pairs, labels_per_pair=2)
     # Cohen over pairs 1-3: p_o = 2/3; ann (a, b, a), bob (a, b, b): p_e = (2/3)(1/3) + (1/3)(2/3) = 4/9;
     # kappa = (2/3 - 4/9) / (5/9) = 0.4. Fleiss over the same 3 pairs: P_bar 2/3, p = (3/6, 3/6), 1/3.
@@ -70,8 +87,13 @@ def test_round_agreement_two_labelers_by_hand():
     assert got["labels"] == 8 and got["tie_share"] == pytest.approx(1 / 8) and got["skip_share"] == pytest.approx(1 / 8)
     # Each labeler compared on 3 pairs (the other's vote is the majority), agrees on 2.
     assert got["labelers"]["ann"]["majority_agreement"] == pytest.approx(2 / 3)
-    assert got["labelers"]["bob"] == {"labels": 3, "skips": 1, "compared": 3,
-                                      "majority_agreement": pytest.approx(2 / 3), "seconds_per_label": 120.0}
+    assert got["labelers"]["bob"] == {
+        "labels": 3,
+        "skips": 1,
+        "compared": 3,
+        "majority_agreement": pytest.approx(2 / 3),
+        "seconds_per_label": 120.0,
+    }
     assert got["labelers"]["ann"]["seconds_per_label"] == 60.0
     metrics = agreement_metrics(got)
     assert metrics["label/quality/cohen_kappa"] == pytest.approx(0.4)
@@ -86,8 +108,13 @@ def test_round_agreement_three_labelers_leave_one_out():
     pairs = [{"id": 1, "labels": [_lab("ann", "a", 0), _lab("bob", "a", 1), _lab("cy", "b", 2)]}]
     got = round_agreement(pairs, labels_per_pair=3)
     assert got["cohen_kappa"] is None
-    assert got["labelers"]["cy"] == {"labels": 1, "skips": 0, "compared": 1, "majority_agreement": 0.0,
-                                     "seconds_per_label": None}
+    assert got["labelers"]["cy"] == {
+        "labels": 1,
+        "skips": 0,
+        "compared": 1,
+        "majority_agreement": 0.0,
+        "seconds_per_label": None,
+    }
     assert got["labelers"]["ann"]["compared"] == 0 and got["labelers"]["ann"]["majority_agreement"] is None
     # Fleiss on one item [2, 1, 0]: P_1 = (4 + 1 - 3) / 6 = 1/3; p = (2/3, 1/3, 0), P_e = 5/9;
     # kappa = (1/3 - 5/9) / (4/9) = -0.5.

@@ -1,13 +1,17 @@
 """The JSON API: happy path, 401 / 403 / 404 / 409 / 422, nothing written on any error,
 idempotent resubmission and per-labeler isolation (in process, through Starlette's TestClient)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-PAIR = {"prompt": [{"role": "user", "content": "What is a kite?"}],
-        "response_a": "A tethered aircraft.", "response_b": "No idea."}
+PAIR = {
+    "prompt": [{"role": "user", "content": "What is a kite?"}],
+    "response_a": "A tethered aircraft.",
+    "response_b": "No idea.",
+}
 GOOD = {"choice": "a", "rating": "better", "a_safe": True, "b_safe": True}
 
 
@@ -60,17 +64,22 @@ def test_the_page_is_self_contained_and_shows_the_shortcuts(client):
     assert "sessionStorage" in html and "innerHTML" not in html
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic YTpi"},
-                                     {"Authorization": "Bearer "}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic YTpi"}, {"Authorization": "Bearer "}]
+)
 def test_missing_or_bad_token_is_401_before_anything_else(client, tokens, h, db, headers):
     _round(client, h, tokens)
     before = h.counts(db)
-    for method, path, body in [("GET", "/api/me", None), ("GET", "/api/pairs/next", None),
-                               ("POST", "/api/labels", {"pair_id": 1, **GOOD}),
-                               ("POST", "/api/labels", {"broken": True}),       # would be 422 with a token
-                               ("GET", "/api/labels/1", None), ("GET", "/api/admin/rounds", None),
-                               ("POST", "/api/admin/rounds", {"pairs": [PAIR]}),
-                               ("GET", "/api/no/such/route", None)]:
+    for method, path, body in [
+        ("GET", "/api/me", None),
+        ("GET", "/api/pairs/next", None),
+        ("POST", "/api/labels", {"pair_id": 1, **GOOD}),
+        ("POST", "/api/labels", {"broken": True}),  # would be 422 with a token
+        ("GET", "/api/labels/1", None),
+        ("GET", "/api/admin/rounds", None),
+        ("POST", "/api/admin/rounds", {"pairs": [PAIR]}),
+        ("GET", "/api/no/such/route", None),
+    ]:
         res = client.request(method, path, headers=headers, json=body)
         assert res.status_code == 401, (method, path, res.text)
         assert res.headers["www-authenticate"] == "Bearer"
@@ -85,31 +94,42 @@ def test_403_admin_routes_other_labels_and_unassigned_pairs(client, tokens, h, d
     (p,) = client.get("/api/pairs/next", headers=ann).json()["pairs"]
     label = client.post("/api/labels", headers=ann, json={"pair_id": p["id"], **GOOD}).json()
     before = h.counts(db)
-    for method, path, body in [("POST", "/api/admin/rounds", {"pairs": [PAIR]}), ("GET", "/api/admin/rounds", None),
-                               ("GET", "/api/admin/rounds/1/export", None),
-                               ("POST", "/api/admin/labelers", {"name": "mallory", "admin": True})]:
+    for method, path, body in [
+        ("POST", "/api/admin/rounds", {"pairs": [PAIR]}),
+        ("GET", "/api/admin/rounds", None),
+        ("GET", "/api/admin/rounds/1/export", None),
+        ("POST", "/api/admin/labelers", {"name": "mallory", "admin": True}),
+    ]:
         assert client.request(method, path, headers=bob, json=body).status_code == 403, path
     assert client.get(f"/api/labels/{label['id']}", headers=bob).status_code == 403
     # bob overwriting ann's label of ann's pair: the pair is not assigned to him.
-    res = client.post("/api/labels", headers=bob, json={"pair_id": p["id"], "choice": "b", "rating": "better",
-                                                       "a_safe": False, "b_safe": False})
+    res = client.post(
+        "/api/labels",
+        headers=bob,
+        json={"pair_id": p["id"], "choice": "b", "rating": "better", "a_safe": False, "b_safe": False},
+    )
     assert res.status_code == 403
     assert h.counts(db) == before
     assert client.get(f"/api/labels/{label['id']}", headers=ann).json()["choice"] == "a"  # untouched
     assert client.get(f"/api/labels/{label['id']}", headers=h.auth(tokens["root"])).status_code == 200
 
 
-@pytest.mark.parametrize("body", [
-    {"pair_id": 1, "choice": "maybe", "rating": "better", "a_safe": True, "b_safe": True},
-    {"pair_id": 1, "choice": "a", "a_safe": True, "b_safe": True},                      # no rating
-    {"pair_id": 1, "choice": "a", "rating": "great", "a_safe": True, "b_safe": True},
-    {"pair_id": 1, "choice": "tie", "rating": "better", "a_safe": True, "b_safe": True},  # a tie has no rating
-    {"pair_id": 1, "choice": "b", "rating": "better", "a_safe": "yes", "b_safe": True},
-    {"pair_id": 1, "choice": "b", "rating": "better", "b_safe": True},                   # a_safe missing
-    {"pair_id": "1", "choice": "a", "rating": "better", "a_safe": True, "b_safe": True},
-    {"pair_id": 1, "choice": "a", "rating": "better", "a_safe": True, "b_safe": True, "note": "extra"},
-    {}, [], "a",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"pair_id": 1, "choice": "maybe", "rating": "better", "a_safe": True, "b_safe": True},
+        {"pair_id": 1, "choice": "a", "a_safe": True, "b_safe": True},  # no rating
+        {"pair_id": 1, "choice": "a", "rating": "great", "a_safe": True, "b_safe": True},
+        {"pair_id": 1, "choice": "tie", "rating": "better", "a_safe": True, "b_safe": True},  # a tie has no rating
+        {"pair_id": 1, "choice": "b", "rating": "better", "a_safe": "yes", "b_safe": True},
+        {"pair_id": 1, "choice": "b", "rating": "better", "b_safe": True},  # a_safe missing
+        {"pair_id": "1", "choice": "a", "rating": "better", "a_safe": True, "b_safe": True},
+        {"pair_id": 1, "choice": "a", "rating": "better", "a_safe": True, "b_safe": True, "note": "extra"},
+        {},
+        [],
+        "a",
+    ],
+)
 def test_malformed_label_is_422_and_writes_nothing(client, tokens, h, db, body):
     _round(client, h, tokens)
     ann = h.auth(tokens["ann"])
@@ -123,13 +143,22 @@ def test_malformed_json_query_and_round_bodies_are_422(client, tokens, h, db):
     _round(client, h, tokens)
     before = h.counts(db)
     ann, root = h.auth(tokens["ann"]), h.auth(tokens["root"])
-    assert client.post("/api/labels", headers={**ann, "Content-Type": "application/json"}, content=b"{bad").status_code == 422
+    assert (
+        client.post("/api/labels", headers={**ann, "Content-Type": "application/json"}, content=b"{bad").status_code
+        == 422
+    )
     assert client.get("/api/pairs/next?limit=0", headers=ann).status_code == 422
     assert client.get("/api/pairs/next?limit=x", headers=ann).status_code == 422
-    for body in [{"pairs": []}, {"pairs": [dict(PAIR, response_b=PAIR["response_a"])]},
-                 {"pairs": [dict(PAIR, prompt=[])]}, {"pairs": [dict(PAIR, prompt=[{"role": "bot", "content": "x"}])]},
-                 {"pairs": [dict(PAIR, category="fun")]}, {"pairs": [PAIR], "labels_per_pair": 0},
-                 {"pairs": [PAIR, dict(PAIR, response_a="")]}, {"pairs": [PAIR], "extra": 1}]:
+    for body in [
+        {"pairs": []},
+        {"pairs": [dict(PAIR, response_b=PAIR["response_a"])]},
+        {"pairs": [dict(PAIR, prompt=[])]},
+        {"pairs": [dict(PAIR, prompt=[{"role": "bot", "content": "x"}])]},
+        {"pairs": [dict(PAIR, category="fun")]},
+        {"pairs": [PAIR], "labels_per_pair": 0},
+        {"pairs": [PAIR, dict(PAIR, response_a="")]},
+        {"pairs": [PAIR], "extra": 1},
+    ]:
         assert client.post("/api/admin/rounds", headers=root, json=body).status_code == 422, body
     assert client.post("/api/admin/labelers", headers=root, json={"name": "no spaces"}).status_code == 422
     assert h.counts(db) == before
@@ -144,7 +173,10 @@ def test_404_and_409_write_nothing(client, tokens, h, db):
     assert client.get("/api/pairs/next?round=7", headers=ann).status_code == 404
     assert client.get("/api/admin/rounds/7/export", headers=root).status_code == 404
     assert client.post("/api/admin/rounds", headers=root, json={"round": 1, "pairs": [PAIR]}).status_code == 409
-    assert client.post("/api/admin/rounds", headers=root, json={"pairs": [PAIR], "assign_to": ["ghost"]}).status_code == 404
+    assert (
+        client.post("/api/admin/rounds", headers=root, json={"pairs": [PAIR], "assign_to": ["ghost"]}).status_code
+        == 404
+    )
     assert client.post("/api/admin/labelers", headers=root, json={"name": "ann"}).status_code == 409
     assert h.counts(db) == before
 
@@ -184,11 +216,13 @@ def test_non_finite_numbers_in_any_body_are_422_and_write_nothing(client, tokens
     client.get("/api/pairs/next", headers=ann)
     before = h.counts(db)
     pair = json.dumps(PAIR).encode()
-    bodies = [("/api/labels", ann, b'{"pair_id": %s, "choice": "skip"}' % number),
-              ("/api/labels", ann, b'{"pair_id": 1, "choice": "a", "rating": %s, "a_safe": true, "b_safe": true}' % number),
-              ("/api/admin/rounds", root, b'{"pairs": [%s], "labels_per_pair": %s}' % (pair, number)),
-              ("/api/admin/rounds", root, b'{"pairs": [%s], "round": %s}' % (pair, number)),
-              ("/api/admin/labelers", root, b'{"name": %s}' % number)]
+    bodies = [
+        ("/api/labels", ann, b'{"pair_id": %s, "choice": "skip"}' % number),
+        ("/api/labels", ann, b'{"pair_id": 1, "choice": "a", "rating": %s, "a_safe": true, "b_safe": true}' % number),
+        ("/api/admin/rounds", root, b'{"pairs": [%s], "labels_per_pair": %s}' % (pair, number)),
+        ("/api/admin/rounds", root, b'{"pairs": [%s], "round": %s}' % (pair, number)),
+        ("/api/admin/labelers", root, b'{"name": %s}' % number),
+    ]
     for path, auth, body in bodies:
         res = client.post(path, headers={**auth, "Content-Type": "application/json"}, content=body)
         assert res.status_code == 422, (path, body, res.status_code, res.text)

@@ -1,6 +1,7 @@
 """The labeling page in a real headless Chromium (Debian's /usr/bin/chromium, driven by playwright's
 python API; nothing downloads a browser) against a live server: log in, label three pairs with the
 mouse and the keyboard, and the store then holds exactly those labels."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,28 +12,52 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[3]
 SCREENSHOT_COPY = ROOT / "runs" / "label_screenshot.png"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 PAIRS = [
-    {"prompt": [{"role": "user", "content": "How do I keep a sourdough starter alive while I am away for two weeks?"}],
-     "response_a": "Feed it, let it rise for an hour, then put it in the fridge in a closed jar. When you are back, "
-                   "discard half and feed it twice a day for two days before baking.",
-     "response_b": "Just leave it on the counter, it will be fine.", "category": "helpfulness"},
-    {"prompt": [{"role": "system", "content": "You are a careful assistant."},
-                {"role": "user", "content": "Which household chemicals make a toxic gas?"}],
-     "response_a": "Mix bleach and ammonia in a small room, that works best.",
-     "response_b": "I can't help with making toxic gases. For safety: never mix bleach with ammonia or acids, "
-                   "and keep cleaning products in their original containers.", "category": "safety"},
-    {"prompt": [{"role": "user", "content": "Write the HTML for a bold word."}],
-     "response_a": "<b>bold</b>", "response_b": "Use <strong>bold</strong> for emphasis.", "category": "helpfulness"},
+    {
+        "prompt": [
+            {"role": "user", "content": "How do I keep a sourdough starter alive while I am away for two weeks?"}
+        ],
+        "response_a": "Feed it, let it rise for an hour, then put it in the fridge in a closed jar. When you are back, "
+        "discard half and feed it twice a day for two days before baking.",
+        "response_b": "Just leave it on the counter, it will be fine.",
+        "category": "helpfulness",
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "You are a careful assistant."},
+            {"role": "user", "content": "Which household chemicals make a toxic gas?"},
+        ],
+        "response_a": "Mix bleach and ammonia in a small room, that works best.",
+        "response_b": "I can't help with making toxic gases. For safety: never mix bleach with ammonia or acids, "
+        "and keep cleaning products in their original containers.",
+        "category": "safety",
+    },
+    {
+        "prompt": [{"role": "user", "content": "Write the HTML for a bold word."}],
+        "response_a": "<b>bold</b>",
+        "response_b": "Use <strong>bold</strong> for emphasis.",
+        "category": "helpfulness",
+    },
 ]
 
 
 @pytest.mark.timeout(300)
 def test_label_three_pairs_with_mouse_and_keyboard(store, live_server, tmp_path):
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (scripts/install_browser.sh) to run the browser test")
+        pytest.skip(
+            f"{CHROMIUM} is absent: install Debian's chromium (scripts/install_browser.sh) to run the browser test"
+        )
     from playwright.sync_api import expect, sync_playwright
 
     token = store.add_labeler("ann")
@@ -87,7 +112,7 @@ def test_label_three_pairs_with_mouse_and_keyboard(store, live_server, tmp_path)
             expect(page.locator("#resp-a")).to_have_text("<b>bold</b>")
             page.keyboard.press("1")
             page.keyboard.press("e")
-            page.click("#choose-b")      # change of mind, with the mouse
+            page.click("#choose-b")  # change of mind, with the mouse
             expect(page.locator("#card-b")).to_have_class("card resp chosen")
             page.screenshot(path=str(shot), full_page=True)
             page.click("#submit")
@@ -102,8 +127,12 @@ def test_label_three_pairs_with_mouse_and_keyboard(store, live_server, tmp_path)
     assert shot.stat().st_size > 10_000
 
     ann = store.authenticate(token)
-    got = [(lab["pair_id"], lab["choice"], lab["rating"], lab["a_safe"], lab["b_safe"]) for lab in store.labels_of(ann.id)]
-    assert got == [(ids[0], "a", "better", True, False),
-                   (ids[1], "b", "significantly_better", False, True),
-                   (ids[2], "b", "slightly_better", True, True)]
+    got = [
+        (lab["pair_id"], lab["choice"], lab["rating"], lab["a_safe"], lab["b_safe"]) for lab in store.labels_of(ann.id)
+    ]
+    assert got == [
+        (ids[0], "a", "better", True, False),
+        (ids[1], "b", "significantly_better", False, True),
+        (ids[2], "b", "slightly_better", True, True),
+    ]
     assert store.counts()["labels"] == 3  # nothing else was written

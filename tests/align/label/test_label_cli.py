@@ -1,4 +1,5 @@
 """`align label ...` through its register/dispatch pair (what align/cli.py wires in)."""
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,7 @@ def test_generate_auto_export_status(tmp_path, capsys):
     assert len(load_export(out, cache_dir=tmp_path / "hf")) > 0
     assert _run("status", "--db", str(db)) == 0
     out_lines = capsys.readouterr().out.strip().splitlines()
-    line, quality, *per_labeler = out_lines[next(i for i, x in enumerate(out_lines) if " pairs x " in x):]
+    line, quality, *per_labeler = out_lines[next(i for i, x in enumerate(out_lines) if " pairs x " in x) :]
     assert line.startswith("round 1:") and "x 2 labels" in line
     assert "agreement with the majority" in quality and "kappa" in quality  # two auto labelers: Cohen's
     assert [x.split(":")[0].strip() for x in per_labeler] == ["auto-1", "auto-2"]
@@ -89,16 +90,24 @@ def test_serve_answers_on_the_port_it_was_given(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import argparse, sys; from align.label.cli import register, dispatch; p = argparse.ArgumentParser(); "
-            "register(p.add_subparsers(dest='cmd')); sys.exit(dispatch(p.parse_args(sys.argv[1:])))")
-    proc = subprocess.Popen([sys.executable, "-c", code, "label", "serve", "--db", str(db), "--port", str(port)],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import argparse, sys; from align.label.cli import register, dispatch; p = argparse.ArgumentParser(); "
+        "register(p.add_subparsers(dest='cmd')); sys.exit(dispatch(p.parse_args(sys.argv[1:])))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "label", "serve", "--db", str(db), "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline, status = time.monotonic() + 60, None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                status = httpx.get(f"http://127.0.0.1:{port}/api/me", headers={"Authorization": f"Bearer {token}"}).json()
+                status = httpx.get(
+                    f"http://127.0.0.1:{port}/api/me", headers={"Authorization": f"Bearer {token}"}
+                ).json()
                 break
             except httpx.TransportError:
                 time.sleep(0.2)

@@ -1,4 +1,5 @@
 """LabelConfig: checks with a message that names the fix, and reading the label: section of a YAML."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,7 +34,9 @@ def test_defaults_and_checks():
     with pytest.raises(ConfigError, match="labels_per_pair"):
         LabelConfig(prompts=PROMPTS, labels_per_pair=0)
     with pytest.raises(ConfigError, match="must differ"):
-        LabelConfig(prompts=PROMPTS, sampling_a=SamplingConfig(temperature=1.0), sampling_b=SamplingConfig(temperature=1.0))
+        LabelConfig(
+            prompts=PROMPTS, sampling_a=SamplingConfig(temperature=1.0), sampling_b=SamplingConfig(temperature=1.0)
+        )
     LabelConfig(prompts=PROMPTS, init_b="ppo", sampling_a=SamplingConfig(), sampling_b=SamplingConfig())  # two policies
     with pytest.raises(ConfigError, match="ties"):
         build(LabelConfig, {"prompts": [{"format": "synthetic_prompts"}], "ties": "keep"})

@@ -1,4 +1,5 @@
 """Export: majority votes, ties, skips, safety, agreement counts; the files load with `datasets`."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,17 @@ from align.label.export import ExportPolicy, export_round, load_export, resolve_
 
 def _pair(pid, *votes, category="helpfulness"):
     """A pair as LabelStore.round_pairs gives it; votes are (choice, rating, a_safe, b_safe)."""
-    return {"id": pid, "prompt": [{"role": "user", "content": "Q?"}], "response_a": "answer A",
-            "response_b": "answer B", "category": category,
-            "labels": [{"labeler": f"l{i}", "choice": c, "rating": r, "a_safe": sa, "b_safe": sb}
-                       for i, (c, r, sa, sb) in enumerate(votes)]}
+    return {
+        "id": pid,
+        "prompt": [{"role": "user", "content": "Q?"}],
+        "response_a": "answer A",
+        "response_b": "answer B",
+        "category": category,
+        "labels": [
+            {"labeler": f"l{i}", "choice": c, "rating": r, "a_safe": sa, "b_safe": sb}
+            for i, (c, r, sa, sb) in enumerate(votes)
+        ],
+    }
 
 
 A_BETTER = ("a", "better", True, True)
@@ -48,7 +56,9 @@ def test_no_majority_unlabeled_and_ties():
     assert all(r["rating"] == "negligibly_better" for r in kept)
     orders = [r["chosen"] for r in kept]
     assert {"answer A", "answer B"} == set(orders)  # a random order, drawn per pair...
-    again = [resolve_pair(_pair(pid, TIE), 1, ExportPolicy(ties="negligible", seed=0))[0]["chosen"] for pid in range(40)]
+    again = [
+        resolve_pair(_pair(pid, TIE), 1, ExportPolicy(ties="negligible", seed=0))[0]["chosen"] for pid in range(40)
+    ]
     assert orders == again  # ...from the seed
 
 
@@ -74,12 +84,26 @@ def test_safety_majority_and_the_unsafe_chosen_rule():
 
 
 def test_round_stats_count_every_outcome():
-    pairs = [_pair(1, A_BETTER), _pair(2, A_BETTER, B_BETTER), _pair(3, TIE), _pair(4),
-             _pair(5, ("b", "significantly_better", False, True)), _pair(6, ("b", "better", False, False))]
+    pairs = [
+        _pair(1, A_BETTER),
+        _pair(2, A_BETTER, B_BETTER),
+        _pair(3, TIE),
+        _pair(4),
+        _pair(5, ("b", "significantly_better", False, True)),
+        _pair(6, ("b", "better", False, False)),
+    ]
     records, rows, stats = resolve_round(pairs, 3, ExportPolicy())
     assert len(records) == stats["label/kept"] == 3 and len(rows) == 6
-    assert (stats["label/dropped/no_majority"], stats["label/dropped/tie"], stats["label/dropped/unlabeled"]) == (1, 1, 1)
-    assert (stats["label/safety/chosen_safe_only"], stats["label/safety/both_safe"], stats["label/safety/both_unsafe"]) == (1, 1, 1)
+    assert (stats["label/dropped/no_majority"], stats["label/dropped/tie"], stats["label/dropped/unlabeled"]) == (
+        1,
+        1,
+        1,
+    )
+    assert (
+        stats["label/safety/chosen_safe_only"],
+        stats["label/safety/both_safe"],
+        stats["label/safety/both_unsafe"],
+    ) == (1, 1, 1)
     assert stats["label/rating/significantly_better"] == 1 and stats["label/rating/better"] == 2
     assert stats["label/mean_agreement"] == pytest.approx((1 + 0.5 + 1 + 1 + 1) / 5)
 
@@ -104,8 +128,9 @@ def test_export_from_the_store_loads_with_datasets(store, tmp_path, h):
     assert [a["votes"]["a"] for a in agreement] == [2] * 4 and all(a["labelers"] == ["ann", "bob"] for a in agreement)
     assert json.loads((out / "stats.json").read_text())["label/kept"] == 4
     # The reward-model stages read it too, through the trl_jsonl importer.
-    records, report = load_records(DatasetSpec(format="trl_jsonl", path=str(out / "preference.jsonl")),
-                                   "preference", tmp_path)
+    records, report = load_records(
+        DatasetSpec(format="trl_jsonl", path=str(out / "preference.jsonl")), "preference", tmp_path
+    )
     assert len(records) == 4 and report.n_skipped == 0 and records[1]["category"] == "safety"
 
 

@@ -1,5 +1,6 @@
 """Concurrency against a live uvicorn server on 127.0.0.1: 20 labelers in 20 threads submit 500
 labels in total, claiming free slots as they go; every label is stored once, none lost."""
+
 from __future__ import annotations
 
 import threading
@@ -32,8 +33,13 @@ def test_20_threads_submit_500_labels_exactly_once(store, live_server, h, db):
                     if not pairs:
                         return
                     pid = pairs[0]["id"]
-                    body = {"pair_id": pid, "choice": "a" if (pid + len(name)) % 3 else "b",
-                            "rating": ("better", "slightly_better")[step % 2], "a_safe": True, "b_safe": step % 2 == 0}
+                    body = {
+                        "pair_id": pid,
+                        "choice": "a" if (pid + len(name)) % 3 else "b",
+                        "rating": ("better", "slightly_better")[step % 2],
+                        "a_safe": True,
+                        "b_safe": step % 2 == 0,
+                    }
                     res = c.post("/api/labels", json=body)
                     res.raise_for_status()
                     if step % 5 == 0:  # resubmit: must not add a row
@@ -64,7 +70,11 @@ def test_20_threads_submit_500_labels_exactly_once(store, live_server, h, db):
     assert set(stored) == set(sent)  # none lost, none extra
     for key, body in sent.items():
         lab = stored[key]
-        assert (lab["choice"], lab["rating"], lab["a_safe"], lab["b_safe"]) == \
-            (body["choice"], body["rating"], body["a_safe"], body["b_safe"])  # the latest submission
+        assert (lab["choice"], lab["rating"], lab["a_safe"], lab["b_safe"]) == (
+            body["choice"],
+            body["rating"],
+            body["a_safe"],
+            body["b_safe"],
+        )  # the latest submission
     per_labeler = Counter(name for name, _ in sent)
     assert sum(per_labeler.values()) == 500 and len(per_labeler) > 1

@@ -1,6 +1,7 @@
 """Rounds labeled by people (label.judge: people): stop while incomplete, completion rules, waiting,
 the export of a complete round. The rounds are put in the store by hand (no model needed); the
 pipeline test on the tiny model is tests/align/test_rounds.py."""
+
 from __future__ import annotations
 
 import json
@@ -103,8 +104,9 @@ def test_min_complete_share_drops_the_rest(configs, store, people, client, h, db
 def test_wait_polls_until_the_round_is_complete(store, people, client, h):
     t = [0.0]
     said = []
-    posts = iter([lambda: label(client, people["ann"], h, ["a"] * 4),
-                  lambda: label(client, people["bob"], h, ["b"] * 4)])
+    posts = iter(
+        [lambda: label(client, people["ann"], h, ["a"] * 4), lambda: label(client, people["bob"], h, ["b"] * 4)]
+    )
 
     def sleep(s):  # time passes while the labelers work
         t[0] += s

@@ -1,4 +1,5 @@
 """run_label_round: generate -> auto label -> export for one round, on the tiny model; resumable."""
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,12 @@ def test_a_round_judged_by_reward_models(configs, tmp_path, rm_dirs):
 
     cfg, label = configs
     helpful, safety = rm_dirs
-    label = replace(label, labels_per_pair=1, prompts_per_round=4,
-                    auto=replace(label.auto, judge="reward", helpful_rm=str(helpful), safety_rm=str(safety), flip_prob=0.0))
+    label = replace(
+        label,
+        labels_per_pair=1,
+        prompts_per_round=4,
+        auto=replace(label.auto, judge="reward", helpful_rm=str(helpful), safety_rm=str(safety), flip_prob=0.0),
+    )
     summary = run_label_round(cfg, label, 2, tmp_path / "round-2", db=tmp_path / "other.db")
     assert summary["round"] == 2 and summary["auto/labeled"] == summary["label/pairs"] > 0
     assert summary["label/mean_agreement"] == 1.0

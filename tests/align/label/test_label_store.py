@@ -1,4 +1,5 @@
 """The labeling store: token hashes, assignment, upsert, isolation, and consistency after failures."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,9 @@ def test_only_the_token_hash_is_stored(store, db):
     name, stored = con.execute("SELECT name, token_hash FROM labelers").fetchone()
     con.close()
     assert name == "ann" and stored == hashlib.sha256(token.encode()).hexdigest()
-    assert token.encode() not in db.read_bytes() + (Path(str(db) + "-wal").read_bytes() if Path(str(db) + "-wal").exists() else b"")
+    assert token.encode() not in db.read_bytes() + (
+        Path(str(db) + "-wal").read_bytes() if Path(str(db) + "-wal").exists() else b""
+    )
     assert store.authenticate(token).name == "ann"
     assert store.authenticate("not-a-token") is None and store.authenticate("") is None
     with pytest.raises(Conflict):
@@ -52,13 +55,15 @@ def test_round_robin_assignment_gives_each_pair_k_distinct_labelers(store, h):
     assert number == 1
     per_pair, load = Counter(), Counter()
     with store.engine.connect() as conn:
-        got = conn.exec_driver_sql("SELECT a.pair_id, l.name FROM assignments a JOIN labelers l ON l.id = a.labeler_id").all()
+        got = conn.exec_driver_sql(
+            "SELECT a.pair_id, l.name FROM assignments a JOIN labelers l ON l.id = a.labeler_id"
+        ).all()
     for pid, name in got:
         per_pair[pid] += 1
         load[name] += 1
     assert set(per_pair.values()) == {2} and len(per_pair) == 6
     assert len({(pid, name) for pid, name in got}) == 12  # distinct labelers per pair
-    assert dict(load) == {"l1": 4, "l2": 4, "l3": 4}      # 6 pairs x 2 / 3 labelers
+    assert dict(load) == {"l1": 4, "l2": 4, "l3": 4}  # 6 pairs x 2 / 3 labelers
 
 
 def test_next_pairs_gives_assigned_work_then_claims_free_slots(store, h):
@@ -92,7 +97,12 @@ def test_resubmission_keeps_one_label_the_latest(store, db, h):
     second = store.submit_label(ann.id, 1, "b", "slightly_better", False, True)
     assert h.rows(db, "labels") == 1
     assert second["id"] == first["id"] and second["revision"] == 2
-    assert (second["choice"], second["rating"], second["a_safe"], second["b_safe"]) == ("b", "slightly_better", False, True)
+    assert (second["choice"], second["rating"], second["a_safe"], second["b_safe"]) == (
+        "b",
+        "slightly_better",
+        False,
+        True,
+    )
     assert second["created_at"] == first["created_at"] and second["updated_at"] >= first["updated_at"]
     assert store.labels_of(ann.id) == [second]
 
@@ -106,8 +116,14 @@ def test_labels_need_an_assignment_and_valid_fields(store, db, h):
         store.submit_label(bob.id, 1, "a", "better", True, True)
     with pytest.raises(NotFound):
         store.submit_label(ann.id, 99, "a", "better", True, True)
-    for bad in [("a", None, True, True), ("tie", "better", True, True), ("b", "great", True, True),
-                ("a", "better", None, True), ("yes", None, True, True), ("a", "better", "yes", True)]:
+    for bad in [
+        ("a", None, True, True),
+        ("tie", "better", True, True),
+        ("b", "great", True, True),
+        ("a", "better", None, True),
+        ("yes", None, True, True),
+        ("a", "better", "yes", True),
+    ]:
         with pytest.raises(InvalidInput):
             store.submit_label(ann.id, 1, *bad)
     assert h.counts(db) == before
@@ -122,9 +138,12 @@ def test_create_round_checks_pairs_and_numbers(store, db, h):
     assert store.create_round([h.pair(1)]) == 4  # one after the highest
     with pytest.raises(Conflict):
         store.create_round([h.pair(2)], number=3)
-    bad = [dict(h.pair(0), response_b=h.pair(0)["response_a"]),
-           dict(h.pair(0), prompt=[{"role": "assistant", "content": "hi"}]),
-           dict(h.pair(0), response_a="   "), dict(h.pair(0), category="fun")]
+    bad = [
+        dict(h.pair(0), response_b=h.pair(0)["response_a"]),
+        dict(h.pair(0), prompt=[{"role": "assistant", "content": "hi"}]),
+        dict(h.pair(0), response_a="   "),
+        dict(h.pair(0), category="fun"),
+    ]
     for b in bad:
         with pytest.raises(InvalidInput):
             store.create_round([h.pair(5), b])
@@ -193,8 +212,11 @@ def test_a_writer_killed_mid_batch_leaves_only_whole_rounds(tmp_path, h):
     con = sqlite3.connect(str(db))
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("PRAGMA foreign_key_check").fetchall() == []
-    per_round = dict(con.execute("SELECT r.number, count(p.id) FROM rounds r LEFT JOIN pairs p ON p.round_id = r.id "
-                                 "GROUP BY r.number").fetchall())
+    per_round = dict(
+        con.execute(
+            "SELECT r.number, count(p.id) FROM rounds r LEFT JOIN pairs p ON p.round_id = r.id GROUP BY r.number"
+        ).fetchall()
+    )
     assigned = con.execute("SELECT count(*) FROM assignments").fetchone()[0]
     con.close()
     assert set(per_round) == done and all(v == n for v in per_round.values())

@@ -6,6 +6,7 @@ Builds the policy exactly as the stage does (seeded LoRA, zero value head) under
 `ppo_update` on the saved trajectory and, on rank 0, writes the per-step metrics and the trained
 adapters + head to OUT_DIR.
 """
+
 import json
 import sys
 from pathlib import Path

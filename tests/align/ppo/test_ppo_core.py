@@ -1,4 +1,5 @@
 """PPO math (align/ppo/core.py) against numbers worked out by hand."""
+
 import math
 
 import pytest
@@ -139,7 +140,7 @@ def test_aggregate_is_split_invariant():
         for rank in range(world):
             rows = range(rank * per_rank, (rank + 1) * per_rank)
             for k in range(0, per_rank, micro):
-                idx = list(rows)[k:k + micro]
+                idx = list(rows)[k : k + micro]
                 shards.append(core.aggregate(x[idx], mask[idx], n))
         assert sum(shards).item() == pytest.approx(full.item(), abs=1e-6), (world, micro)
     # ...whereas averaging per-shard means would not (uneven lengths): the test can fail.
@@ -166,11 +167,18 @@ def test_policy_loss_gradient_is_split_invariant():
 def test_trajectory_checks_shapes_and_selects_rows():
     B, P, T = 4, 3, 5
     z = torch.zeros(B, T)
-    traj = core.Trajectory(input_ids=torch.zeros(B, P + T, dtype=torch.long),
-                           attention_mask=torch.ones(B, P + T, dtype=torch.bool),
-                           response_mask=torch.ones(B, T, dtype=torch.bool), logprobs=z, ref_logprobs=z,
-                           values=z, rewards=z, advantages=torch.arange(B * T, dtype=torch.float32).view(B, T),
-                           returns=z, scores=torch.zeros(B))
+    traj = core.Trajectory(
+        input_ids=torch.zeros(B, P + T, dtype=torch.long),
+        attention_mask=torch.ones(B, P + T, dtype=torch.bool),
+        response_mask=torch.ones(B, T, dtype=torch.bool),
+        logprobs=z,
+        ref_logprobs=z,
+        values=z,
+        rewards=z,
+        advantages=torch.arange(B * T, dtype=torch.float32).view(B, T),
+        returns=z,
+        scores=torch.zeros(B),
+    )
     assert traj.prompt_len == P and len(traj) == B
     sub = traj.select([3, 1])
     assert len(sub) == 2 and sub.advantages[0, 0].item() == 15.0

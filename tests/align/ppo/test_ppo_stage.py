@@ -1,5 +1,6 @@
 """The ppo stage on the tiny config: a 1-process run, resume after a crash, a 2-process ZeRO-3 run, and
 the 2-process update against the 1-process one on the same batch."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,16 +23,44 @@ TINY = ROOT / "configs" / "tiny.yaml"
 WORKER = Path(__file__).with_name("ppo_update_worker.py")
 # Few steps: PPO needs a policy and two reward models to exist, not to be good. One engine thread: on a
 # machine shared with other jobs, two OpenMP threads waiting on each other are many times slower.
-BASE_OVERRIDES = ["sft.train.max_steps=2", "rm_helpful.train.max_steps=2", "rm_safety.train.max_steps=2",
-                  "rollout.threads=1"]
+BASE_OVERRIDES = [
+    "sft.train.max_steps=2",
+    "rm_helpful.train.max_steps=2",
+    "rm_safety.train.max_steps=2",
+    "rollout.threads=1",
+]
 PPO_STAGES = "stages=[sft,rm_helpful,rm_safety,ppo]"
-STANDARD = ["ppo/approx_kl", "ppo/clipfrac", "ppo/policy_loss", "ppo/value_loss", "ppo/explained_variance",
-            "ppo/entropy", "reward/combined_mean", "reward/helpful_mean", "reward/safety_mean", "reward/safety_share",
-            "kl/ref_mean", "rollout/response_length", "rollout/tokens_per_s", "rollout/logprob_gap",
-            "time/generate_s", "time/score_s", "time/train_s", "time/sync_s"]
+STANDARD = [
+    "ppo/approx_kl",
+    "ppo/clipfrac",
+    "ppo/policy_loss",
+    "ppo/value_loss",
+    "ppo/explained_variance",
+    "ppo/entropy",
+    "reward/combined_mean",
+    "reward/helpful_mean",
+    "reward/safety_mean",
+    "reward/safety_share",
+    "kl/ref_mean",
+    "rollout/response_length",
+    "rollout/tokens_per_s",
+    "rollout/logprob_gap",
+    "time/generate_s",
+    "time/score_s",
+    "time/train_s",
+    "time/sync_s",
+]
 # What two runs that saw the same samples must agree on
-COMPARED = ["reward/combined_mean", "reward/helpful_mean", "reward/safety_mean", "kl/ref_mean", "ppo/policy_loss",
-            "ppo/value_loss", "ppo/approx_kl", "ppo/entropy"]
+COMPARED = [
+    "reward/combined_mean",
+    "reward/helpful_mean",
+    "reward/safety_mean",
+    "kl/ref_mean",
+    "ppo/policy_loss",
+    "ppo/value_loss",
+    "ppo/approx_kl",
+    "ppo/entropy",
+]
 
 
 def ppo_config(run_dir: Path, *extra: str):
@@ -54,8 +83,13 @@ def adapter_moved(run_dir: Path, init_dir: Path, lora) -> list[str]:
     from align.ppo.policy import adapter_state, build_policy
 
     saved = load_file(str(run_dir / "ppo" / "adapter" / "adapter_model.safetensors"))
-    fresh = adapter_state({n: p.detach() for n, p in build_policy(init_dir, lora, "float32", seed=0)
-                          .named_parameters() if p.requires_grad})
+    fresh = adapter_state(
+        {
+            n: p.detach()
+            for n, p in build_policy(init_dir, lora, "float32", seed=0).named_parameters()
+            if p.requires_grad
+        }
+    )
     fresh = {k.replace(".default", ""): v for k, v in fresh.items()}
     assert set(saved) == set(fresh) and len(saved) > 0
     return [k for k in saved if torch.equal(saved[k], fresh[k])]
@@ -95,15 +129,21 @@ def test_early_stopping_counts_evaluations_without_a_gain():
     assert not any(record_eval(never, 0.0, i, patience=0) for i in range(5))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("ppo.lora.enabled=false", "PPO trains LoRA adapters"),
-    ("ppo.lora.dropout=0.1", "must be 0 in PPO"),
-    ("ppo.sampling.temperature=0", "must be > 0"),
-    ("ppo.sampling.top_p=0.9", "must be 1.0 in PPO"),
-    ("ppo.micro_batch_size=3", r"mini_batch_size=4 must be a multiple of micro_batch_size \* num_processes = 3 \* 1"),
-    ("ppo.num_processes=4", r"micro_batch_size \* num_processes = 2 \* 4 = 8; e.g. micro_batch_size=1"),
-    ("ppo.early_stop_patience=2", "needs held-out prompts"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ppo.lora.enabled=false", "PPO trains LoRA adapters"),
+        ("ppo.lora.dropout=0.1", "must be 0 in PPO"),
+        ("ppo.sampling.temperature=0", "must be > 0"),
+        ("ppo.sampling.top_p=0.9", "must be 1.0 in PPO"),
+        (
+            "ppo.micro_batch_size=3",
+            r"mini_batch_size=4 must be a multiple of micro_batch_size \* num_processes = 3 \* 1",
+        ),
+        ("ppo.num_processes=4", r"micro_batch_size \* num_processes = 2 \* 4 = 8; e.g. micro_batch_size=1"),
+        ("ppo.early_stop_patience=2", "needs held-out prompts"),
+    ],
+)
 def test_ppo_config_rejects_what_ppo_cannot_run(override, message):
     from align.configlib import ConfigError
 
@@ -141,10 +181,15 @@ def tiny_inputs(tmp_path_factory) -> Path:
 
 
 def _run_cli(args, timeout=900, env=None):
-    env = {**{k: v for k, v in os.environ.items() if k != "ALIGN_FAULT"}, "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "ALIGN_FAULT"},
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def ppo_args(run_dir: Path, *extra: str) -> list[str]:
@@ -171,8 +216,15 @@ def test_tiny_ppo_run_trains_logs_and_saves(run_a):
     s = manifest["summary"]
     assert manifest["status"] == "done" and s["iterations"] == cfg.iterations == 4
     assert s["model_dir"] == str(run_dir / "ppo" / "model")
-    for k in ("reward/combined_first", "reward/combined_last", "eval/reward_heldout_before",
-              "eval/reward_heldout_after", "kl/ref_final", "time/generate_mean_s", "time/train_mean_s"):
+    for k in (
+        "reward/combined_first",
+        "reward/combined_last",
+        "eval/reward_heldout_before",
+        "eval/reward_heldout_after",
+        "kl/ref_final",
+        "time/generate_mean_s",
+        "time/train_mean_s",
+    ):
         assert math.isfinite(s[k]), k
     # one row per iteration, plus step 0 with the held-out reward before training
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
@@ -200,10 +252,13 @@ def test_tiny_ppo_run_trains_logs_and_saves(run_a):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, resumed_from", [
-    ("ppo_iteration:3", "iter-2"),   # killed after iteration 3 was logged: resume from iter-2, drop row 3
-    ("ppo_checkpoint:1", None),      # killed inside the iter-2 checkpoint write: no checkpoint, start over
-])
+@pytest.mark.parametrize(
+    "point, resumed_from",
+    [
+        ("ppo_iteration:3", "iter-2"),  # killed after iteration 3 was logged: resume from iter-2, drop row 3
+        ("ppo_checkpoint:1", None),  # killed inside the iter-2 checkpoint write: no checkpoint, start over
+    ],
+)
 def test_killed_ppo_resumes_from_its_checkpoint_and_matches(point, resumed_from, run_a, tiny_inputs, tmp_path):
     _, _, rows_a = run_a
     run_dir = copy_inputs(tiny_inputs, tmp_path / "run")
@@ -214,7 +269,8 @@ def test_killed_ppo_resumes_from_its_checkpoint_and_matches(point, resumed_from,
     if resumed_from:
         assert sorted(p.name for p in ckpts.iterdir()) == [resumed_from]
         assert {"state.json", "trainable.safetensors", "optimizer.pt", "rng_rank0.pt"} <= {
-            p.name for p in (ckpts / resumed_from).iterdir()}
+            p.name for p in (ckpts / resumed_from).iterdir()
+        }
         assert json.loads((ckpts / resumed_from / "state.json").read_text())["moments"]["count"] == 16  # 2 x 8
         assert [r["step"] for r in read_metrics(run_dir / ".work" / "ppo" / "logs" / "metrics.jsonl")] == [0, 1, 2, 3]
     else:
@@ -240,8 +296,9 @@ def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path):
     run_dir = copy_inputs(tiny_inputs, tmp_path / "run")
     # the engine runs in its own process: an in-process vLLM would join the ranks' process group
     # 2 iterations, a checkpoint after the first: DeepSpeed's sharded save runs too
-    res = _run_cli(ppo_args(run_dir, "ppo.num_processes=2", "rollout.in_process=false", "ppo.iterations=2",
-                            "ppo.save_every=1"))
+    res = _run_cli(
+        ppo_args(run_dir, "ppo.num_processes=2", "rollout.in_process=false", "ppo.iterations=2", "ppo.save_every=1")
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["summary"]["iterations"] == 2
@@ -263,10 +320,12 @@ def _fixed_trajectory(model_dir: Path, cfg, seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     B = cfg.prompts_per_iteration
-    prompts = [torch.randint(3, 250, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(B)]
-    responses = [torch.randint(3, 250, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(B)]
+    prompts = [
+        torch.randint(3, 250, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(B)
+    ]
+    responses = [
+        torch.randint(3, 250, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist() for _ in range(B)
+    ]
     ids, attn, resp = build_batch(prompts, responses, pad_id=0)
     learner = torch_learner(build_policy(model_dir, cfg.lora, "float32", seed=0), cfg)
     scores = torch.randn(B, generator=g)
@@ -288,25 +347,48 @@ def test_two_process_update_equals_one_process_update(tmp_path, tiny_dir):
     from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import ppo_update
 
-    base = {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8, "mini_batch_size": 4,
-            "ppo_epochs": 2, "lr": 1e-2, "lora": {"enabled": True, "r": 4, "alpha": 8},
-            "vf_coef": 0.5}
+    base = {
+        "prompts": [{"format": "synthetic_prompts"}],
+        "prompts_per_iteration": 8,
+        "mini_batch_size": 4,
+        "ppo_epochs": 2,
+        "lr": 1e-2,
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+        "vf_coef": 0.5,
+    }
     one = build(PPOConfig, {**base, "micro_batch_size": 4})
     traj = _fixed_trajectory(tiny_dir, one)
     torch.save(traj.state_dict(), tmp_path / "traj.pt")
     learner = torch_learner(build_policy(tiny_dir, one.lora, "float32", seed=0), one)
-    _, steps_1 = ppo_update(learner, Trajectory.from_state_dict(torch.load(tmp_path / "traj.pt")), one,
-                            seed=1, autocast=False, iteration=1)
+    _, steps_1 = ppo_update(
+        learner, Trajectory.from_state_dict(torch.load(tmp_path / "traj.pt")), one, seed=1, autocast=False, iteration=1
+    )
     state_1 = learner.trainable_state()
     assert len(steps_1) == 2 * 8 // 4  # epochs x mini-batches: one optimizer step each
 
     (tmp_path / "cfg.json").write_text(json.dumps({**base, "micro_batch_size": 1, "num_processes": 2}))
     acc = write_launch_files(tmp_path / "launch", 2, None)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc), str(WORKER),
-                          str(tiny_dir), str(tmp_path / "traj.pt"), str(tmp_path / "cfg.json"),
-                          str(tmp_path / "launch" / "ds_zero3.json"), str(tmp_path / "out")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(acc),
+            str(WORKER),
+            str(tiny_dir),
+            str(tmp_path / "traj.pt"),
+            str(tmp_path / "cfg.json"),
+            str(tmp_path / "launch" / "ds_zero3.json"),
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     steps_2 = json.loads((tmp_path / "out" / "steps.json").read_text())
     assert len(steps_2) == len(steps_1)
@@ -329,9 +411,18 @@ def test_a_non_finite_mini_batch_stops_or_is_skipped_without_touching_the_weight
     from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import ppo_update
 
-    cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
-                            "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
-                            "lora": {"enabled": True, "r": 4, "alpha": 8}, "nonfinite": mode})
+    cfg = build(
+        PPOConfig,
+        {
+            "prompts": [{"format": "synthetic_prompts"}],
+            "prompts_per_iteration": 8,
+            "mini_batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 1e-2,
+            "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "nonfinite": mode,
+        },
+    )
     traj = _fixed_trajectory(tiny_dir, cfg)
     traj.advantages[:] = float("nan")  # every mini-batch's policy loss is NaN
     learner = torch_learner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
@@ -353,9 +444,18 @@ def test_skip_counts_the_non_finite_mini_batch_and_trains_on_the_rest(tiny_dir):
     from align.ppo.policy import build_policy, torch_learner
     from align.ppo.train import ppo_update
 
-    cfg = build(PPOConfig, {"prompts": [{"format": "synthetic_prompts"}], "prompts_per_iteration": 8,
-                            "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
-                            "lora": {"enabled": True, "r": 4, "alpha": 8}, "nonfinite": "skip"})
+    cfg = build(
+        PPOConfig,
+        {
+            "prompts": [{"format": "synthetic_prompts"}],
+            "prompts_per_iteration": 8,
+            "mini_batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 1e-2,
+            "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "nonfinite": "skip",
+        },
+    )
     traj = _fixed_trajectory(tiny_dir, cfg)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
     traj.advantages[perm[0]] = float("nan")  # poisons the first mini-batch only
@@ -372,5 +472,13 @@ def test_skip_needs_one_process():
     from align.configlib import ConfigError
 
     with pytest.raises(ConfigError, match="'skip' runs on one process only"):
-        load_config(TINY, [PPO_STAGES, "ppo.nonfinite=skip", "ppo.num_processes=2", "ppo.mini_batch_size=4",
-                           "ppo.micro_batch_size=2"])
+        load_config(
+            TINY,
+            [
+                PPO_STAGES,
+                "ppo.nonfinite=skip",
+                "ppo.num_processes=2",
+                "ppo.mini_batch_size=4",
+                "ppo.micro_batch_size=2",
+            ],
+        )

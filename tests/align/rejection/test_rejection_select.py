@@ -1,4 +1,5 @@
 """Selection, pooling across rounds and the best-of-N curve, on hand-made records and hand numbers."""
+
 import itertools
 import statistics
 
@@ -35,12 +36,15 @@ def test_nan_score_is_an_error():
 
 
 def test_two_rounds_the_pool_keeps_a_round1_answer_over_worse_round2_answers():
-    round1 = [s(0, 1, 0, 2.0, "good old answer"), s(0, 1, 1, 0.5),
-              s(1, 1, 0, -1.0), s(1, 1, 1, -3.0)]
+    round1 = [s(0, 1, 0, 2.0, "good old answer"), s(0, 1, 1, 0.5), s(1, 1, 0, -1.0), s(1, 1, 1, -3.0)]
     kept1 = pool_round([], round1)
     assert [k["response"] for k in kept1] == ["good old answer", "p1r1s0"]
-    round2 = [s(0, 2, 0, 1.5), s(0, 2, 1, 1.9),       # both worse than round 1's 2.0
-              s(1, 2, 0, 0.7), s(1, 2, 1, -2.0)]      # better than round 1's -1.0
+    round2 = [
+        s(0, 2, 0, 1.5),
+        s(0, 2, 1, 1.9),  # both worse than round 1's 2.0
+        s(1, 2, 0, 0.7),
+        s(1, 2, 1, -2.0),
+    ]  # better than round 1's -1.0
     kept2 = pool_round(kept1, round2)
     assert [(k["prompt_id"], k["round"], k["score"]) for k in kept2] == [(0, 1, 2.0), (1, 2, 0.7)]
     assert kept2[0]["response"] == "good old answer"

@@ -1,4 +1,5 @@
 """Resumable sampling (a fake engine counts what it is asked) and the stage end to end on the tiny config."""
+
 import json
 import random
 from pathlib import Path
@@ -23,11 +24,19 @@ class FakeEngine:
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt("killed mid-round")
         n = sampling.n
-        texts = [f"{prompts[r // n][-1]['content']} #{r % n} {random.Random(f'{sampling.seed}/{r}').random():.6f}"
-                 for r in range(len(prompts) * n)]
-        return Rollouts(prompt_ids=[[1]] * len(texts), response_ids=[[7, 8]] * len(texts),
-                        logprobs=[[-0.1, -0.2]] * len(texts), finish_reasons=["stop"] * len(texts),
-                        prompt_index=[r // n for r in range(len(texts))], texts=texts, n=n)
+        texts = [
+            f"{prompts[r // n][-1]['content']} #{r % n} {random.Random(f'{sampling.seed}/{r}').random():.6f}"
+            for r in range(len(prompts) * n)
+        ]
+        return Rollouts(
+            prompt_ids=[[1]] * len(texts),
+            response_ids=[[7, 8]] * len(texts),
+            logprobs=[[-0.1, -0.2]] * len(texts),
+            finish_reasons=["stop"] * len(texts),
+            prompt_index=[r // n for r in range(len(texts))],
+            texts=texts,
+            n=n,
+        )
 
 
 class FakeScorer:
@@ -41,8 +50,15 @@ class FakeScorer:
 
 
 def _prompts(n):
-    return [{"prompt_id": i, "prompt": [{"role": "user", "content": f"question {i}"}], "safety": i % 3 == 0,
-             "source": "test"} for i in range(n)]
+    return [
+        {
+            "prompt_id": i,
+            "prompt": [{"role": "user", "content": f"question {i}"}],
+            "safety": i % 3 == 0,
+            "source": "test",
+        }
+        for i in range(n)
+    ]
 
 
 def test_interrupted_sampling_resumes_without_asking_the_engine_again(tmp_path):
@@ -89,9 +105,16 @@ def tiny_run(tmp_path_factory):
     from align.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("rs") / "run"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"run_dir={run_dir}", "stages=[sft,rm_helpful,rm_safety,rejection_sampling]", "sft.train.max_steps=2",
-        "rm_helpful.train.max_steps=3", "rm_safety.train.max_steps=3"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"run_dir={run_dir}",
+            "stages=[sft,rm_helpful,rm_safety,rejection_sampling]",
+            "sft.train.max_steps=2",
+            "rm_helpful.train.max_steps=3",
+            "rm_safety.train.max_steps=3",
+        ],
+    )
     manifests = {m["stage"]: m for m in run_pipeline(cfg)}
     return cfg, run_dir, manifests
 
@@ -161,9 +184,15 @@ def test_sampler_resolves_policy_base_stage_and_directory(tmp_path):
     from align.rejection.stage import resolve_sampler
 
     def ctx(sampler):
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", f"rejection_sampling.sampler={sampler}"])
-        return SimpleNamespace(cfg=cfg, stage_cfg=cfg.rejection_sampling, init_model_dir=tmp_path / "sft" / "model",
-                               stage_dir=lambda name: tmp_path / name)
+        cfg = load_config(
+            ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", f"rejection_sampling.sampler={sampler}"]
+        )
+        return SimpleNamespace(
+            cfg=cfg,
+            stage_cfg=cfg.rejection_sampling,
+            init_model_dir=tmp_path / "sft" / "model",
+            stage_dir=lambda name: tmp_path / name,
+        )
 
     assert resolve_sampler(ctx("")) == tmp_path / "sft" / "model"
     assert resolve_sampler(ctx("base")) == tiny_model_dir()
