@@ -655,6 +655,11 @@ class DataConfig:
     bad_rows: Literal["fail", "skip"] = option(
         "fail", help="a malformed data row: fail (name file and line) or skip it and count it"
     )
+    dedup: bool = option(
+        True,
+        help="drop exact duplicate records (the first kept) and held-out prompts that "
+        "are also trained on, counted in the manifest (docs/data.md)",
+    )
 
 
 STAGE_KINDS = {

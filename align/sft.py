@@ -62,6 +62,20 @@ def split_heldout(records: list[dict], n: int, seed: int) -> tuple[list[dict], l
     return [r for i, r in enumerate(records) if i not in test], [records[i] for i in sorted(test)]
 
 
+def split_records(records: list[dict], n: int, seed: int, dedup: bool = True) -> tuple[list[dict], list[dict], dict]:
+    """``(train, test, stats)``: `split_heldout`; with ``dedup``, of the records without exact duplicates (the
+    first kept), and then without the held-out ones whose prompt (turns before the first answer) is trained on."""
+    from align.data.dedup import drop_duplicates, drop_overlap
+
+    dups = overlap = 0
+    if dedup:
+        records, dups = drop_duplicates(records)
+    train, test = split_heldout(records, n, seed)
+    if dedup:
+        test, overlap = drop_overlap(test, train)
+    return train, test, {"data/duplicates_dropped": dups, "data/heldout_overlap_dropped": overlap}
+
+
 def answer_losses(model_dir: Path, dtype: str, rows) -> list[float]:
     """Each tokenised conversation's mean next-token loss over its trained (answer) tokens, in fp32.
 
@@ -392,7 +406,9 @@ def run_sft(ctx) -> dict:
     records, reports = load_datasets(
         cfg.datasets, "conversation", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed
     )
-    train_records, test_records = split_heldout(list(records), cfg.test_size, ctx.cfg.seed)
+    train_records, test_records, split_stats = split_records(
+        list(records), cfg.test_size, ctx.cfg.seed, ctx.cfg.data.dedup
+    )
     dataset, stats = tokenize_conversations(tokenizer, train_records, cfg.max_length)
     if ctx.is_main:
         print(
@@ -405,7 +421,13 @@ def run_sft(ctx) -> dict:
     before = answer_losses(ctx.init_model_dir, ctx.cfg.compute.dtype, test_rows) if ctx.is_main else []
     summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, cfg.packing)
     skipped = sum(sum(r.skipped.values()) for r in reports)
-    return {**stats, "data/bad_rows_skipped": skipped, **summary, **_heldout_summary(ctx, before, test_rows)}
+    return {
+        **stats,
+        "data/bad_rows_skipped": skipped,
+        **split_stats,
+        **summary,
+        **_heldout_summary(ctx, before, test_rows),
+    }
 
 
 def _heldout_summary(ctx, before: list[float], test_rows) -> dict:

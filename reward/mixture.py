@@ -7,16 +7,12 @@ Pure functions of record lists; deterministic given the seed.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import defaultdict
 from typing import Sequence
 
-
-def prompt_key(record: dict) -> str:
-    """A record's prompt (its whole conversation before the answer) as a comparable string."""
-    return json.dumps(record["prompt"], sort_keys=True, ensure_ascii=False)
+from align.data.dedup import prompt_key  # noqa: F401  (re-exported: the one definition of a prompt's key)
 
 
 def holdout(records: Sequence[dict], test_size: int, seed: int, per_prompt: int = 0) -> tuple[list[dict], list[dict]]:
@@ -53,13 +49,6 @@ def holdout(records: Sequence[dict], test_size: int, seed: int, per_prompt: int 
     train = [r for i, r in enumerate(records) if i not in held]
     test = [r for i, r in enumerate(records) if i in test_idx]
     return train, test
-
-
-def drop_prompts(records: Sequence[dict], held_out: Sequence[dict]) -> list[dict]:
-    """``records`` without those whose prompt is among ``held_out``'s (a prompt held out from one
-    source may appear in another)."""
-    keys = {prompt_key(r) for r in held_out}
-    return [r for r in records if prompt_key(r) not in keys]
 
 
 def mix(primary: Sequence[dict], secondary: Sequence[dict], secondary_share: float, seed: int) -> list[dict]:

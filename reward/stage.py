@@ -24,7 +24,8 @@ def load_pairs(ctx_cfg, specs, seed: int):
 
 def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[dict], list[dict], dict]:
     """(train mixture, held-out test pairs, data stats) for one reward-model config."""
-    from reward.mixture import balance_length, drop_prompts, holdout, mix
+    from align.data.dedup import drop_duplicates, drop_overlap
+    from reward.mixture import balance_length, holdout, mix
 
     primary, p_reports = load_pairs(pipeline_cfg, cfg.primary, seed)
     secondary, s_reports = load_pairs(pipeline_cfg, cfg.secondary, seed)
@@ -37,9 +38,16 @@ def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[d
         primary += [r for r in rows if r["category"] == cfg.category]
         secondary += [r for r in rows if r["category"] != cfg.category]
         p_reports += reports
+    p_dups = s_dups = 0
+    if pipeline_cfg.data.dedup:  # an exact copy of a pair, in any dataset of either side, is dropped: the first kept
+        primary, p_dups = drop_duplicates(primary)
+        secondary, s_dups = drop_duplicates(secondary, seen=primary)
     p_train, p_test = holdout(primary, cfg.test_size, seed, cfg.test_pairs_per_prompt)
     s_train, s_test = holdout(secondary, cfg.test_size, seed, cfg.test_pairs_per_prompt)
-    p_train, s_train = drop_prompts(p_train, p_test + s_test), drop_prompts(s_train, p_test + s_test)
+    # holdout keeps whole prompts out of its own source's training pairs; a held-out prompt that another
+    # source (or the other mixture side) also has leaves that training side, so the test set stays as drawn.
+    test = p_test + s_test
+    (p_train, p_overlap), (s_train, s_overlap) = drop_overlap(p_train, test), drop_overlap(s_train, test)
     if cfg.balance_length:
         p_train, s_train = balance_length(p_train, seed), balance_length(s_train, seed)
     train = mix(p_train, s_train, cfg.secondary_share if secondary else 0.0, seed)
@@ -51,8 +59,10 @@ def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[d
         "data/train_pairs": len(train),
         "data/test_pairs": len(p_test) + len(s_test),
         "data/bad_rows_skipped": sum(r.n_skipped for r in p_reports + s_reports),
+        "data/duplicates_dropped": p_dups + s_dups,
+        "data/heldout_overlap_dropped": p_overlap + s_overlap,
     }
-    return train, p_test + s_test, stats
+    return train, test, stats
 
 
 def run_reward(ctx) -> dict:

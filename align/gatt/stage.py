@@ -44,7 +44,26 @@ def load_user_sequences(ctx) -> tuple[list[tuple[list[str], list[tuple[str, str]
         got = [(u, answered_turns(r, kind)) for r in records if (u := user_turns(r, kind))]
         counts[f"data/{spec.format}_dialogues"] = counts.get(f"data/{spec.format}_dialogues", 0) + len(got)
         seqs.extend(got)
+    counts["data/duplicates_dropped"] = 0
+    if ctx.cfg.data.dedup:  # the same turns twice, in one dataset or across datasets, are one dialogue
+        from align.data.dedup import drop_duplicates
+
+        seqs, counts["data/duplicates_dropped"] = drop_duplicates(seqs, key=json.dumps)
     return seqs, counts
+
+
+def split_dialogues(loaded: list, n_eval: int, seed: int, dedup: bool = True) -> tuple[list, list, int]:
+    """(held-out user-turn sequences, training entries, how many held-out ones were dropped): ``n_eval`` of
+    the loaded (users, answered) entries held out by ``seed``; with ``dedup``, less those whose opening user
+    turn (where the instruction goes) also opens a training entry."""
+    from align.data.dedup import drop_overlap
+
+    loaded = list(loaded)
+    random.Random(f"{seed}/gatt/split").shuffle(loaded)
+    held, train, overlap = loaded[:n_eval], loaded[n_eval:], 0
+    if dedup:
+        held, overlap = drop_overlap(held, train, key=lambda entry: entry[0][0])
+    return [users for users, _ in held], train, overlap
 
 
 def _fits(tokenizer, max_model_len: int, max_new_tokens: int):
@@ -116,9 +135,9 @@ def run_gatt(ctx) -> dict:
     bank = InstructionBank.load(cfg.instructions)
     ref_kinds = bank.checkable_names(cfg.reference_kinds, "gatt.reference_kinds")
     loaded, data_stats = load_user_sequences(ctx)
-    random.Random(f"{seed}/gatt/split").shuffle(loaded)
-    eval_seqs = [users for users, _ in loaded[: cfg.eval_dialogues]]
-    train_loaded = loaded[cfg.eval_dialogues :]
+    eval_seqs, train_loaded, data_stats["data/heldout_overlap_dropped"] = split_dialogues(
+        loaded, cfg.eval_dialogues, seed, ctx.cfg.data.dedup
+    )
     train_seqs = [users for users, _ in train_loaded]
     if not train_seqs:
         raise AlignError(
@@ -129,10 +148,9 @@ def run_gatt(ctx) -> dict:
     irng = random.Random(f"{seed}/gatt/instructions")
     train_insts = [bank.sample(irng, cfg.shorten_prob) for _ in train_dialogues]
     max_turn = max(cfg.eval_turns)
+    # one held-out dialogue per held-out sequence left (eval_dialogues of them unless some overlapped training)
     held_out = (
-        make_dialogues(eval_seqs, cfg.eval_dialogues, max_turn, random.Random(f"{seed}/gatt/eval"))
-        if cfg.eval_dialogues
-        else []
+        make_dialogues(eval_seqs, len(eval_seqs), max_turn, random.Random(f"{seed}/gatt/eval")) if eval_seqs else []
     )
     eval_dialogues, eval_insts = evaluation_draws(bank, held_out, cfg.eval_repeats, seed)
     sampling, eval_sampling = _sampling(cfg), _sampling(cfg, cfg.eval_max_new_tokens)

@@ -69,6 +69,22 @@ def split_prompts(rows: list[dict], heldout: int, seed: int) -> tuple[list[dict]
     return [rows[i] for i in pool], [rows[i] for i in held]
 
 
+def split_unique_prompts(
+    rows: list[dict], heldout: int, seed: int, dedup: bool = True
+) -> tuple[list[dict], list[dict], dict]:
+    """(pool, held-out, counts): `split_prompts`; with ``dedup``, of the rows without exact duplicates (the
+    first kept), and then without the held-out prompts the pool also has."""
+    from align.data.dedup import drop_duplicates, drop_overlap
+
+    dups = overlap = 0
+    if dedup:
+        rows, dups = drop_duplicates(rows)
+    pool, held = split_prompts(rows, heldout, seed)
+    if dedup:
+        held, overlap = drop_overlap(held, pool)
+    return pool, held, {"data/duplicates_dropped": dups, "data/heldout_overlap_dropped": overlap}
+
+
 def iteration_prompts(n_pool: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
     """Pool indices of iteration `iteration` (1-based): consecutive slices of a stream of seeded
     permutations of the pool (one per pass), so every prompt is used once per pass and a resumed run
@@ -183,6 +199,7 @@ class Run:
     autocast: bool
     hf_ds_config: Optional[object] = None  # keeps ZeRO-3 model loading on while alive
     closers: list = field(default_factory=list)
+    data_stats: dict = field(default_factory=dict)  # the prompt split's counts, for the summary
 
     def close(self) -> None:
         for c in self.closers:
@@ -211,7 +228,9 @@ def setup(ctx) -> Run:
         init_distributed()
     tokenizer = load_tokenizer(ctx.init_model_dir)
     records, _ = load_datasets(cfg.prompts, "prompt", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed)
-    pool, heldout = split_prompts(records.to_list(), cfg.heldout_prompts, ctx.cfg.seed)
+    pool, heldout, data_stats = split_unique_prompts(
+        records.to_list(), cfg.heldout_prompts, ctx.cfg.seed, ctx.cfg.data.dedup
+    )
     if ctx.is_main:
         print(
             f"[align] {ctx.name}: {len(pool)} training prompts, {len(heldout)} held out; init {ctx.init_model_dir}",
@@ -274,6 +293,7 @@ def setup(ctx) -> Run:
         logger=logger,
         autocast=ctx.cfg.compute.bf16,
         hf_ds_config=hf_ds,
+        data_stats=data_stats,
     )
     if engine is not None:
         run.closers.append(engine.close)
@@ -519,7 +539,7 @@ def save(ctx, run: Run) -> dict:
         save_file(value_head_state(trainable), str(out / "value_head.safetensors"))
         rows = read_metrics(ctx.work_dir / "logs" / "metrics.jsonl")
         plot_curve(rows, out / "ppo_curve.png", ctx.stage_cfg.kl_bound)
-        summary = summarize(rows, run.state, str(ctx.run_dir / ctx.name / "model"))
+        summary = {**summarize(rows, run.state, str(ctx.run_dir / ctx.name / "model")), **run.data_stats}
     dist.barrier()
     return summary
 

@@ -96,6 +96,7 @@ def load_prompts(ctx, tokenizer) -> tuple[list[dict], list[dict], dict]:
     the policy's tokenizer) are dropped and counted, since the engine refuses them.
     """
     from align.chat import prompt_ids
+    from align.data.dedup import drop_duplicates, drop_overlap
     from align.data.load import load_datasets
 
     cfg = ctx.stage_cfg
@@ -107,10 +108,15 @@ def load_prompts(ctx, tokenizer) -> tuple[list[dict], list[dict], dict]:
             too_long += 1
             continue
         records.append({"prompt": rec["prompt"], "safety": bool(rec["safety"]), "source": rec["source"]})
+    dups = overlap = 0
+    if ctx.cfg.data.dedup:  # the same prompt twice, in one file or across files: the first kept
+        records, dups = drop_duplicates(records)
     random.Random(ctx.cfg.seed).shuffle(records)
     for i, rec in enumerate(records):
         rec["prompt_id"] = i
     heldout, train = records[: cfg.heldout_prompts], records[cfg.heldout_prompts :]
+    if ctx.cfg.data.dedup:
+        heldout, overlap = drop_overlap(heldout, train)
     if not train:
         raise AlignError(
             f"rejection_sampling: {len(records)} usable prompts, all held out (heldout_prompts="
@@ -123,6 +129,8 @@ def load_prompts(ctx, tokenizer) -> tuple[list[dict], list[dict], dict]:
         "data/prompts_too_long": too_long,
         "data/safety_prompts": sum(r["safety"] for r in train),
         "data/bad_rows_skipped": sum(sum(r.skipped.values()) for r in reports),
+        "data/duplicates_dropped": dups,
+        "data/heldout_overlap_dropped": overlap,
     }
     return train, heldout, stats
 

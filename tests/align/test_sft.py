@@ -354,3 +354,34 @@ def test_heldout_split_and_answer_losses(tiny_dir, tiny_tok):
         keep = torch.tensor(row["assistant_masks"][1:], dtype=torch.bool)
         expected = torch.nn.functional.cross_entropy(logits[keep], ids[0, 1:][keep])
         assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_split_records_drops_duplicates_and_held_out_prompts_trained_on():
+    from align.sft import split_heldout, split_records
+
+    def chat(q, a):
+        return {
+            "messages": [
+                {"role": "user", "content": q, "train": False},
+                {"role": "assistant", "content": a, "train": True},
+            ],
+            "source": "s",
+        }
+
+    records = [chat(f"q{i}", f"a{i}") for i in range(20)]
+    records += [chat("q3", "a3"), chat("q7", "a7")]  # exact duplicates: dropped, the first kept
+    records += [chat(f"q{i}", f"another a{i}") for i in range(10)]  # same prompts, other answers
+    train, test, stats = split_records(records, 8, seed=0)
+    assert stats["data/duplicates_dropped"] == 2
+    plain_train, plain_test = split_heldout(records[:20] + records[22:], 8, seed=0)  # the split itself is kept
+    assert train == plain_train and test == [r for r in plain_test if r in test]
+    prompts = {r["messages"][0]["content"] for r in train}
+    assert stats["data/heldout_overlap_dropped"] == sum(r["messages"][0]["content"] in prompts for r in plain_test) > 0
+    assert len(test) == 8 - stats["data/heldout_overlap_dropped"]
+    assert not prompts & {r["messages"][0]["content"] for r in test}
+    assert split_records(records, 8, seed=0) == (train, test, stats)
+    # off: the plain split, nothing counted
+    assert split_records(records, 8, seed=0, dedup=False) == (
+        *split_heldout(records, 8, seed=0),
+        {"data/duplicates_dropped": 0, "data/heldout_overlap_dropped": 0},
+    )

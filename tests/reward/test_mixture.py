@@ -1,6 +1,7 @@
 from collections import Counter
 
-from reward.mixture import balance_length, drop_prompts, holdout, mix, prompt_key
+from align.data.dedup import drop_overlap
+from reward.mixture import balance_length, holdout, mix, prompt_key
 
 
 def _recs(source, n, per_prompt=1):
@@ -38,11 +39,11 @@ def test_holdout_takes_whole_prompts():
     assert len(train) + len(test) == len(recs)
 
 
-def test_drop_prompts_removes_a_held_out_prompt_from_another_source():
+def test_drop_overlap_removes_a_held_out_prompt_from_another_source():
     a, b = _recs("a", 10), _recs("a", 10)
     for r in b:
         r["source"] = "b"  # same prompts, another source
-    assert drop_prompts(b, a[:3]) == b[3:]
+    assert drop_overlap(b, a[:3]) == (b[3:], 3)
 
 
 def test_balance_length_evens_chosen_longer_and_shorter_per_source():

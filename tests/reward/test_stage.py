@@ -41,3 +41,58 @@ def test_tiny_rm_stages_train_evaluate_and_report(tmp_path):
     assert len(train) - n_safety == round(n_safety / 9) > 0
     assert manifests["rm_safety"]["summary"]["data/train_pairs"] == len(train)
     assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in test}  # no held-out prompt trained on
+
+
+def _pairs(source, prompts):
+    return [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": f"good {p}",
+            "rejected": f"bad {p}",
+            "rating": "better",
+            "category": "helpfulness",
+            "source": source,
+        }
+        for p in prompts
+    ]
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_build_splits_counts_duplicates_and_cross_source_overlap(monkeypatch, dedup):
+    from types import SimpleNamespace
+
+    import reward.stage
+    from reward.mixture import prompt_key
+    from reward.stage import build_splits
+
+    # primary: 2 sources sharing every prompt, one pair twice; secondary: one copy of a primary pair
+    a = _pairs("a", [f"q{i}" for i in range(12)])
+    primary = a + [dict(a[0])] + _pairs("b", [f"q{i}" for i in range(12)])
+    for r in primary[13:]:
+        r["chosen"] = "another " + r["chosen"]  # b's pairs differ from a's, their prompts do not
+    secondary = [{**a[5], "source": "c"}] + _pairs("c", [f"s{i}" for i in range(12)])
+    data = {"p": primary, "s": secondary}
+    monkeypatch.setattr(
+        reward.stage,
+        "load_pairs",
+        lambda _cfg, specs, _seed: ([dict(r) for r in data[specs[0]]], [SimpleNamespace(n_skipped=0)]),
+    )
+    cfg = SimpleNamespace(
+        primary=["p"],
+        secondary=["s"],
+        test_size=3,
+        test_pairs_per_prompt=0,
+        balance_length=False,
+        secondary_share=0.5,
+        category="helpfulness",
+    )
+    train, test, stats = build_splits(cfg, SimpleNamespace(data=SimpleNamespace(dedup=dedup)), seed=0)
+    assert stats["data/duplicates_dropped"] == (2 if dedup else 0)
+    # a's held-out prompts are b's too (and b's a's): the training pairs that share one leave that side
+    held = {prompt_key(r) for r in test}
+    assert not held & {prompt_key(r) for r in train}
+    own = {src: {prompt_key(r) for r in test if r["source"] == src} for src in "abc"}
+    used = [r for i, r in enumerate(primary + secondary) if not (dedup and i in (12, 25))]
+    shared = sum(prompt_key(r) in held and prompt_key(r) not in own[r["source"]] for r in used)
+    assert stats["data/heldout_overlap_dropped"] == shared >= 3
+    assert stats["data/test_pairs"] == len(test) == 9  # the test set stays as drawn: 3 per source

@@ -91,3 +91,15 @@ def test_evaluation_budget_is_its_own():
     assert _sampling(g, g.eval_max_new_tokens).max_new_tokens == 24  # what run_gatt evaluates with
     assert _sampling(g).max_new_tokens == 16  # the training dialogues
     assert _sampling(g, 0).max_new_tokens == 16  # 0 = the sampling budget
+
+
+def test_split_dialogues_drops_held_out_openings_trained_on():
+    from align.gatt.stage import split_dialogues
+
+    loaded = [([f"u{i}", "more"], []) for i in range(12)] + [([f"u{i}", "other"], []) for i in range(6)]
+    held, train, overlap = split_dialogues(loaded, 6, seed=0)
+    plain_held, plain_train, none = split_dialogues(loaded, 6, seed=0, dedup=False)
+    assert none == 0 and train == plain_train and len(plain_held) == 6
+    openings = {users[0] for users, _ in train}
+    assert overlap == sum(users[0] in openings for users in plain_held) > 0
+    assert held == [users for users in plain_held if users[0] not in openings]

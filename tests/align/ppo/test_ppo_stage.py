@@ -116,6 +116,16 @@ def test_split_prompts_holds_out_a_fixed_subset():
         split_prompts(rows, 20, seed=0)
 
 
+def test_split_unique_prompts_drops_duplicates_before_the_split():
+    from align.ppo.stage import split_prompts, split_unique_prompts
+
+    rows = [{"prompt": [{"role": "user", "content": f"p{i % 15}"}], "safety": False, "source": "s"} for i in range(20)]
+    pool, held, stats = split_unique_prompts(rows, 5, seed=0)
+    assert stats == {"data/duplicates_dropped": 5, "data/heldout_overlap_dropped": 0}  # no copy left to overlap
+    assert (pool, held) == split_prompts(rows[:15], 5, seed=0)
+    assert split_unique_prompts(rows, 5, seed=0, dedup=False)[:2] == split_prompts(rows, 5, seed=0)
+
+
 def test_early_stopping_counts_evaluations_without_a_gain():
     from align.ppo.stage import record_eval
 

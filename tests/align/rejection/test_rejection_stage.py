@@ -211,3 +211,29 @@ def test_a_teacher_stage_must_run_before_rejection_sampling():
 
     with pytest.raises(ConfigError, match="needs the output of stage 'gatt'"):
         load_config(ROOT / "configs" / "tiny.yaml", ["rejection_sampling.sampler=gatt"])
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_load_prompts_counts_and_drops_duplicates(monkeypatch, dedup):
+    from types import SimpleNamespace
+
+    import align.chat
+    from align.config import DatasetSpec, load_config
+    from align.data.dedup import prompt_key
+    from align.rejection.stage import load_prompts
+
+    monkeypatch.setattr(align.chat, "prompt_ids", lambda _tok, _messages: [1])  # every prompt fits
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.dedup={str(dedup).lower()}"])
+    stage = cfg.stage("rejection_sampling")
+    # synthetic_prompts draws 20 prompts from a few templates: some come twice
+    spec = DatasetSpec(format="synthetic_prompts", limit=20)
+    stage_cfg = SimpleNamespace(prompts=(spec,), sampling=stage.sampling, heldout_prompts=4)
+    ctx = SimpleNamespace(cfg=cfg, stage_cfg=stage_cfg)
+    train, held, stats = load_prompts(ctx, tokenizer=None)
+    keys = [prompt_key(r) for r in train + held]
+    assert stats["data/prompts"] == len(train) and len(held) == stats["data/heldout_prompts"] == 4
+    assert stats["data/heldout_overlap_dropped"] == 0  # no copy of a prompt is left to overlap
+    if dedup:
+        assert stats["data/duplicates_dropped"] == 3 and len(keys) == len(set(keys)) == 17
+    else:
+        assert stats["data/duplicates_dropped"] == 0 and len(keys) == 20
