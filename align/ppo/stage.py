@@ -451,9 +451,9 @@ def train(ctx, run: Run) -> None:
         row = {}
         if run.heldout and (it % cfg.eval_every == 0 or it == cfg.iterations):
             t0 = time.perf_counter()
-            scores = evaluate(run, cfg, seed)
-            value = sum(scores) / len(scores)
-            state["heldout_last_scores"] = scores
+            held = evaluate(run, cfg, seed)  # not `scores`: that name holds this iteration's rewards
+            value = sum(held) / len(held)
+            state["heldout_last_scores"] = held
             timing["eval"] = time.perf_counter() - t0
             row["eval/reward_heldout"] = value
             record_eval(state, value, it, cfg.early_stop_patience)
