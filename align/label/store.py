@@ -238,6 +238,21 @@ class LabelerInfo:
     is_admin: bool
 
 
+def _taken_slots():
+    """Per pair (correlated with `Pair`): its assignments whose labeler has not skipped it."""
+    other = aliased(Assignment)
+    skipped = exists().where(
+        Label.pair_id == other.pair_id, Label.labeler_id == other.labeler_id, Label.choice == "skip"
+    )
+    return (
+        select(func.count())
+        .select_from(other)
+        .where(other.pair_id == Pair.id, ~skipped)
+        .correlate(Pair)
+        .scalar_subquery()
+    )
+
+
 def _pair_dict(p: Pair, number: int, with_settings: bool = False) -> dict:
     out = {
         "id": p.id,
@@ -542,17 +557,7 @@ class LabelStore:
             if len(got) < limit:
                 # PostgreSQL: lock the rounds so two claims cannot both take a pair's last slot.
                 list(s.scalars(select(Round.id).where(Round.id.in_(round_ids)).order_by(Round.id).with_for_update()))
-                other = aliased(Assignment)
-                skipped = exists().where(
-                    Label.pair_id == other.pair_id, Label.labeler_id == other.labeler_id, Label.choice == "skip"
-                )
-                taken = (
-                    select(func.count())
-                    .select_from(other)
-                    .where(other.pair_id == Pair.id, ~skipped)
-                    .correlate(Pair)
-                    .scalar_subquery()
-                )
+                taken = _taken_slots()
                 free = (
                     select(Pair, Round.number)
                     .join(Round, Round.id == Pair.round_id)
@@ -669,17 +674,7 @@ class LabelStore:
         with self._read() as s:
             labeled = s.scalar(select(func.count()).select_from(Label).where(Label.labeler_id == labeler_id))
             assigned = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.labeler_id == labeler_id))
-            other = aliased(Assignment)
-            skipped = exists().where(
-                Label.pair_id == other.pair_id, Label.labeler_id == other.labeler_id, Label.choice == "skip"
-            )
-            taken = (
-                select(func.count())
-                .select_from(other)
-                .where(other.pair_id == Pair.id, ~skipped)
-                .correlate(Pair)
-                .scalar_subquery()
-            )
+            taken = _taken_slots()
             available = s.scalar(
                 select(func.count())
                 .select_from(Pair)
