@@ -1,7 +1,13 @@
-"""Multi-process launch: accelerate + DeepSpeed ZeRO-3 (gloo on CPU, NCCL on GPUs)."""
+"""Multi-process launch: accelerate + DeepSpeed ZeRO-3 (gloo on CPU, NCCL on GPUs).
+
+Several machines: `ALIGN_ACCELERATE_CONFIG` names an accelerate config (configs/launch/zero3-2x8gpu.yaml)
+whose machine keys (`MACHINE_KEYS`) go into every generated launch config; `ALIGN_MACHINE_RANK`
+overrides its machine_rank on each node (docs/gpu.md).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -29,8 +35,34 @@ def deepspeed_config(tcfg) -> dict:
     }
 
 
-def write_launch_files(directory: Path, num_processes: int, tcfg) -> Path:
-    """Write the DeepSpeed JSON and the accelerate config that points at it; return the latter."""
+MACHINE_KEYS = ("num_machines", "machine_rank", "main_process_ip", "main_process_port", "rdzv_backend", "same_network")
+PLACEHOLDER_IP = "MAIN_NODE_IP"
+
+
+def machine_settings(path: str | Path | None = None, env: dict | None = None) -> dict:
+    """The machine keys of the accelerate config at `path` (default: $ALIGN_ACCELERATE_CONFIG; none:
+    {}), with $ALIGN_MACHINE_RANK as machine_rank when set. Refuses the shipped placeholder address."""
+    from align.errors import AlignError
+
+    env = os.environ if env is None else env
+    path = path or env.get("ALIGN_ACCELERATE_CONFIG")
+    if not path:
+        return {}
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    out = {k: raw[k] for k in MACHINE_KEYS if k in raw}
+    if env.get("ALIGN_MACHINE_RANK"):
+        out["machine_rank"] = int(env["ALIGN_MACHINE_RANK"])
+    if out.get("num_machines", 1) > 1 and out.get("main_process_ip", PLACEHOLDER_IP) == PLACEHOLDER_IP:
+        raise AlignError(
+            f"{path}: main_process_ip is not set (placeholder {PLACEHOLDER_IP!r}): put node 0's address there"
+        )
+    return out
+
+
+def write_launch_files(directory: Path, num_processes: int, tcfg, machines: dict | None = None) -> Path:
+    """Write the DeepSpeed JSON and the accelerate config that points at it; return the latter.
+    `num_processes` counts the ranks of every machine; `machines` (default: `machine_settings()`) sets
+    the multi-machine keys."""
     directory.mkdir(parents=True, exist_ok=True)
     ds_json = directory / "ds_zero3.json"
     write_json_atomic(ds_json, deepspeed_config(tcfg))
@@ -44,6 +76,7 @@ def write_launch_files(directory: Path, num_processes: int, tcfg) -> Path:
         "main_training_function": "main",
         "rdzv_backend": "static",
         "same_network": True,
+        **(machine_settings() if machines is None else machines),
     }
     acc_yaml = directory / "accelerate.yaml"
     write_text_atomic(acc_yaml, yaml.safe_dump(acc, sort_keys=False))
