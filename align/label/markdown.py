@@ -7,7 +7,8 @@ this module writes itself, none with an attribute: so whatever an answer contain
 Supported: fenced code blocks (``` or ~~~, the info string dropped) -> ``<pre><code>``; unordered
 (``-``, ``*``, ``+``) and ordered (``1.`` / ``1)``) lists -> ``<ul>`` / ``<ol>`` of ``<li>``;
 paragraphs (blank-line separated; a single newline inside one -> ``<br>``); inline ```code```,
-``**bold**`` / ``__bold__`` and ``*italic*`` / ``_italic_``. Anything else (headings, links,
+``**bold**`` / ``__bold__`` and ``*italic*`` / ``_italic_`` (underscores not inside a word, so
+``obj.__dict__`` and ``snake_case`` stay as they are). Anything else (headings, links,
 tables, raw HTML) stays as the literal text it is.
 """
 
@@ -22,7 +23,7 @@ _FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
 _UL = re.compile(r"^\s{0,3}[-*+]\s+(.*)$")
 _OL = re.compile(r"^\s{0,3}\d{1,9}[.)]\s+(.*)$")
 _CODE = re.compile(r"`([^`\n]+)`")
-_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
+_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|(?<!\w)__(?=\S)(.+?)(?<=\S)__(?!\w)")
 _ITALIC = re.compile(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])|(?<!\w)_(?=[^\s_])(.+?)(?<=[^\s_])_(?!\w)")
 
 

@@ -30,6 +30,7 @@ from align.label.markdown import TAGS, render
         ),
         ("~~~\nunclosed <b>", "<pre><code>unclosed &lt;b&gt;</code></pre>"),
         ("snake_case_name, 2*3*4", "<p>snake_case_name, 2*3*4</p>"),
+        ("window.__x = 1; window.__y", "<p>window.__x = 1; window.__y</p>"),
         ("<script>alert(1)</script>", "<p>&lt;script&gt;alert(1)&lt;/script&gt;</p>"),
         ('<img src=x onerror="alert(1)">', "<p>&lt;img src=x onerror=&quot;alert(1)&quot;&gt;</p>"),
         ("[link](javascript:alert(1))", "<p>[link](javascript:alert(1))</p>"),
