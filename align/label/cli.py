@@ -5,11 +5,11 @@
     align label generate CONFIG [key=value ...] --db PATH [--round N]
                                                            sample two responses per prompt -> round N
     align label serve --db PATH [--host 127.0.0.1] [--port 8000]
-                                                           the labeling page and JSON API
+                                                           the labeling page (/), the admin view (/admin), the JSON API
     align label auto --db PATH --round N [--judge rules|reward --helpful-rm DIR --safety-rm DIR]
                                                            label round N with the automatic judge
     align label export --db PATH --round N --out DIR       majority labels -> preference.jsonl
-    align label status --db PATH                           rounds with their counts, agreement (kappa) and pace
+    align label status --db PATH                           rounds: progress, agreement (kappa), gold accuracy, pace
 
 ``--db`` is a SQLite file (created if missing) or a database URL. Only argparse and the config
 dataclasses are imported here; each command imports what it needs.
@@ -108,7 +108,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     e.add_argument("--seed", type=int, default=0, help="seed of the order of kept ties")
 
-    st = sub.add_parser("status", help="every round with its counts")
+    st = sub.add_parser("status", help="every round: progress, agreement, kappa, gold accuracy, time per label")
     db(st)
     return p
 
