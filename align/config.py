@@ -809,6 +809,15 @@ class LabelConfig:
         help="judge people: the round is done once this share of its pairs "
         "has labels_per_pair labels each; the other pairs are dropped",
     )
+    gold: tuple[DatasetSpec, ...] = option(
+        factory=tuple,
+        help="gold pairs: preference datasets whose chosen response is the known answer; mixed into every "
+        "labeler's queue to measure their accuracy, never exported",
+    )
+    gold_per_labeler: int = option(
+        0,
+        help="gold pairs each labeler gets per round (the same ones for all, drawn by seed and round); 0 = all of label.gold",
+    )
 
     def __post_init__(self):
         check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
@@ -821,6 +830,15 @@ class LabelConfig:
             "min_complete_share",
             self.min_complete_share,
             "must be in (0, 1]: the share of pairs that must be fully labeled (1 = every pair)",
+        )
+        check(
+            self.gold_per_labeler >= 0, "gold_per_labeler", self.gold_per_labeler, "must be >= 0 (0 = all gold pairs)"
+        )
+        check(
+            self.gold_per_labeler == 0 or len(self.gold) > 0,
+            "gold_per_labeler",
+            self.gold_per_labeler,
+            "needs label.gold: list the gold preference datasets",
         )
         check(
             self.init_b != "" or self.sampling_a != self.sampling_b,

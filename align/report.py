@@ -140,6 +140,10 @@ def headline(kind: str, s: dict) -> str:
                 f"(n={s[f'gatt/recall_after/turn{t}_n']})"
                 for t in turns
             )
+        if kind == "label":  # agreement, kappa, gold accuracy and progress of the round
+            from align.label.report import label_headline
+
+            return label_headline(s)
         if kind == "eval":
             wins = sorted(
                 k

@@ -46,3 +46,34 @@ def smol_dir() -> Path:
     from align.models import embedded_model_dir
 
     return embedded_model_dir()
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def chromium():
+    """A headless Chromium browser (Debian's `chromium`, driven by playwright's sync API; nothing downloads
+    a browser), closed after the test; the test is skipped where chromium is absent."""
+    import shutil
+
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.skip("no chromium (Debian package `chromium`; scripts/install_browser.sh installs it where it can)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

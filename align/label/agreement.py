@@ -9,6 +9,9 @@
 - Time per label: per labeler, the median gap between the first submissions of consecutive labels,
   leaving out gaps over ``max_gap_s`` (a break, not labeling).
 - Shares of ties and skips among all labels.
+- Gold accuracy: on gold pairs (``pair["gold"]`` = the known better response, a | b), the share of a
+  labeler's votes that pick it (a tie is a wrong answer; a skip is no vote). Gold pairs count in
+  nothing else but the time per label.
 
 Votes are the choices a | b | tie; a skip says "cannot judge", so it is no vote for agreement or kappa.
 A kappa is None when it is undefined (no pairs, or chance agreement is 1: everyone used one choice).
@@ -79,16 +82,30 @@ def round_agreement(pairs: Sequence[dict], labels_per_pair: int, max_gap_s: floa
     """Agreement and quality figures of one round (``pairs`` as `LabelStore.round_pairs` gives them).
 
     Returns ``{"labels", "tie_share", "skip_share", "majority_agreement", "cohen_kappa",
-    "fleiss_kappa", "kappa_pairs", "seconds_per_label", "labelers": {name: {"labels", "skips",
-    "compared", "majority_agreement", "seconds_per_label"}}}`` (shares and kappas None when undefined).
+    "fleiss_kappa", "kappa_pairs", "seconds_per_label", "gold_pairs", "gold_labels", "gold_accuracy",
+    "labelers": {name: {"labels", "skips", "compared", "majority_agreement", "gold_labels",
+    "gold_accuracy", "seconds_per_label"}}}`` (shares, kappas and accuracies None when undefined).
+    ``labels``, ``skips`` and the shares count the round's regular pairs only.
     """
+    gold = [p for p in pairs if p.get("gold")]
+    pairs = [p for p in pairs if not p.get("gold")]
     all_labels = [lab for p in pairs for lab in p["labels"]]
     per: dict[str, dict] = {}
     times: dict[str, list] = {}
+
+    def row_of(name: str) -> dict:
+        return per.setdefault(name, {"labels": 0, "skips": 0, "compared": 0, "agreed": 0, "gold": 0, "gold_ok": 0})
+
     for lab in all_labels:
-        row = per.setdefault(lab["labeler"], {"labels": 0, "skips": 0, "compared": 0, "agreed": 0})
-        row["skips" if lab["choice"] == "skip" else "labels"] += 1
+        row_of(lab["labeler"])["skips" if lab["choice"] == "skip" else "labels"] += 1
         times.setdefault(lab["labeler"], []).append(lab["created_at"])
+    for p in gold:
+        for lab in p["labels"]:
+            row = row_of(lab["labeler"])
+            times.setdefault(lab["labeler"], []).append(lab["created_at"])
+            if lab["choice"] in VOTES:
+                row["gold"] += 1
+                row["gold_ok"] += lab["choice"] == p["gold"]
     votes = [{lab["labeler"]: lab["choice"] for lab in p["labels"] if lab["choice"] in VOTES} for p in pairs]
     for pv in votes:
         for name, choice in pv.items():
@@ -119,8 +136,11 @@ def round_agreement(pairs: Sequence[dict], labels_per_pair: int, max_gap_s: floa
             "skips": row["skips"],
             "compared": row["compared"],
             "majority_agreement": row["agreed"] / row["compared"] if row["compared"] else None,
+            "gold_labels": row["gold"],
+            "gold_accuracy": row["gold_ok"] / row["gold"] if row["gold"] else None,
             "seconds_per_label": median(gaps),
         }
+    n_gold = sum(r["gold"] for r in per.values())
     return {
         "labels": n,
         "tie_share": sum(lab["choice"] == "tie" for lab in all_labels) / n if n else None,
@@ -130,6 +150,9 @@ def round_agreement(pairs: Sequence[dict], labels_per_pair: int, max_gap_s: floa
         "fleiss_kappa": fleiss,
         "kappa_pairs": kappa_pairs,
         "seconds_per_label": median(all_gaps),
+        "gold_pairs": len(gold),
+        "gold_labels": n_gold,
+        "gold_accuracy": sum(r["gold_ok"] for r in per.values()) / n_gold if n_gold else None,
         "labelers": labelers,
     }
 
@@ -159,15 +182,22 @@ def format_agreement(agreement: dict) -> list[str]:
         if agreement["cohen_kappa"] is not None
         else f"Fleiss' kappa {f(agreement['fleiss_kappa'])}"
     )
+    gold = agreement.get("gold_pairs")
+
+    def on_gold(acc, n):
+        return f", gold accuracy {f(acc, True)} of {n}" if gold else ""
+
     lines = [
         f"  agreement with the majority {f(agreement['majority_agreement'], True)}, {kappa} "
         f"({agreement['kappa_pairs']} pairs); ties {f(agreement['tie_share'], True)}, "
         f"skips {f(agreement['skip_share'], True)}; {f(agreement['seconds_per_label'], secs=True)} s per label"
+        + on_gold(agreement.get("gold_accuracy"), agreement.get("gold_labels"))
     ]
     for name, row in agreement["labelers"].items():
         lines.append(
             f"    {name}: {row['labels']} labels, {row['skips']} skips, agrees with the others' majority "
-            f"{f(row['majority_agreement'], True)} of {row['compared']}, "
-            f"{f(row['seconds_per_label'], secs=True)} s per label"
+            f"{f(row['majority_agreement'], True)} of {row['compared']}"
+            + on_gold(row.get("gold_accuracy"), row.get("gold_labels"))
+            + f", {f(row['seconds_per_label'], secs=True)} s per label"
         )
     return lines

@@ -5,11 +5,11 @@
     align label generate CONFIG [key=value ...] --db PATH [--round N]
                                                            sample two responses per prompt -> round N
     align label serve --db PATH [--host 127.0.0.1] [--port 8000]
-                                                           the labeling page and JSON API
+                                                           the labeling page (/), the admin view (/admin), the JSON API
     align label auto --db PATH --round N [--judge rules|reward --helpful-rm DIR --safety-rm DIR]
                                                            label round N with the automatic judge
     align label export --db PATH --round N --out DIR       majority labels -> preference.jsonl
-    align label status --db PATH                           rounds with their counts, agreement (kappa) and pace
+    align label status --db PATH                           rounds: progress, agreement (kappa), gold accuracy, pace
 
 ``--db`` is a SQLite file (created if missing) or a database URL. Only argparse and the config
 dataclasses are imported here; each command imports what it needs.
@@ -108,7 +108,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     e.add_argument("--seed", type=int, default=0, help="seed of the order of kept ties")
 
-    st = sub.add_parser("status", help="every round with its counts")
+    st = sub.add_parser("status", help="every round: progress, agreement, kappa, gold accuracy, time per label")
     db(st)
     return p
 
@@ -134,22 +134,9 @@ def dispatch(args) -> int:
             print(store.reset_token(args.name))
             return 0
         if cmd == "status":
-            rounds = store.rounds()
-            if not rounds:
-                print("no rounds yet")
-            from align.label.agreement import format_agreement, round_agreement
+            from align.label.report import status_lines
 
-            for r in rounds:
-                print(
-                    f"round {r['round']}: {r['pairs']} pairs x {r['labels_per_pair']} labels; {r['labels']} labels, "
-                    f"{r['skips']} skips, {r['complete_pairs']} pairs complete"
-                )
-                if r["labels"] or r["skips"]:
-                    print(
-                        "\n".join(
-                            format_agreement(round_agreement(store.round_pairs(r["round"]), r["labels_per_pair"]))
-                        )
-                    )
+            print("\n".join(status_lines(store)))
             return 0
         if cmd == "generate":
             return _generate(store, args)
@@ -172,37 +159,17 @@ def dispatch(args) -> int:
 def _generate(store, args) -> int:
     from pathlib import Path
 
-    from align.data.load import load_datasets
     from align.label.config import load_label_config
-    from align.label.generate import generate_round, select_prompts
-    from align.label.stage import resolve_model
+    from align.label.generate import generate_configured_round
 
     cfg, label = load_label_config(args.config, args.overrides)
-    run_dir = Path(cfg.run_dir)
-    ds, _ = load_datasets(label.prompts, "prompt", Path(cfg.data_dir), cfg.data.bad_rows, cfg.seed)
     number = args.round if args.round is not None else max((r["round"] for r in store.rounds()), default=0) + 1
-    prompts = select_prompts(ds.to_list(), label.prompts_per_round, cfg.seed, number)
-    dir_a = resolve_model(cfg, label.init, run_dir, "label.init")
-    dir_b = resolve_model(cfg, label.init_b, run_dir, "label.init_b") if label.init_b else None
     assign = None if args.assign_to is None else [n for n in args.assign_to.split(",") if n]
-    out = generate_round(
-        store,
-        prompts,
-        cfg.rollout,
-        label.sampling_a,
-        label.sampling_b,
-        dir_a,
-        dir_b,
-        dtype=cfg.compute.dtype,
-        seed=cfg.seed,
-        round_number=number,
-        labels_per_pair=label.labels_per_pair,
-        assign_to=assign,
-        names=(label.init, label.init_b or label.init),
-    )
+    out = generate_configured_round(store, cfg, label, number, Path(cfg.run_dir), assign_to=assign)
     print(
         f"round {out['round']}: {out['label/pairs']} pairs from {out['label/prompts']} prompts "
         f"({out['label/dropped_empty']} empty, {out['label/dropped_identical']} identical left out)"
+        + (f", {out['label/gold_pairs']} gold pairs" if out["label/gold_pairs"] else "")
     )
     return 0
 

@@ -1,5 +1,8 @@
 """A round's labels -> canonical preference records (align/data/schema.py), by majority vote.
 
+Gold pairs (a known answer, for measuring labelers: align/label/agreement.py) are left out of
+everything here: no record, no agreement row, counted only as ``label/gold_pairs``.
+
 Per pair (the votes are the latest label of each labeler):
 
 0. ``min_votes`` (the pipeline's rounds labeled by people: the round's labels_per_pair): a pair
@@ -146,6 +149,8 @@ def resolve_round(pairs: Sequence[dict], number: int, policy: ExportPolicy) -> t
     from align.data.validate import BadRow, check_record
 
     records, rows = [], []
+    gold = [p for p in pairs if p.get("gold")]
+    pairs = [p for p in pairs if not p.get("gold")]
     for pair in pairs:
         record, row = resolve_pair(pair, number, policy)
         if record is not None:
@@ -160,6 +165,7 @@ def resolve_round(pairs: Sequence[dict], number: int, policy: ExportPolicy) -> t
     stats = {
         "round": number,
         "label/pairs": len(pairs),
+        "label/gold_pairs": len(gold),
         "label/kept": len(records),
         "label/labels": sum(sum(r["votes"].values()) for r in rows),
         "label/mean_agreement": sum(agreements) / len(agreements) if agreements else None,

@@ -6,6 +6,9 @@ Written against the engine interface (`rollout.make_engine`): each side loads it
 one response per prompt, and is closed before the other side loads, so two checkpoints never sit
 in memory together. Which side is shown as A is drawn per pair (seeded), so a labeler cannot learn
 "A is the cold one"; the settings of each shown side are stored with the pair.
+
+`generate_configured_round` is the one place that turns a `LabelConfig` into a round (prompts,
+policies, gold pairs); `align label generate` and the pipeline's label stage both call it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,29 @@ def select_prompts(prompts: Sequence[dict], per_round: int, seed: int, round_num
         return list(prompts)
     keep = sorted(random.Random(derive_seed(seed, round_number)).sample(range(len(prompts)), per_round))
     return [prompts[i] for i in keep]
+
+
+def gold_pairs(records: Sequence[dict], per_labeler: int, seed: int, round_number: int) -> list[dict]:
+    """Gold pairs for `LabelStore.create_round` from preference records (the chosen response is the
+    known answer): ``per_labeler`` of them drawn by (seed, round) (0 = all), each shown with its
+    chosen response as A or B by a seeded draw, so the answer is not always on one side."""
+    picked = select_prompts(records, per_labeler, seed, round_number)
+    rng = random.Random(derive_seed(seed, 1_000_003 * round_number))
+    out = []
+    for r in picked:
+        answer = "a" if rng.random() < 0.5 else "b"
+        first, second = (r["chosen"], r["rejected"]) if answer == "a" else (r["rejected"], r["chosen"])
+        out.append(
+            {
+                "prompt": [{"role": m["role"], "content": m["content"]} for m in r["prompt"]],
+                "response_a": first,
+                "response_b": second,
+                "category": r.get("category") or "helpfulness",
+                "source": r.get("source") or "gold",
+                "answer": answer,
+            }
+        )
+    return out
 
 
 def sample_side(engine, prompts: Sequence[dict], sampling: SamplingConfig, seed: int) -> list[dict]:
@@ -99,6 +125,7 @@ def generate_round(
     labels_per_pair: int = 1,
     assign_to: Optional[Sequence[str]] = None,
     names: tuple[str, str] = ("", ""),
+    gold: Sequence[dict] = (),
 ) -> dict:
     """Sample both sides for ``prompts`` (records of kind prompt) and store them as one round.
 
@@ -115,10 +142,11 @@ def generate_round(
         round_number: the round to create (None = one after the highest).
         labels_per_pair, assign_to: see `LabelStore.create_round`.
         names: how the settings name the two policies (e.g. the stage names; '' = the directory).
+        gold: gold pairs (`gold_pairs`) mixed into the round.
 
     Returns:
         ``{"round", "label/prompts", "label/pairs", "label/dropped_empty", "label/dropped_identical",
-        "label/generated_tokens"}``.
+        "label/generated_tokens", "label/gold_pairs"}``.
     """
     from rollout import make_engine
 
@@ -158,7 +186,13 @@ def generate_round(
             f"label generate: all {len(prompts)} prompts gave an empty or identical pair of responses; "
             "raise max_new_tokens or make the two sampling settings differ more"
         )
-    counts = {"label/prompts": len(prompts), "label/pairs": len(pairs), **dropped, "label/generated_tokens": tokens}
+    counts = {
+        "label/prompts": len(prompts),
+        "label/pairs": len(pairs),
+        **dropped,
+        "label/generated_tokens": tokens,
+        "label/gold_pairs": len(gold),
+    }
     # The counts travel with the round: a stage that finishes on a later run (judge: people) reports them.
     round_settings = {
         "seed": seed,
@@ -168,6 +202,49 @@ def generate_round(
         "counts": counts,
     }
     store.create_round(
-        pairs, number=number, labels_per_pair=labels_per_pair, assign_to=assign_to, settings=round_settings
+        pairs, number=number, labels_per_pair=labels_per_pair, assign_to=assign_to, settings=round_settings, gold=gold
     )
     return {"round": number, **counts}
+
+
+def generate_configured_round(
+    store,
+    cfg,
+    label_cfg,
+    round_number: int,
+    run_dir: Path,
+    *,
+    assign_to: Optional[Sequence[str]] = None,
+    stage_dirs: Optional[dict] = None,
+) -> dict:
+    """Round ``round_number`` as ``label_cfg`` (a `LabelConfig` of the `PipelineConfig` ``cfg``) says:
+    its prompts drawn by (seed, round), both policies resolved in ``run_dir`` (or ``stage_dirs``), its
+    gold pairs; returns `generate_round`'s counts."""
+    from align.data.load import load_datasets
+    from align.label.stage import resolve_model
+
+    data_dir = Path(cfg.data_dir)
+    ds, _ = load_datasets(label_cfg.prompts, "prompt", data_dir, cfg.data.bad_rows, cfg.seed)
+    prompts = select_prompts(ds.to_list(), label_cfg.prompts_per_round, cfg.seed, round_number)
+    gold = []
+    if label_cfg.gold:
+        records, _ = load_datasets(label_cfg.gold, "preference", data_dir, cfg.data.bad_rows, cfg.seed)
+        gold = gold_pairs(records.to_list(), label_cfg.gold_per_labeler, cfg.seed, round_number)
+    dir_a = resolve_model(cfg, label_cfg.init, run_dir, "label.init", stage_dirs)
+    dir_b = resolve_model(cfg, label_cfg.init_b, run_dir, "label.init_b", stage_dirs) if label_cfg.init_b else None
+    return generate_round(
+        store,
+        prompts,
+        cfg.rollout,
+        label_cfg.sampling_a,
+        label_cfg.sampling_b,
+        dir_a,
+        dir_b,
+        dtype=cfg.compute.dtype,
+        seed=cfg.seed,
+        round_number=round_number,
+        labels_per_pair=label_cfg.labels_per_pair,
+        assign_to=assign_to,
+        names=(label_cfg.init, label_cfg.init_b or label_cfg.init),
+        gold=gold,
+    )

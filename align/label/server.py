@@ -2,21 +2,25 @@
 automatic labeler and admins.
 
 Every /api request needs ``Authorization: Bearer TOKEN`` (a token from `align label add-labeler`);
-the page itself (``GET /``) is a static shell with no data that asks for the token in a login form
-and keeps it in sessionStorage. Status codes: 401 missing or unknown token (checked before anything
+the pages (``GET /`` for labelers, ``GET /admin`` for admins) are static shells with no data that ask
+for the token in a login form and keep it in sessionStorage; the admin view's data comes from an
+admin route, so it takes the token of a labeler created with ``--admin``. Status codes: 401 missing or unknown token (checked before anything
 else, so an anonymous request learns nothing about routes or bodies), 403 another labeler's label, a
 pair not assigned to you or an admin route, 404 no such thing, 409 a taken name or round number,
 422 a malformed body or query. A request either succeeds or writes nothing (each write is one
 store transaction).
 
     GET  /api/me                       {"name", "admin"}
-    GET  /api/pairs/next?limit=&round= {"pairs": [...], "progress": {...}}  (claims free slots)
-    POST /api/labels                   LabelIn -> the stored label (resubmitting replaces it)
+    GET  /api/pairs/next?limit=&round= {"pairs": [...], "progress": {...}}  (claims free slots; each
+                                       pair with "html": its prompt turns and responses as safe HTML)
+    POST /api/labels                   LabelIn -> the stored label (resubmitting replaces it; 409 in a closed round)
+    POST /api/labels/undo              {"label", "pair", "progress"}: deletes my latest label of an open round
     GET  /api/labels?round=            my labels
     GET  /api/labels/{id}              one of my labels
     GET  /api/progress                 {"labeled", "assigned", "available"}
     POST /api/admin/rounds             RoundIn -> 201 {"round", "pairs"}
     GET  /api/admin/rounds             every round with its counts
+    GET  /api/admin/quality            every round with its counts and agreement figures (the admin view)
     GET  /api/admin/rounds/{n}/export  {"records", "agreement", "stats"} (?ties=&skips=&drop_unsafe_chosen=&seed=)
     POST /api/admin/labelers           {"name", "admin"} -> 201 {"name", "token"} (the token, once)
 """
@@ -34,7 +38,8 @@ from starlette.concurrency import run_in_threadpool
 from align.data.schema import CATEGORIES, RATINGS
 from align.label.config import SKIP_POLICIES, TIE_POLICIES
 from align.label.export import ExportPolicy, resolve_round
-from align.label.page import PAGE
+from align.label.markdown import render
+from align.label.page import ADMIN_PAGE, PAGE
 from align.label.store import (
     CHOICES,
     Conflict,
@@ -131,6 +136,18 @@ def _bearer(request: Request) -> Optional[str]:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def with_html(pair: dict) -> dict:
+    """The pair with ``html``: its prompt turns and both responses rendered by `markdown.render`."""
+    return {
+        **pair,
+        "html": {
+            "prompt": [render(m["content"]) for m in pair["prompt"]],
+            "response_a": render(pair["response_a"]),
+            "response_b": render(pair["response_b"]),
+        },
+    }
+
+
 def create_app(store: LabelStore) -> FastAPI:
     """The app serving ``store``. Sync routes run in the server's thread pool; the store is thread-safe."""
     app = FastAPI(title="align label", docs_url=None, redoc_url=None, openapi_url=None)
@@ -176,6 +193,10 @@ def create_app(store: LabelStore) -> FastAPI:
     def page():
         return HTMLResponse(PAGE, headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP})
 
+    @app.get("/admin", response_class=HTMLResponse, include_in_schema=False)
+    def admin_page():
+        return HTMLResponse(ADMIN_PAGE, headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP})
+
     @app.get("/api/me")
     def whoami(who: LabelerInfo = Depends(me)):
         return {"name": who.name, "admin": who.is_admin}
@@ -185,11 +206,16 @@ def create_app(store: LabelStore) -> FastAPI:
         who: LabelerInfo = Depends(me), limit: int = Query(1, ge=1, le=256), round: Optional[int] = Query(None, ge=1)
     ):
         pairs = store.next_pairs(who.id, limit=limit, round=round)
-        return {"pairs": pairs, "progress": store.progress(who.id)}
+        return {"pairs": [with_html(p) for p in pairs], "progress": store.progress(who.id)}
 
     @app.post("/api/labels")
     def post_label(body: LabelIn, who: LabelerInfo = Depends(me)):
         return store.submit_label(who.id, body.pair_id, body.choice, body.rating, body.a_safe, body.b_safe)
+
+    @app.post("/api/labels/undo")
+    def undo(who: LabelerInfo = Depends(me)):
+        out = store.undo_last(who.id)
+        return {"label": out["label"], "pair": with_html(out["pair"]), "progress": store.progress(who.id)}
 
     @app.get("/api/labels")
     def my_labels(who: LabelerInfo = Depends(me), round: Optional[int] = Query(None, ge=1)):
@@ -218,6 +244,12 @@ def create_app(store: LabelStore) -> FastAPI:
     @app.get("/api/admin/rounds")
     def list_rounds(who: LabelerInfo = Depends(admin)):
         return {"rounds": store.rounds()}
+
+    @app.get("/api/admin/quality")
+    def quality(who: LabelerInfo = Depends(admin)):
+        from align.label.report import round_quality
+
+        return {"rounds": round_quality(store)}
 
     @app.get("/api/admin/rounds/{number}/export")
     def export(

@@ -9,7 +9,8 @@ the export is rewritten atomically.
 With ``label.judge: people`` the round's pairs wait in the store for labelers (`align label serve`):
 until the round is complete (`round_progress`) the stage raises `LabelingPending`, which stops
 `align run` with exit code 3 and one line saying how far the round is; a rerun (or ``--wait``)
-continues. The export then keeps only the pairs that have all their labels.
+continues. The export then keeps only the pairs that have all their labels. Once labeled, the
+round is closed in the store (`LabelStore.close_round`): the page offers none of its pairs again.
 """
 
 from __future__ import annotations
@@ -126,11 +127,11 @@ def run_label_round(
     Raises:
         LabelingPending: judge people and the round is not complete (the store keeps the round).
     """
-    from align.data.load import load_datasets
     from align.label.agreement import agreement_metrics, round_agreement
     from align.label.auto import auto_labelers, label_round, make_judge
     from align.label.export import ExportPolicy, resolve_round, write_export
-    from align.label.generate import generate_round, select_prompts
+    from align.label.generate import generate_configured_round
+    from align.label.report import write_quality_table
     from align.label.store import LabelStore
 
     if round_number < 1:
@@ -146,27 +147,15 @@ def run_label_round(
         labelers = [] if people else auto_labelers(store, label_cfg.labels_per_pair)
         stored = {r["round"]: r for r in store.rounds()}
         if round_number not in stored:
-            ds, _ = load_datasets(label_cfg.prompts, "prompt", Path(cfg.data_dir), cfg.data.bad_rows, cfg.seed)
-            prompts = select_prompts(ds.to_list(), label_cfg.prompts_per_round, cfg.seed, round_number)
-            dir_a = resolve_model(cfg, label_cfg.init, run_dir, "label.init", stage_dirs)
-            dir_b = (
-                resolve_model(cfg, label_cfg.init_b, run_dir, "label.init_b", stage_dirs) if label_cfg.init_b else None
-            )
             summary.update(
-                generate_round(
+                generate_configured_round(
                     store,
-                    prompts,
-                    cfg.rollout,
-                    label_cfg.sampling_a,
-                    label_cfg.sampling_b,
-                    dir_a,
-                    dir_b,
-                    dtype=cfg.compute.dtype,
-                    seed=cfg.seed,
-                    round_number=round_number,
-                    labels_per_pair=label_cfg.labels_per_pair,
+                    cfg,
+                    label_cfg,
+                    round_number,
+                    run_dir,
                     assign_to=[name for name, _ in labelers],
-                    names=(label_cfg.init, label_cfg.init_b or label_cfg.init),
+                    stage_dirs=stage_dirs,
                 )
             )
         elif people:
@@ -192,11 +181,16 @@ def run_label_round(
                 safety = resolve_model(cfg, auto.safety_rm, run_dir, "label.auto.safety_rm", stage_dirs)
             judge = make_judge(auto, helpful, safety)
             summary.update(label_round(store, round_number, auto, judge, labelers=labelers, seed=cfg.seed, url=url))
+        # Closed before it is read: a label that arrives later cannot make the export out of date, and
+        # the pairs dropped as incomplete are no longer offered on the page.
+        store.close_round(round_number)
         pairs = store.round_pairs(round_number)
         records, rows, stats = resolve_round(pairs, round_number, policy)
         write_export(records, rows, stats, out_dir)
+        agreement = round_agreement(pairs, row["labels_per_pair"])
+        write_quality_table(agreement, Path(out_dir))
         summary.update({k: v for k, v in stats.items() if k.startswith("label/")})
-        summary.update(agreement_metrics(round_agreement(pairs, row["labels_per_pair"])))
+        summary.update(agreement_metrics(agreement))
     finally:
         store.close()
     return summary

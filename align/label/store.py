@@ -15,11 +15,17 @@ Tables:
     labels       (labeler, pair) UNIQUE, choice a|b|tie|skip, rating (RATINGS; only for a|b),
                  a_safe / b_safe, created_at, updated_at, revision. A label needs its assignment
                  (composite foreign key); submitting again overwrites it (the latest wins).
+    gold_answers pair -> its known answer (a | b): the pair is a gold pair, offered to every labeler
+                 to measure their accuracy, never counted in the round's progress nor exported
+    round_closures  round -> closed_at: a closed round offers nothing and takes no labels (its
+                 export is final); separate tables, so a store made before them opens unchanged
 
-Assignment: a pair is labeled by `labels_per_pair` labelers. `create_round` assigns each pair to
+Assignment: a (non-gold) pair is labeled by `labels_per_pair` labelers. `create_round` assigns each pair to
 that many labelers of a pool (round-robin, so the load is even); a labeler who asks for work and
 has none pending claims a free slot of a pair they have not seen (`next_pairs`). A skip releases
-its slot: the pair is offered to another labeler, so skips do not cost the pair its votes.
+its slot: the pair is offered to another labeler, so skips do not cost the pair its votes. A gold
+pair has no slot limit: every labeler gets it (assigned to the whole pool, or claimed like any pair,
+at its place in the round's order, so it comes mixed among the others).
 
 Every public method is one transaction: an exception inside it (bad input, a killed process)
 leaves nothing of it behind.
@@ -53,6 +59,7 @@ from sqlalchemy import (
     event,
     exists,
     func,
+    or_,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
@@ -225,6 +232,29 @@ class Label(Base):
             name="ck_labels_rating",
         ),
     )
+
+
+class GoldAnswer(Base):
+    __tablename__ = "gold_answers"
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), primary_key=True)
+    answer: Mapped[str] = mapped_column(String(1))
+    __table_args__ = (CheckConstraint("answer IN ('a', 'b')", name="ck_gold_answer"),)
+
+
+class RoundClosure(Base):
+    __tablename__ = "round_closures"
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), primary_key=True)
+    closed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+def _is_gold():
+    """Whether the pair (correlated with `Pair`) is a gold pair."""
+    return exists().where(GoldAnswer.pair_id == Pair.id)
+
+
+def _is_open():
+    """Whether the pair's round (correlated with `Pair`) is not closed."""
+    return ~exists().where(RoundClosure.round_id == Pair.round_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,6 +440,7 @@ class LabelStore:
         labels_per_pair: int = 1,
         assign_to: Optional[Sequence[str]] = None,
         settings: Optional[dict] = None,
+        gold: Sequence[dict] = (),
     ) -> int:
         """Store a batch of pairs as round ``number`` (None = one after the highest); return the number.
 
@@ -418,6 +449,9 @@ class LabelStore:
         (helpfulness | safety; default helpfulness) and ``source``. Each pair is assigned to
         ``labels_per_pair`` labelers of ``assign_to`` (names; None = every non-admin labeler, [] = none:
         labelers claim the slots as they ask for work), round-robin.
+
+        ``gold``: pairs as above plus ``answer`` (a | b, the better response), placed at evenly spaced
+        points of the round's order and assigned to every labeler of the pool.
         """
         if not isinstance(labels_per_pair, int) or isinstance(labels_per_pair, bool) or labels_per_pair < 1:
             raise InvalidInput(f"labels_per_pair={labels_per_pair!r}: must be an integer >= 1")
@@ -425,7 +459,10 @@ class LabelStore:
             raise InvalidInput(f"round={number!r}: must be an integer >= 1")
         if not pairs:
             raise InvalidInput("a round needs at least one pair")
-        for i, pair in enumerate(pairs):
+        for i, pair in enumerate(gold):
+            if not isinstance(pair, dict) or pair.get("answer") not in ("a", "b"):
+                raise InvalidInput(f"gold pair {i}: needs answer 'a' or 'b' (the better response)")
+        for i, pair in enumerate([*pairs, *gold]):
             if not isinstance(pair, dict):
                 raise InvalidInput(f"pair {i}: expected an object, got {type(pair).__name__}")
             check_pair(pair, f"pair {i}")
@@ -451,7 +488,13 @@ class LabelStore:
             s.add(rnd)
             s.flush()
             k = min(labels_per_pair, len(pool))
-            for i, pair in enumerate(pairs):
+            # Gold pair j goes before regular pair floor((j + 1) * n / (g + 1)): spread over the round.
+            n, g = len(pairs), len(gold)
+            at = {(j + 1) * n // (g + 1) + j: pair for j, pair in enumerate(gold)}
+            order = iter(pairs)
+            i = 0
+            for pos in range(n + g):
+                pair = at.get(pos) or next(order)
                 row = Pair(
                     round_id=rnd.id,
                     prompt=[{"role": m["role"], "content": m["content"]} for m in pair["prompt"]],
@@ -464,18 +507,39 @@ class LabelStore:
                 )
                 s.add(row)
                 s.flush()
+                if pos in at:
+                    s.add(GoldAnswer(pair_id=row.id, answer=pair["answer"]))
+                    for lid in pool:
+                        s.add(Assignment(pair_id=row.id, labeler_id=lid))
+                    continue
                 # Consecutive blocks of k distinct labelers: an even load whatever the pool size.
                 for j in range(k):
                     s.add(Assignment(pair_id=row.id, labeler_id=pool[(i * k + j) % len(pool)]))
+                i += 1
         return number
 
+    def close_round(self, number: int) -> None:
+        """Close round ``number`` (again: no-op): its open pairs are no longer offered, and no label of
+        it can be added, changed or undone, so its export stays what it was."""
+        with self._write() as s:
+            rnd = self._round(s, number)
+            if s.get(RoundClosure, rnd.id) is None:
+                s.add(RoundClosure(round_id=rnd.id))
+
     def rounds(self) -> list[dict]:
-        """Every round with its counts: pairs, assignments, labels (skips apart), pairs fully labeled."""
+        """Every round with its counts: pairs, assignments, labels (skips apart), pairs fully labeled
+        (gold pairs apart: ``gold_pairs``, ``gold_labels``), and whether it is ``closed``."""
         with self._read() as s:
             out = []
             for rnd in s.scalars(select(Round).order_by(Round.number)):
-                pair_ids = select(Pair.id).where(Pair.round_id == rnd.id).scalar_subquery()
-                n_pairs = s.scalar(select(func.count()).select_from(Pair).where(Pair.round_id == rnd.id))
+                gold_ids = select(Pair.id).where(Pair.round_id == rnd.id, _is_gold()).scalar_subquery()
+                pair_ids = select(Pair.id).where(Pair.round_id == rnd.id, ~_is_gold()).scalar_subquery()
+                n_pairs = s.scalar(select(func.count()).select_from(Pair).where(Pair.round_id == rnd.id, ~_is_gold()))
+                n_gold = s.scalar(select(func.count()).select_from(Pair).where(Pair.round_id == rnd.id, _is_gold()))
+                gold_votes = s.scalar(
+                    select(func.count()).select_from(Label).where(Label.pair_id.in_(gold_ids), Label.choice != "skip")
+                )
+                closed = s.scalar(select(RoundClosure.closed_at).where(RoundClosure.round_id == rnd.id))
                 n_assigned = s.scalar(
                     select(func.count()).select_from(Assignment).where(Assignment.pair_id.in_(pair_ids))
                 )
@@ -500,6 +564,9 @@ class LabelStore:
                         "labels": sum(v for c, v in votes.items() if c != "skip"),
                         "skips": votes.get("skip", 0),
                         "complete_pairs": n_done,
+                        "gold_pairs": n_gold,
+                        "gold_labels": gold_votes,
+                        "closed": closed is not None,
                         "settings": rnd.settings,
                         "created_at": _iso(rnd.created_at),
                     }
@@ -513,12 +580,18 @@ class LabelStore:
         return rnd
 
     def round_pairs(self, number: int) -> list[dict]:
-        """The pairs of a round with their generation settings and all their labels (for export)."""
+        """The pairs of a round with their generation settings, ``gold`` (the known answer of a gold
+        pair, else None) and all their labels (for export and agreement)."""
         with self._read() as s:
             rnd = self._round(s, number)
+            rows = s.execute(
+                select(Pair, GoldAnswer.answer)
+                .outerjoin(GoldAnswer, GoldAnswer.pair_id == Pair.id)
+                .where(Pair.round_id == rnd.id)
+                .order_by(Pair.id)
+            ).all()
             pairs = {
-                p.id: {**_pair_dict(p, number, with_settings=True), "labels": []}
-                for p in s.scalars(select(Pair).where(Pair.round_id == rnd.id).order_by(Pair.id))
+                p.id: {**_pair_dict(p, number, with_settings=True), "gold": gold, "labels": []} for p, gold in rows
             }
             rows = s.execute(
                 select(Label, Labeler.name)
@@ -534,7 +607,8 @@ class LabelStore:
     def next_pairs(self, labeler_id: int, limit: int = 1, round: Optional[int] = None) -> list[dict]:
         """Up to ``limit`` pairs for a labeler to label, oldest round first: their assigned pairs not
         yet labeled, then free slots they claim (pairs they have no assignment for, with fewer than
-        labels_per_pair assignments that are not skips). A claimed pair stays theirs."""
+        labels_per_pair assignments that are not skips, or gold). A claimed pair stays theirs. Closed
+        rounds offer nothing."""
         if limit < 1:
             raise InvalidInput(f"limit={limit}: must be >= 1")
         mine = aliased(Label)
@@ -548,6 +622,7 @@ class LabelStore:
                 .join(Assignment, and_(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id))
                 .where(
                     Pair.round_id.in_(round_ids),
+                    _is_open(),
                     ~exists().where(mine.pair_id == Pair.id, mine.labeler_id == labeler_id),
                 )
                 .order_by(Round.number, Pair.id)
@@ -563,7 +638,8 @@ class LabelStore:
                     .join(Round, Round.id == Pair.round_id)
                     .where(
                         Pair.round_id.in_(round_ids),
-                        taken < Round.labels_per_pair,
+                        _is_open(),
+                        or_(taken < Round.labels_per_pair, _is_gold()),
                         ~exists().where(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id),
                     )
                     .order_by(Round.number, Pair.id)
@@ -594,6 +670,7 @@ class LabelStore:
                 raise NotFound(f"no pair {pair_id}")
             if s.get(Assignment, (pair_id, labeler_id)) is None:
                 raise Forbidden(f"pair {pair_id} is not assigned to you; ask for work with GET /api/pairs/next")
+            self._check_open(s, pair_id, row.number)
             now = _now()
             values = {"choice": choice, "rating": rating, "a_safe": a_safe, "b_safe": b_safe}
             self._upsert(
@@ -615,6 +692,32 @@ class LabelStore:
             )
             name = s.scalar(select(Labeler.name).where(Labeler.id == labeler_id))
             return _label_dict(lab, name, row.number)
+
+    def _check_open(self, s: Session, pair_id: int, number: int) -> None:
+        closed = exists().where(RoundClosure.round_id == Pair.round_id)
+        if s.scalar(select(Pair.id).where(Pair.id == pair_id, closed)) is not None:
+            raise Conflict(f"round {number} is closed: its labels are exported and can no longer change")
+
+    def undo_last(self, labeler_id: int) -> dict:
+        """Delete the labeler's most recently submitted (or resubmitted) label of an open round; return
+        ``{"label": the deleted label, "pair": its pair}``. The assignment stays, so the pair is theirs
+        to label again."""
+        with self._write() as s:
+            row = s.execute(
+                select(Label, Pair, Round.number)
+                .join(Pair, Pair.id == Label.pair_id)
+                .join(Round, Round.id == Pair.round_id)
+                .where(Label.labeler_id == labeler_id, _is_open())
+                .order_by(Label.updated_at.desc(), Label.id.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                raise NotFound("no label to undo in an open round")
+            lab, pair, number = row
+            name = s.scalar(select(Labeler.name).where(Labeler.id == labeler_id))
+            out = {"label": _label_dict(lab, name, number), "pair": _pair_dict(pair, number)}
+            s.delete(lab)
+        return out
 
     def _upsert(self, s: Session, insert_values: dict, update_values: dict) -> None:
         dialect = self.engine.dialect.name
@@ -669,27 +772,37 @@ class LabelStore:
         return _label_dict(lab, name, number)
 
     def progress(self, labeler_id: int) -> dict:
-        """``labeled`` / ``assigned``: the labeler's labels and assignments (all rounds);
-        ``available``: free slots they could still claim."""
+        """``labeled``: the labeler's labels (all rounds); ``assigned``: those plus their assignments
+        still to label in open rounds; ``available``: free slots of open rounds they could still claim."""
         with self._read() as s:
             labeled = s.scalar(select(func.count()).select_from(Label).where(Label.labeler_id == labeler_id))
-            assigned = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.labeler_id == labeler_id))
+            pending = s.scalar(
+                select(func.count())
+                .select_from(Assignment)
+                .join(Pair, Pair.id == Assignment.pair_id)
+                .where(
+                    Assignment.labeler_id == labeler_id,
+                    _is_open(),
+                    ~exists().where(Label.pair_id == Assignment.pair_id, Label.labeler_id == labeler_id),
+                )
+            )
             taken = _taken_slots()
             available = s.scalar(
                 select(func.count())
                 .select_from(Pair)
                 .join(Round, Round.id == Pair.round_id)
                 .where(
-                    taken < Round.labels_per_pair,
+                    _is_open(),
+                    or_(taken < Round.labels_per_pair, _is_gold()),
                     ~exists().where(Assignment.pair_id == Pair.id, Assignment.labeler_id == labeler_id),
                 )
             )
-        return {"labeled": labeled, "assigned": assigned, "available": available}
+        return {"labeled": labeled, "assigned": labeled + pending, "available": available}
 
     def counts(self) -> dict:
         """Row counts of every table (for tests and `align label status`)."""
         with self._read() as s:
             return {
                 t.__tablename__: s.scalar(select(func.count()).select_from(t))
-                for t in (Round, Pair, Labeler, Assignment, Label)
+                for t in (Round, Pair, Labeler, Assignment, Label, GoldAnswer, RoundClosure)
             }

@@ -2,7 +2,6 @@
 
 import base64
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -43,31 +42,11 @@ def test_report_shows_every_stage_with_plots_and_tables(report):
 
 
 @pytest.mark.slow
-def test_every_image_loads_in_headless_chromium(report, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("no chromium (Debian package `chromium`; `make test` installs it where it can)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(report.as_uri())
-        sizes = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        browser.close()
+def test_every_image_loads_in_headless_chromium(report, tmp_path, chromium):
+    page = chromium.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(report.as_uri())
+    sizes = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert len(sizes) >= 5
     assert all(done and width > 0 for done, width in sizes), sizes
 

@@ -92,6 +92,8 @@ def test_round_agreement_two_labelers_by_hand():
         "skips": 1,
         "compared": 3,
         "majority_agreement": pytest.approx(2 / 3),
+        "gold_labels": 0,
+        "gold_accuracy": None,
         "seconds_per_label": 120.0,
     }
     assert got["labelers"]["ann"]["seconds_per_label"] == 60.0
@@ -113,9 +115,41 @@ def test_round_agreement_three_labelers_leave_one_out():
         "skips": 0,
         "compared": 1,
         "majority_agreement": 0.0,
+        "gold_labels": 0,
+        "gold_accuracy": None,
         "seconds_per_label": None,
     }
     assert got["labelers"]["ann"]["compared"] == 0 and got["labelers"]["ann"]["majority_agreement"] is None
     # Fleiss on one item [2, 1, 0]: P_1 = (4 + 1 - 3) / 6 = 1/3; p = (2/3, 1/3, 0), P_e = 5/9;
     # kappa = (1/3 - 5/9) / (4/9) = -0.5.
     assert got["fleiss_kappa"] == pytest.approx(-0.5)
+
+
+def test_gold_accuracy_by_hand_and_gold_left_out_of_agreement():
+    # Two regular pairs both agree on; three gold pairs (answers a, b, a).
+    # ann on gold: a (right), b (right), tie (wrong) -> 2/3. bob: b (wrong), skip (no vote), a (right) -> 1/2.
+    pairs = [
+        {"id": 1, "gold": None, "labels": [_lab("ann", "a", 0), _lab("bob", "a", 0)]},
+        {"id": 2, "gold": "a", "labels": [_lab("ann", "a", 1), _lab("bob", "b", 1)]},
+        {"id": 3, "gold": None, "labels": [_lab("ann", "b", 2), _lab("bob", "b", 2)]},
+        {"id": 4, "gold": "b", "labels": [_lab("ann", "b", 3), _lab("bob", "skip", 3)]},
+        {"id": 5, "gold": "a", "labels": [_lab("ann", "tie", 4), _lab("bob", "a", 4)]},
+    ]
+    got = round_agreement(pairs, labels_per_pair=2)
+    assert got["labelers"]["ann"]["gold_accuracy"] == pytest.approx(2 / 3)
+    assert got["labelers"]["ann"]["gold_labels"] == 3
+    assert got["labelers"]["bob"]["gold_accuracy"] == pytest.approx(1 / 2)
+    assert got["labelers"]["bob"]["gold_labels"] == 2
+    assert (got["gold_pairs"], got["gold_labels"], got["gold_accuracy"]) == (3, 5, pytest.approx(3 / 5))
+    # Agreement and kappa see the two regular pairs only: full agreement, kappa 1 (a, b vs a, b).
+    assert got["majority_agreement"] == 1.0 and got["cohen_kappa"] == pytest.approx(1.0)
+    assert got["labels"] == 4 and got["skip_share"] == 0.0 and got["tie_share"] == 0.0
+    assert got["labelers"]["bob"]["skips"] == 0  # the skip was on a gold pair
+    # Time per label counts every label, gold ones too: one a minute.
+    assert got["labelers"]["ann"]["seconds_per_label"] == 60.0
+    metrics = agreement_metrics(got)
+    assert metrics["label/quality/gold_accuracy"] == pytest.approx(3 / 5)
+    assert metrics["label/quality/labeler/bob/gold_accuracy"] == pytest.approx(1 / 2)
+    lines = format_agreement(got)
+    assert lines[0].endswith("gold accuracy 60% of 5")
+    assert "gold accuracy 67% of 3" in lines[1]

@@ -4,6 +4,7 @@ idempotent resubmission and per-labeler isolation (in process, through Starlette
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_happy_path_label_progress_and_export(client, store, tokens, h, db):
     got = client.get("/api/pairs/next", headers=ann).json()
     assert got["progress"] == {"labeled": 0, "assigned": 2, "available": 0}
     (p,) = got["pairs"]
-    assert set(p) == {"id", "round", "prompt", "response_a", "response_b", "category"}  # no sampling settings: blind
+    assert set(p) == {"id", "round", "prompt", "response_a", "response_b", "category", "html"}  # blind: no settings
     res = client.post("/api/labels", headers=ann, json={"pair_id": p["id"], **GOOD})
     assert res.status_code == 200 and res.json()["labeler"] == "ann" and res.json()["revision"] == 1
     assert client.get("/api/progress", headers=ann).json()["labeled"] == 1
@@ -61,7 +62,10 @@ def test_the_page_is_self_contained_and_shows_the_shortcuts(client):
     assert "http://" not in html and "https://" not in html
     for key in ("<kbd>1</kbd>", "<kbd>2</kbd>", "<kbd>q</kbd>", "<kbd>r</kbd>", "<kbd>s</kbd>", "<kbd>Enter</kbd>"):
         assert key in html
-    assert "sessionStorage" in html and "innerHTML" not in html
+    assert "<kbd>u</kbd>" in html and "sessionStorage" in html
+    # Markup enters the page only from the server's renderer (align/label/markdown.py); all else is textContent.
+    sources = re.findall(r"innerHTML = ([^;]+);", html)
+    assert len(sources) == 3 and all(src.startswith("p.html.") for src in sources), sources
 
 
 @pytest.mark.parametrize(
@@ -228,3 +232,47 @@ def test_non_finite_numbers_in_any_body_are_422_and_write_nothing(client, tokens
         assert res.status_code == 422, (path, body, res.status_code, res.text)
         assert res.json()["detail"][0]["loc"]  # says where
     assert h.counts(db) == before
+
+
+def test_pairs_come_with_safe_html(client, store, tokens, h):
+    p = {**h.pair(0), "response_a": "Use `ls`:\n```sh\nls -la\n```\n<script>alert(1)</script>"}
+    p["prompt"] = [{"role": "system", "content": "Be **brief**."}, *p["prompt"]]
+    store.create_round([p], assign_to=["ann"])
+    (got,) = client.get("/api/pairs/next", headers=h.auth(tokens["ann"])).json()["pairs"]
+    assert got["html"]["prompt"][0] == "<p>Be <strong>brief</strong>.</p>"
+    assert got["html"]["response_a"] == (
+        "<p>Use <code>ls</code>:</p><pre><code>ls -la</code></pre><p>&lt;script&gt;alert(1)&lt;/script&gt;</p>"
+    )
+    assert got["response_a"] == p["response_a"]  # the raw text is still there, unchanged
+
+
+def test_undo_over_the_api(client, store, tokens, h, db):
+    store.create_round([h.pair(i) for i in range(2)], assign_to=["ann", "bob"], labels_per_pair=2)
+    ann, bob = h.auth(tokens["ann"]), h.auth(tokens["bob"])
+    assert client.post("/api/labels/undo", headers=ann).status_code == 404  # nothing to undo yet
+    assert client.post("/api/labels/undo").status_code == 401
+    ids = [p["id"] for p in store.round_pairs(1)]
+    for token, pid in ((ann, ids[0]), (ann, ids[1]), (bob, ids[0])):
+        body = {"pair_id": pid, "choice": "b", "rating": "better", "a_safe": True, "b_safe": True}
+        assert client.post("/api/labels", headers=token, json=body).status_code == 200
+    res = client.post("/api/labels/undo", headers=ann)
+    assert res.status_code == 200, res.text
+    data = res.json()
+    assert data["label"]["pair_id"] == ids[1] and data["pair"]["id"] == ids[1] and "html" in data["pair"]
+    assert data["progress"] == {"labeled": 1, "assigned": 2, "available": 0}
+    assert h.rows(db, "labels") == 2  # ann's first label and bob's stay
+    assert client.get("/api/pairs/next", headers=ann).json()["pairs"][0]["id"] == ids[1]
+
+
+def test_admin_quality_and_admin_page(client, store, tokens, h):
+    store.create_round([h.pair(0)], assign_to=["ann"], gold=[{**h.pair(1), "answer": "a"}])
+    for pid in [p["id"] for p in store.round_pairs(1)]:
+        body = {"pair_id": pid, "choice": "a", "rating": "better", "a_safe": True, "b_safe": True}
+        assert client.post("/api/labels", headers=h.auth(tokens["ann"]), json=body).status_code == 200
+    assert client.get("/api/admin/quality", headers=h.auth(tokens["ann"])).status_code == 403
+    (r,) = client.get("/api/admin/quality", headers=h.auth(tokens["root"])).json()["rounds"]
+    assert (r["pairs"], r["gold_pairs"], r["complete_pairs"], r["closed"]) == (1, 1, 1, False)
+    assert r["agreement"]["gold_accuracy"] == 1.0 and r["agreement"]["labelers"]["ann"]["gold_labels"] == 1
+    page = client.get("/admin")
+    assert page.status_code == 200 and "/api/admin/quality" in page.text and "Content-Security-Policy" in page.headers
+    assert "innerHTML" not in page.text  # the admin view writes text only

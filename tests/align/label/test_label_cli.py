@@ -68,7 +68,7 @@ def test_generate_auto_export_status(tmp_path, capsys):
     assert len(load_export(out, cache_dir=tmp_path / "hf")) > 0
     assert _run("status", "--db", str(db)) == 0
     out_lines = capsys.readouterr().out.strip().splitlines()
-    line, quality, *per_labeler = out_lines[next(i for i, x in enumerate(out_lines) if " pairs x " in x) :]
+    line, quality, *per_labeler = out_lines[next(i for i, x in enumerate(out_lines) if " pairs complete " in x) :]
     assert line.startswith("round 1:") and "x 2 labels" in line
     assert "agreement with the majority" in quality and "kappa" in quality  # two auto labelers: Cohen's
     assert [x.split(":")[0].strip() for x in per_labeler] == ["auto-1", "auto-2"]

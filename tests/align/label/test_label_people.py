@@ -85,6 +85,8 @@ def test_incomplete_round_stops_then_exports_once_labeled(configs, store, people
     assert s["label/quality/labeler/ann/majority_agreement"] == pytest.approx(3 / 4)
     rows = [json.loads(x) for x in (out / "preference.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["rating"] == "better" for r in rows)
+    table = (out / "quality.md").read_text()  # the run report shows it under the stage
+    assert "| ann | 4 | 0 | 75% (n=4) | - (n=0) |" in table and "Cohen's kappa 0.64 over 4 pairs" in table
     assert len(store.rounds()) == 1  # nothing generated
 
 
@@ -99,6 +101,14 @@ def test_min_complete_share_drops_the_rest(configs, store, people, client, h, db
     # 2 pairs complete; one pair has only ann's vote and one none: both dropped, not exported.
     assert (s["label/kept"], s["label/dropped/incomplete"], s["label/dropped/unlabeled"]) == (2, 1, 1)
     assert s["label/needed_pairs"] == 2
+    # The round is closed: the two dropped pairs are no longer offered, and a late label is refused.
+    assert store.rounds()[0]["closed"]
+    for name in ("ann", "bob"):
+        assert client.get("/api/pairs/next", headers=h.auth(people[name])).json()["pairs"] == []
+    mine = client.get("/api/labels", headers=h.auth(people["ann"])).json()["labels"][0]["pair_id"]
+    late = {"pair_id": mine, "choice": "tie", "a_safe": True, "b_safe": True}
+    res = client.post("/api/labels", headers=h.auth(people["ann"]), json=late)
+    assert res.status_code == 409 and "closed" in res.json()["detail"]
 
 
 def test_wait_polls_until_the_round_is_complete(store, people, client, h):

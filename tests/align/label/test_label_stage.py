@@ -78,3 +78,38 @@ def test_missing_policy_stage_is_a_clear_error(configs, tmp_path):
     cfg, label = configs
     with pytest.raises(AlignError, match="stage 'sft' has not finished"):
         run_label_round(cfg, replace(label, init="sft"), 1, tmp_path / "x")
+
+
+def test_gold_pairs_mixed_into_a_round_and_kept_out_of_its_export(configs, tmp_path):
+    from align.configlib import replace
+    from align.data.load import load_datasets
+    from align.label.store import LabelStore
+
+    cfg, label = configs
+    label = replace(label, labels_per_pair=2, prompts_per_round=4, gold=_pref_spec(), gold_per_labeler=3)
+    db = tmp_path / "gold.db"
+    s = run_label_round(cfg, label, 1, tmp_path / "out", db=db)
+    assert s["label/gold_pairs"] == 3 and s["label/quality/gold_pairs"] == 3
+    assert s["label/quality/gold_labels"] == 2 * 3  # both auto labelers label every gold pair
+    assert 0.0 <= s["label/quality/gold_accuracy"] <= 1.0
+    assert "label/quality/labeler/auto-1/gold_accuracy" in s
+    store = LabelStore.open(db)
+    try:
+        gold = [p for p in store.round_pairs(1) if p["gold"]]
+    finally:
+        store.close()
+    assert len(gold) == 3
+    rows = (tmp_path / "out" / "agreement.jsonl").read_text().splitlines()
+    assert len(rows) == s["label/pairs"]
+    exported = (tmp_path / "out" / "preference.jsonl").read_text()
+    assert not any(g["response_a"] in exported or g["response_b"] in exported for g in gold)
+    # The gold pairs are the known answers of the gold dataset: each chosen response is the one marked.
+    records, _ = load_datasets(label.gold, "preference", cfg.data_dir, cfg.data.bad_rows, cfg.seed)
+    chosen = {r["chosen"] for r in records.to_list()}
+    assert all(g[f"response_{g['gold']}"] in chosen for g in gold)
+
+
+def _pref_spec():
+    from align.config import DatasetSpec
+
+    return (DatasetSpec(format="synthetic_pref", limit=8),)
