@@ -13,6 +13,13 @@ conversation records), eval_dialogues.jsonl (the held-out dialogues as answered 
 `eval_repeats` times each, with its own instruction draw). Resume: the evaluation of the init policy
 and the sampled dialogues are saved in the work directory once done; training resumes from its
 checkpoints.
+
+Processes: with `train.num_processes > 1` the stage runs on every rank under `accelerate launch`. Rank 0
+alone runs the engine (in its own processes, `rollout.in_process: false`, as in PPO): the evaluation
+before and the sampling, saved to the work directory; the other ranks wait for the sampled dialogues
+(`align.launch.dist.wait_for_file`), build the same training set (every draw is seeded) and every rank
+fine-tunes under ZeRO-3 (align.sft.train_sft). The evaluation after, the artifacts and the summary are
+rank 0's.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.io import read_json, write_json_atomic, write_text_atomic
+from align.launch import dist
 
 
 def load_user_sequences(ctx) -> tuple[list[tuple[list[str], list[tuple[str, str]]]], dict]:
@@ -131,6 +139,15 @@ def run_gatt(ctx) -> dict:
 
     cfg = ctx.stage_cfg
     seed = ctx.cfg.seed
+    if ctx.world_size > 1:
+        if ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
+            raise AlignError(
+                f"gatt.train.num_processes={cfg.train.num_processes} needs rollout.in_process=false: an "
+                "in-process vLLM engine on rank 0 joins the ranks' torch.distributed world and hangs there"
+            )
+        from align.launch import init_distributed
+
+        init_distributed()
     tokenizer = load_tokenizer(ctx.init_model_dir)
     bank = InstructionBank.load(cfg.instructions)
     ref_kinds = bank.checkable_names(cfg.reference_kinds, "gatt.reference_kinds")
@@ -156,16 +173,16 @@ def run_gatt(ctx) -> dict:
     sampling, eval_sampling = _sampling(cfg), _sampling(cfg, cfg.eval_max_new_tokens)
     fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, sampling.max_new_tokens)
     eval_fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
-    logger = ctx.logger()
-
     before_file, sampled_file = ctx.work_dir / "eval_before.json", ctx.work_dir / "sampled.json"
     engine = None
+    if not ctx.is_main:
+        dist.wait_for_file(sampled_file)
     try:
-        if eval_dialogues and not before_file.is_file():
+        if ctx.is_main and eval_dialogues and not before_file.is_file():
             engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
             answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "before")
             write_json_atomic(before_file, {"answers": answers, "recall": recall})
-        if not sampled_file.is_file():
+        if ctx.is_main and not sampled_file.is_file():
             engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
             answers, stats = roll_dialogues(
                 engine.generate,
@@ -183,7 +200,6 @@ def run_gatt(ctx) -> dict:
     finally:
         if engine is not None:
             engine.close()
-    before = read_json(before_file) if eval_dialogues else None
     sampled = read_json(sampled_file)
 
     records = []
@@ -221,7 +237,15 @@ def run_gatt(ctx) -> dict:
             flush=True,
         )
     train_summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)
+    if ctx.world_size > 1:
+        from align.launch import release_zero3_loading
 
+        release_zero3_loading()
+        if not ctx.is_main:
+            return {}
+
+    before = read_json(before_file) if eval_dialogues else None
+    logger = ctx.logger()
     after = None
     if eval_dialogues:
         engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed, dtype=ctx.cfg.compute.dtype)

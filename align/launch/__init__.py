@@ -93,3 +93,13 @@ def init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed()
+
+
+def release_zero3_loading() -> None:
+    """After a ZeRO-3 Trainer (align.sft.train_sft) has finished, let `from_pretrained` load whole models
+    again. The Trainer's DeepSpeed config stays registered with transformers while anything still holds
+    it, and a model loaded then by one rank alone (rank 0's reward models or engine reference) would be
+    partitioned over ranks that are not loading it, and wait for them forever."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()

@@ -6,6 +6,8 @@ Every rank must call a collective at the same point with tensors of the same sha
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,3 +80,15 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def wait_for_file(path: str | Path, poll_s: float = 1.0) -> None:
+    """Block until `path` exists: how the other ranks wait for what rank 0 alone makes (the engine's
+    samples, written atomically into the stage's work directory).
+
+    Not a collective: sampling at scale outlasts the process group's timeout (DeepSpeed's default is 10
+    minutes), a file can be waited on for as long as it takes. If rank 0 fails instead, the launcher
+    (torchrun's agent under `accelerate launch`) ends the ranks still waiting."""
+    path = Path(path)
+    while not path.exists():
+        time.sleep(poll_s)

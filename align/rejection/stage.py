@@ -17,6 +17,12 @@ sample of every round with round, score and both RM scores), pool.jsonl (the kep
 per prompt; pool_roundR.jsonl per round when rounds > 1), heldout.jsonl, best_of_n.json/.png
 (recipe figure 7), report.md. Resume: every round's sampling and scoring is checkpointed per batch
 of prompts in the work directory (align/rejection/sample.py); intermediate rounds' models too.
+
+Processes: with `train.num_processes > 1` the stage runs on every rank under `accelerate launch`. Rank 0
+alone samples and scores (the engine in its own processes, `rollout.in_process: false`, as in PPO) and
+writes each round's kept set to `.work/<stage>/roundR/kept.json`; the other ranks wait for that file
+(`align.launch.dist.wait_for_file`), then every rank fine-tunes on it under ZeRO-3 (align.sft.train_sft).
+The held-out reward after training, the artifacts and the summary are rank 0's.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from align.errors import AlignError
-from align.io import write_json_atomic, write_text_atomic
+from align.io import read_json, write_json_atomic, write_text_atomic
+from align.launch import dist
 from align.rejection.select import best_of_n_curve, pool_round, scores_by_prompt
 from align.rejection.sample import sample_and_score
 
@@ -158,19 +165,50 @@ def _train(ctx, kept: list[dict]) -> dict:
     dataset, stats = tokenize_conversations(
         load_tokenizer(ctx.init_model_dir), kept_conversations(kept), cfg.max_length
     )
-    return {**stats, **train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)}
+    summary = {**stats, **train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)}
+    if ctx.world_size > 1:
+        from align.launch import release_zero3_loading
+
+        release_zero3_loading()
+    return summary
 
 
 def _train_round(ctx, kept: list[dict], round_: int) -> Path:
-    """An intermediate round's model (the next round's sampler), kept in the work directory."""
+    """An intermediate round's model (the next round's sampler), kept in the work directory; every rank
+    trains it."""
     work = ctx.work_dir / f"round{round_}" / "train"
     sub = replace(ctx, work_dir=work, out_dir=work / "out")
     done = work / "done.json"
     if not done.is_file():
-        shutil.rmtree(sub.out_dir, ignore_errors=True)
-        sub.out_dir.mkdir(parents=True)
-        write_json_atomic(done, _train(sub, kept))
+        if ctx.is_main:
+            shutil.rmtree(sub.out_dir, ignore_errors=True)
+            sub.out_dir.mkdir(parents=True)
+            if ctx.world_size > 1:  # train_sft reads the launch's ZeRO-3 config from its work directory
+                shutil.copytree(ctx.work_dir / "launch", work / "launch", dirs_exist_ok=True)
+        dist.barrier()
+        summary = _train(sub, kept)
+        if ctx.is_main:
+            write_json_atomic(done, summary)
     return sub.out_dir / "model"
+
+
+def kept_path(ctx, round_: int) -> Path:
+    """Where rank 0 leaves round ``round_``'s kept set for the other ranks."""
+    return ctx.work_dir / f"round{round_}" / "kept.json"
+
+
+def _follow(ctx) -> dict:
+    """A rank other than 0: train on each kept set rank 0 publishes, when rank 0 trains on it."""
+    cfg = ctx.stage_cfg
+    for r in range(1, cfg.rounds + 1):
+        if r < cfg.rounds and cfg.sampler:
+            continue  # a teacher samples every round: nothing is trained before the last
+        dist.wait_for_file(kept_path(ctx, r))
+        kept = read_json(kept_path(ctx, r))
+        if r < cfg.rounds:
+            _train_round(ctx, kept, r)
+    _train(ctx, kept)
+    return {}
 
 
 def _mean(xs) -> float | None:
@@ -264,6 +302,17 @@ def run_rejection(ctx) -> dict:
 
     cfg = ctx.stage_cfg
     seed = ctx.cfg.seed
+    if ctx.world_size > 1:
+        if ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
+            raise AlignError(
+                f"rejection_sampling.train.num_processes={cfg.train.num_processes} needs rollout.in_process=false: "
+                "an in-process vLLM engine on rank 0 joins the ranks' torch.distributed world and hangs there"
+            )
+        from align.launch import init_distributed
+
+        init_distributed()
+        if not ctx.is_main:
+            return _follow(ctx)
     train_prompts, heldout, stats = load_prompts(ctx, load_tokenizer(ctx.init_model_dir))
     sampler_dir = resolve_sampler(ctx)
     draw = SamplingParams(
@@ -318,6 +367,8 @@ def run_rejection(ctx) -> dict:
                 desc=f"round {r} sampling",
             )
             kept = pool_round(kept, got)
+            if ctx.world_size > 1:
+                write_json_atomic(kept_path(ctx, r), kept)  # the other ranks train on it
             samples.extend(got)
             pools[r] = kept
             curves[r] = best_of_n_curve(scores_by_prompt(got))

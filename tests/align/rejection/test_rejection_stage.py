@@ -237,3 +237,25 @@ def test_load_prompts_counts_and_drops_duplicates(monkeypatch, dedup):
         assert stats["data/duplicates_dropped"] == 3 and len(keys) == len(set(keys)) == 17
     else:
         assert stats["data/duplicates_dropped"] == 0 and len(keys) == 20
+
+
+@pytest.mark.parametrize("sampler, trained", [("", ["round1", "round2", "final"]), ("teacher", ["final"])])
+def test_a_rank_other_than_0_trains_on_the_kept_sets_rank_0_publishes(tmp_path, monkeypatch, sampler, trained):
+    """Rank 1 runs no engine: it trains each round's model on the kept set rank 0 leaves in the work
+    directory, in rank 0's order (with a teacher, nothing before the last round)."""
+    from types import SimpleNamespace
+
+    import align.rejection.stage as stage
+    from align.io import write_json_atomic
+
+    ctx = SimpleNamespace(
+        stage_cfg=SimpleNamespace(rounds=3, sampler=sampler), work_dir=tmp_path, is_main=False, world_size=2
+    )
+    for r in (1, 2, 3):
+        write_json_atomic(stage.kept_path(ctx, r), [{"prompt_id": 0, "round": r}])
+    calls = []
+    monkeypatch.setattr(stage, "_train_round", lambda c, kept, r: calls.append((f"round{r}", kept[0]["round"])))
+    monkeypatch.setattr(stage, "_train", lambda c, kept: calls.append(("final", kept[0]["round"])))
+    assert stage._follow(ctx) == {}
+    assert [c[0] for c in calls] == trained
+    assert [c[1] for c in calls] == [int(name[-1]) for name in trained[:-1]] + [3]  # the final one: the last pool
