@@ -144,26 +144,25 @@ def test_the_tiny_7b_recipe_runs_every_stage_and_round_on_two_ranks(tmp_path, ti
             timeout=3600,
         )
     assert res.returncode == 0, log.read_text()[-6000:]
+    check_recipe_run(cfg, tiny_dir)
+
+
+def check_recipe_run(cfg, tiny_dir: Path) -> None:
+    """Every stage instance of the run is done, and each training stage had a real effect."""
     run = Path(cfg.run_dir)
     manifests = {}
     for name, stage, rnd in instances(cfg):
         m = json.loads((run / name / "manifest.json").read_text())
         assert m["status"] == "done" and m["round"] == rnd, name
         manifests[name] = m
-    text = log.read_text()
-    for name, stage, _ in instances(cfg):  # the trainings ran on 2 ranks: DeepSpeed's world of 2
-        if processes(cfg, stage) > 1:
-            assert (run / name / "metrics.jsonl").is_file(), name
-    assert "world_size=2" in text or "world size 2" in text.lower() or "nranks=2" in text.lower()
 
     # Every training stage logged a finite loss at each of its steps (rank 0 logs for the shared run).
     for name, stage, _ in instances(cfg):
-        rows = (
-            [json.loads(x) for x in (run / name / "metrics.jsonl").read_text().splitlines()] if stage != "eval" else []
-        )
+        metrics = run / name / "metrics.jsonl"
+        rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
         if stage in ("sft", "rejection_sampling", "gatt"):
             losses = [r["train/loss"] for r in rows if r.get("train/loss") is not None]
-            assert len(losses) >= 2 and all(math.isfinite(x) for x in losses), name
+            assert len(losses) == 2 and all(math.isfinite(x) for x in losses), name
             assert manifests[name]["summary"]["train/steps"] == 2, name
         elif stage in ("rm_helpful", "rm_safety"):
             assert manifests[name]["summary"]["rm/steps"] == 2, name
@@ -182,9 +181,12 @@ def test_the_tiny_7b_recipe_runs_every_stage_and_round_on_two_ranks(tmp_path, ti
             init = Path(manifests[name]["init_model"])
             assert _moved(_weights(init), _weights(run / name / "model")) > 0, name
 
-    # Rejection sampling's second round sampled from the model trained on round 1's kept set.
-    rs = manifests["rejection_sampling"]["summary"]
-    assert rs["rejection/samples"] == 2 * rs["data/prompts"] * cfg.rejection_sampling.k
+    # Both rounds of rejection sampling sampled every prompt K times, and rank 0 measured the held-out
+    # reward after the ZeRO-3 fine-tuning.
+    for name in ("rejection_sampling", *(f"rejection_sampling.r{r}" for r in range(2, cfg.rounds + 1))):
+        rs = manifests[name]["summary"]
+        assert rs["rejection/samples"] == cfg.rejection_sampling.rounds * rs["data/prompts"] * cfg.rejection_sampling.k
+        assert math.isfinite(rs["rejection/reward_after"]), name
     # Each later round labeled new pairs and retrained both RMs on all rounds' labels so far.
     for r in range(2, cfg.rounds + 1):
         assert (run / f"label.r{r}" / "preference.jsonl").read_text().strip(), r
