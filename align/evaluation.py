@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.errors import AlignError
 from align.io import write_json_atomic, write_text_atomic
@@ -19,6 +20,9 @@ from align.models import load_causal_lm, resolve_model_dir
 from align.refusal import agreement, is_refusal
 from align.stats import bootstrap_mean, bootstrap_stat, length_controlled_win_rate, wilson, win_outcomes
 from rollout import SamplingParams, make_engine
+
+if TYPE_CHECKING:
+    from align.pipeline import StageContext
 from align.rundir import instances, latest_dir
 from align.stages import STAGES
 
@@ -289,7 +293,7 @@ def _plots(names, per, metrics, reference, out_dir: Path) -> None:
     fig.savefig(out_dir / "eval_winrates.png", dpi=90)
 
 
-def run_eval(ctx) -> dict:
+def run_eval(ctx: StageContext) -> dict:
     return evaluate_run(
         ctx.cfg,
         ctx.run_dir,

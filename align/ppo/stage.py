@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -44,6 +44,10 @@ from align.errors import AlignError
 from align.faults import fault
 from align.io import read_json, read_metrics
 from align.launch import dist
+
+if TYPE_CHECKING:
+    from align.config import PPOConfig
+    from align.pipeline import StageContext
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -186,7 +190,7 @@ class Run:
         self.closers.clear()
 
 
-def setup(ctx) -> Run:
+def setup(ctx: StageContext) -> Run:
     from align.data.load import load_datasets
     from align.models import compile_layers, load_tokenizer
     from align.launch.zero3 import DeepSpeedLearner
@@ -194,7 +198,7 @@ def setup(ctx) -> Run:
     from reward.combined import RunningMoments
     from rollout import make_engine
 
-    cfg = ctx.stage_cfg
+    cfg: PPOConfig = ctx.stage_cfg
     multi = ctx.world_size > 1
     if multi and ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
         raise AlignError(
@@ -360,7 +364,7 @@ def record_eval(state: dict, value: float, iteration: int, patience: int) -> boo
 # Train
 
 
-def train(ctx, run: Run) -> None:
+def train(ctx: StageContext, run: Run) -> None:
     from tqdm.auto import tqdm
 
     from align.ppo.train import build_batch, make_trajectory, ppo_update
@@ -484,7 +488,7 @@ def train(ctx, run: Run) -> None:
 # Save
 
 
-def save(ctx, run: Run) -> dict:
+def save(ctx: StageContext, run: Run) -> dict:
     """`model/` (merged, float32), `adapter/`, `value_head.safetensors`, `ppo_curve.png`; the summary."""
     trainable = run.learner.trainable_state()  # every rank: ZeRO-3 gathers
     summary: dict = {}
@@ -616,7 +620,7 @@ def plot_curve(rows: list[dict], path: Path, kl_bound: float | None = None) -> N
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_ppo(ctx) -> dict:
+def run_ppo(ctx: StageContext) -> dict:
     """The `ppo` stage: setup -> train -> save; returns the summary (rank 0; {} on other ranks)."""
     run = setup(ctx)
     try:
