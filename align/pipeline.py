@@ -30,9 +30,9 @@ from align.config import PipelineConfig, pipeline_config_class
 from align.configlib import ConfigError, build, init_dict, to_dict
 from align.errors import AlignError, LabelingPending
 from align.faults import fault
-from align.models import load_tokenizer, resolve_model_dir
-from align.launch import write_launch_files
 from align.io import MetricsLogger, fsync_dir, is_disk_full, read_json, read_metrics, write_json_atomic
+from align.launch import write_launch_files
+from align.models import load_tokenizer, resolve_model_dir
 from align.precision import slow_bf16_warning
 from align.report import build_report
 from align.rundir import (
@@ -46,8 +46,6 @@ from align.rundir import (
     stage_status,
 )
 from align.stages import STAGES
-
-__all__ = ["StageContext", "instances", "latest_dir", "one_line", "run_pipeline", "stage_key", "stage_status"]
 
 
 @dataclass
