@@ -40,12 +40,9 @@ newest checkpoint and reproduces the uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +51,11 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from align import checkpoint
 from align.configlib import to_dict
 from align.errors import AlignError
 from align.faults import fault
+from align.schedule import lr_factor, warmup_steps
 from align.io import atomic_dir, read_json, write_json_atomic
 from align.launch import dist
 from align.launch.local import AdamW, LocalLearner
@@ -83,6 +82,7 @@ ADAM_BETAS = (0.9, 0.95)  # Llama 2 sec. 2.2 (the optimizer of the base model); 
 ADAM_EPS = 1e-5
 MODEL_SUBDIR = "model"
 CHECKPOINTS_SUBDIR = "checkpoints"
+CHECKPOINT_PREFIX = "step"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,19 +181,6 @@ def micro_batch_stream(lengths: Sequence[int], micro: int, batch: int, seed: int
 # Optimisation
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based).
-
-    Linear warm-up over ``warmup`` steps (the first step already trains, at lr/warmup), then cosine
-    decay from the peak (step ``warmup``) to ``min_ratio`` (the last step, ``total - 1``).
-    Llama 2 sec. 3.2.2: cosine down to 10% of the peak, 3% warm-up.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def micro_batches_per_step(train_cfg: "TrainConfig") -> int:
     """Micro-batches of one optimizer step over all processes: batch_size / micro_batch_size."""
     return train_cfg.grad_accum * train_cfg.num_processes
@@ -223,44 +210,20 @@ def load_trainable(model, weights: dict[str, torch.Tensor], where: Path, hint: s
 
 
 def save_checkpoint(ckpt_root: Path, step: int, learner, scheduler, state: dict, keep: int) -> Path:
-    """Write ``ckpt_root/step-N`` atomically, then keep only the newest ``keep`` checkpoints.
+    """Checkpoint ``ckpt_root/step-N`` (align/checkpoint.py), keeping the newest ``keep``; every rank
+    calls it and writes its part (its optimizer partition under ZeRO-3)."""
 
-    Every rank writes its part (its optimizer partition under ZeRO-3) into rank 0's temporary
-    directory, which rank 0 renames once all parts are in. Every rank must call it.
-    """
-    final = ckpt_root / f"step-{step}"
-    main = learner.rank == 0
-    with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
-        tmp = dist.broadcast_object(tmp)
+    def write(tmp: Path) -> None:
         if isinstance(learner, LocalLearner):
             learner.save(tmp)
         else:  # DeepSpeed's checkpoint is the resume state; the final model is gathered at the end
             learner.save(tmp, gathered=False)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / f"rng_rank{learner.rank}.pt")
-        dist.barrier()  # every part written before rank 0 renames
-        if main:
+        if learner.rank == 0:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            write_json_atomic(tmp / "state.json", state)
-    if main:
-        for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
 
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (atomic_dir only ever exposes complete ones as step-N)."""
-    if not ckpt_root.is_dir():
-        return []
-    found = []
-    for p in ckpt_root.iterdir():
-        m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    return checkpoint.save_checkpoint(
+        ckpt_root, f"{CHECKPOINT_PREFIX}-{step}", state, write, rank=learner.rank, keep=keep
+    )
 
 
 def load_checkpoint(path: Path, learner, scheduler) -> dict:
@@ -269,11 +232,7 @@ def load_checkpoint(path: Path, learner, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # the step's lr, whether or not the optimizer's own state carried it
-    rng = torch.load(path / f"rng_rank{learner.rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return read_json(path / "state.json")
+    return checkpoint.load_checkpoint(path, learner.rank)
 
 
 def run_fingerprint(cfg: "RewardConfig", seed: int, pairs: Sequence[EncodedPair]) -> str:
@@ -552,7 +511,7 @@ def train_reward_model(
             "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data"
         )
     steps = total_steps(len(pairs), tc)
-    warmup = math.ceil(tc.warmup_ratio * steps)
+    warmup = warmup_steps(steps, tc.warmup_ratio)
     learner, optimizer, _hf_ds = build_learner(
         model_dir, tokenizer, tc, seed, bf16, ds_config, cfg.freeze_layers
     )  # kept alive
@@ -561,13 +520,13 @@ def train_reward_model(
     fingerprint = run_fingerprint(cfg, seed, pairs)
     ckpt_root = out_dir / CHECKPOINTS_SUBDIR
     step, consumed, pairs_seen = 0, 0, 0
-    existing = list_checkpoints(ckpt_root)
+    existing = checkpoint.latest_checkpoint(ckpt_root, CHECKPOINT_PREFIX)
     if existing:
-        if read_json(existing[-1] / "state.json")["fingerprint"] != fingerprint:
+        if read_json(existing / checkpoint.STATE)["fingerprint"] != fingerprint:
             raise AlignError(
-                f"{existing[-1]}: checkpoint of a different config, seed or data; delete {ckpt_root} to start over"
+                f"{existing}: checkpoint of a different config, seed or data; delete {ckpt_root} to start over"
             )
-        state = load_checkpoint(existing[-1], learner, scheduler)
+        state = load_checkpoint(existing, learner, scheduler)
         step, consumed, pairs_seen = state["step"], state["micro_batches"], state["pairs_seen"]
     shared = uses_shared_prefix(cfg, learner.module)
     if cfg.shared_prefix and not shared and main:

@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from align.checkpoint import list_checkpoints
 from align.config import DatasetSpec, LoraConfig, RewardConfig, TrainConfig
 from align.errors import AlignError
 from reward.model import RewardScorer, load_reward_model
 from reward.train import (
     epoch_micro_batches,
-    list_checkpoints,
-    lr_factor,
     micro_batch_stream,
     token_pieces,
     total_steps,
@@ -61,17 +60,6 @@ def moved(init_dir, rm_dir) -> dict[str, bool]:
     before = load_file(str(Path(init_dir) / "model.safetensors"))
     after = load_file(str(Path(rm_dir) / "model.safetensors"))
     return {n: not torch.equal(before[n].float(), after[n].float()) for n in before if n in after}
-
-
-def test_lr_factor_warmup_then_cosine_to_min():
-    # 2 warm-up steps of 10: 1/2, 1; then cosine from 1 (step 2) to 0.1 (step 9)
-    f = [lr_factor(s, warmup=2, total=10, min_ratio=0.1) for s in range(10)]
-    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
-    assert f[9] == pytest.approx(0.1)
-    # step 5 is 3/7 of the way through the decay (steps 2..9): 0.1 + 0.9 * 0.5 * (1 + cos(3 pi / 7)) = 0.6501
-    assert lr_factor(5, 2, 10, 0.1) == pytest.approx(0.6501, abs=1e-4)
-    assert all(a >= b for a, b in zip(f[2:], f[3:]))
-    assert lr_factor(0, 0, 1, 0.1) == pytest.approx(1.0)  # no warm-up, a single step: the peak
 
 
 def test_total_steps():
@@ -203,7 +191,7 @@ def test_resume_after_a_crash_reproduces_the_straight_run(tiny_dir, tiny_tok, tm
     train_reward_model(tiny_dir, tiny_tok, records, [], cfg, straight, seed=7)
     with pytest.raises(KeyboardInterrupt):
         train_reward_model(tiny_dir, tiny_tok, records, [], cfg, crashed, seed=7, logger=ListLogger(crash_at=4))
-    assert [p.name for p in list_checkpoints(crashed / "checkpoints")] == ["step-3"]
+    assert [p.name for p in list_checkpoints(crashed / "checkpoints", "step")] == ["step-3"]
     assert not (crashed / "model").exists()
     logger = ListLogger()
     out = train_reward_model(tiny_dir, tiny_tok, records, [], cfg, crashed, seed=7, logger=logger)

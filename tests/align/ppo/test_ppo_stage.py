@@ -284,7 +284,8 @@ def test_killed_ppo_resumes_from_its_checkpoint_and_matches(point, resumed_from,
         assert json.loads((ckpts / resumed_from / "state.json").read_text())["moments"]["count"] == 16  # 2 x 8
         assert [r["step"] for r in read_metrics(run_dir / ".work" / "ppo" / "logs" / "metrics.jsonl")] == [0, 1, 2, 3]
     else:
-        assert [p.name for p in ckpts.iterdir()] == [".iter-2.tmp"]  # the cut-short write, never a checkpoint
+        [cut] = [p.name for p in ckpts.iterdir()]  # the cut-short write (align/checkpoint.py), never a checkpoint
+        assert cut.startswith(".iter-2.tmp")
     res = _run_cli(ppo_args(run_dir))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert ("resuming from" in res.stdout + res.stderr) == bool(resumed_from)
