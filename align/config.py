@@ -941,11 +941,9 @@ def pipeline_config_class() -> type:
 
 
 def __getattr__(name: str):
-    # `PipelineConfig` follows the registry; `STAGE_KINDS` (stage -> kind) is read by align/label/stage.py.
+    # `PipelineConfig` follows the registry.
     if name == "PipelineConfig":
         return pipeline_config_class()
-    if name == "STAGE_KINDS":
-        return {n: s.kind for n, s in STAGES.items()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
