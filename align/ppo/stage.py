@@ -306,13 +306,9 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
 def sync_weights(run: Run) -> float:
     """Push the policy into the engine; every rank takes part in the ZeRO-3 gathers."""
     start = time.perf_counter()
-    policy = run.learner.net.policy
-    if run.engine is not None:
-        run.engine.update_weights(policy)
-    else:
-        from rollout.weights import hf_state_dict
+    from rollout import push_weights
 
-        hf_state_dict(policy)  # this rank's share of the gathers; only rank 0 builds the weights
+    push_weights(run.engine, run.learner.net.policy)  # ranks without the engine only take part in the gathers
     dist.barrier()
     return time.perf_counter() - start
 
