@@ -55,7 +55,7 @@ from align import checkpoint
 from align.configlib import to_dict
 from align.errors import AlignError
 from align.faults import fault
-from align.schedule import lr_factor, warmup_steps
+from align.schedule import lr_scheduler, warmup_steps
 from align.io import atomic_dir, read_json, write_json_atomic
 from align.launch import dist
 from align.launch.local import AdamW, LocalLearner
@@ -516,7 +516,7 @@ def train_reward_model(
         model_dir, tokenizer, tc, seed, bf16, ds_config, cfg.freeze_layers
     )  # kept alive
     main = learner.rank == 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, tc.min_lr_ratio))
+    scheduler = lr_scheduler(optimizer, warmup, steps, tc.min_lr_ratio)
     fingerprint = run_fingerprint(cfg, seed, pairs)
     ckpt_root = out_dir / CHECKPOINTS_SUBDIR
     step, consumed, pairs_seen = 0, 0, 0
