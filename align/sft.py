@@ -15,7 +15,7 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.faults import fault
-from align.schedule import lr_factor
+from align.schedule import lr_scheduler, warmup_steps
 
 
 def tokenize_conversations(tokenizer, records: list[dict], max_length: int):
@@ -169,18 +169,12 @@ def sft_trainer_class():
 
     class TrainedTokenSFTTrainer(SFTTrainer):
         def create_scheduler(self, num_training_steps, optimizer=None):
-            """The schedule of every trainer (align/schedule.py) in transformers' convention, which SFT has
-            always run with: warm-up `args.warmup_steps` (a ratio), cosine to `lr_scheduler_kwargs`'
-            min_lr_rate (0 without)."""
-            import torch
-
+            """The schedule of every trainer (align/schedule.py): warm-up `args.warmup_steps` (a ratio),
+            cosine to `lr_scheduler_kwargs`' min_lr_rate (0 without); the first step trains."""
             if self.lr_scheduler is None:
-                warmup = self.args.get_warmup_steps(num_training_steps)
+                warmup = warmup_steps(num_training_steps, self.args.warmup_steps)
                 floor = (self.args.lr_scheduler_kwargs or {}).get("min_lr_rate", 0.0)
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer,
-                    lambda s: lr_factor(s, warmup, num_training_steps, floor, zero_first_step=True),
-                )
+                self.lr_scheduler = lr_scheduler(optimizer or self.optimizer, warmup, num_training_steps, floor)
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 

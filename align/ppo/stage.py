@@ -171,6 +171,7 @@ class Run:
     """What the loop needs, built by `setup`."""
 
     learner: object
+    scheduler: object  # the lr schedule (align/ppo/policy.py `lr_scheduler`), stepped by ppo_update
     engine: Optional[object]  # rollout engine on rank 0, None elsewhere
     rewards: RewardModels
     tokenizer: object
@@ -194,7 +195,7 @@ def setup(ctx: StageContext) -> Run:
     from align.data.load import load_datasets
     from align.models import compile_layers, load_tokenizer
     from align.launch.zero3 import DeepSpeedLearner
-    from align.ppo.policy import build_policy, deepspeed_config, make_optimizer, torch_learner
+    from align.ppo.policy import build_policy, deepspeed_config, lr_scheduler, make_optimizer, torch_learner
     from reward.combined import RunningMoments
     from rollout import make_engine
 
@@ -238,10 +239,12 @@ def setup(ctx: StageContext) -> Run:
         )
         hf_ds = HfDeepSpeedConfig(ds)
         net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed)
-        learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)
+        optimizer = make_optimizer(net, cfg)
+        learner = DeepSpeedLearner(net, optimizer, ds)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         learner = torch_learner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)
+        optimizer = learner.optimizer
         for model in (learner.net, rewards.helpful.model, rewards.safety.model):  # the first iteration pays it
             compile_layers(model, cfg.compile)  # one process (config check)
     moments = RunningMoments()
@@ -259,6 +262,7 @@ def setup(ctx: StageContext) -> Run:
         moments.load_state_dict(state.pop("moments"))
         if ctx.is_main:
             print(f"[align] {ctx.name}: resuming from {latest} (iteration {state['iteration']})", flush=True)
+    scheduler = lr_scheduler(optimizer, cfg, state["iteration"])  # its position follows from the iteration
     logger = None
     if ctx.is_main:
         # rows logged after the checkpoint are logged again; without a checkpoint, every row is
@@ -266,6 +270,7 @@ def setup(ctx: StageContext) -> Run:
         logger = ctx.logger()
     run = Run(
         learner=learner,
+        scheduler=scheduler,
         engine=engine,
         rewards=rewards,
         tokenizer=tokenizer,
@@ -421,7 +426,13 @@ def train(ctx: StageContext, run: Run) -> None:
         # ---- train
         t0 = time.perf_counter()
         update_metrics, _ = ppo_update(
-            run.learner, traj, cfg, seed=sampling_seed(seed, it), autocast=run.autocast, iteration=it
+            run.learner,
+            traj,
+            cfg,
+            seed=sampling_seed(seed, it),
+            autocast=run.autocast,
+            iteration=it,
+            scheduler=run.scheduler,
         )
         timing["train"] = time.perf_counter() - t0
         # ---- sync

@@ -1,4 +1,4 @@
-"""align/schedule.py against numbers worked out by hand, and the shipped configs' schedules unchanged."""
+"""align/schedule.py against numbers worked out by hand, and the schedule the trainers actually run."""
 
 from __future__ import annotations
 
@@ -29,53 +29,43 @@ def test_constant_is_no_warmup_and_a_floor_of_one():
     assert [lr_factor(s, 0, 5, 1.0) for s in range(5)] == [1.0] * 5
 
 
-def test_transformers_convention():
-    # warm-up 1 of 6 steps, floor 0: 0, then cos over progress (s - 1) / 5
-    f = [lr_factor(s, 1, 6, 0.0, zero_first_step=True) for s in range(6)]
-    assert f == pytest.approx([0.0, 1.0, 0.904508, 0.654508, 0.345492, 0.095492], abs=1e-6)
-    assert lr_factor(6, 1, 6, 0.2, zero_first_step=True) == pytest.approx(0.2)  # one step after the last
+def test_default_sft_schedule_by_hand():
+    """default.yaml's SFT: 6 steps, warm-up ceil(0.03 * 6) = 1 step, floor 0. The warm-up step trains at
+    the peak (1/1), then the cosine over steps 1..5, progress (s - 1) / 4."""
+    cfg = load_config(ROOT / "configs" / "default.yaml").sft.train
+    assert (cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio) == (6, 0.03, 0.0)
+    f = [lr_factor(s, warmup_steps(6, 0.03), 6, 0.0) for s in range(6)]
+    half_root2 = 0.5 * (1 + math.sqrt(0.5))  # (1 + cos(pi / 4)) / 2
+    assert f == pytest.approx([1.0, 1.0, half_root2, 0.5, 1 - half_root2, 0.0], abs=1e-12)
+    assert f[0] > 0  # transformers' convention ran this step at lr 0
 
 
 def test_warmup_steps_round_up():
     assert warmup_steps(6, 0.03) == 1 and warmup_steps(120, 0.03) == 4 and warmup_steps(100, 0.0) == 0
 
 
-def _hf_schedule(total: int, warmup_ratio: float, min_ratio: float) -> list[float]:
-    """The multipliers HF Trainer's cosine schedules give, as SFT set them up before align/schedule.py."""
-    torch = pytest.importorskip("torch")
-    from transformers import get_scheduler
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    kind, kwargs = ("cosine_with_min_lr", {"min_lr_rate": min_ratio}) if min_ratio > 0 else ("cosine", {})
-    sched = get_scheduler(
-        kind,
-        opt,
-        num_warmup_steps=math.ceil(total * warmup_ratio),
-        num_training_steps=total,
-        scheduler_specific_kwargs=kwargs,
-    )
+def _lrs_at_each_step(opt, sched, n: int) -> list[float]:
+    """The lr each of `n` optimizer steps runs at."""
     out = []
-    for _ in range(total):
-        out.append(sched.get_last_lr()[0])
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     return out
 
 
-def test_shipped_sft_style_schedules_match_transformers():
-    cfg = load_config(ROOT / "configs" / "default.yaml")
-    # default.yaml: sft 6 steps, rejection sampling 4, gatt 160; each with warm-up 0.03 and floor 0.
-    for tc in (cfg.sft.train, cfg.rejection_sampling.train, cfg.gatt.train):
-        total = tc.max_steps
-        ours = [
-            lr_factor(s, warmup_steps(total, tc.warmup_ratio), total, tc.min_lr_ratio, zero_first_step=True)
-            for s in range(total)
-        ]
-        assert ours == pytest.approx(_hf_schedule(total, tc.warmup_ratio, tc.min_lr_ratio), abs=1e-9)
-    # and with a floor, as cosine_with_min_lr
-    assert [lr_factor(s, 2, 20, 0.1, zero_first_step=True) for s in range(20)] == pytest.approx(
-        _hf_schedule(20, 0.1, 0.1), abs=1e-9
-    )
+def test_lr_scheduler_runs_lr_factor_and_starts_mid_run():
+    torch = pytest.importorskip("torch")
+    from align.schedule import lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    lrs = _lrs_at_each_step(opt, lr_scheduler(opt, 2, 10, 0.1), 10)
+    assert lrs == pytest.approx([2.0 * lr_factor(s, 2, 10, 0.1) for s in range(10)], abs=1e-12)
+    assert lrs[:2] == pytest.approx([1.0, 2.0]) and lrs[-1] == pytest.approx(0.2)
+    # a run resumed after 6 steps, its optimizer restored (it carries the peak as `initial_lr`)
+    resumed = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    resumed.load_state_dict(opt.state_dict())
+    assert _lrs_at_each_step(resumed, lr_scheduler(resumed, 2, 10, 0.1, start=6), 4) == pytest.approx(lrs[6:])
 
 
 def test_shipped_reward_model_schedules():
@@ -92,3 +82,50 @@ def test_shipped_reward_model_schedules():
     assert fs[:3] == pytest.approx([0.5, 1.0, 1.0])
     assert fs[30] == pytest.approx(0.1 + 0.45 * (1 + math.cos(28 * math.pi / 57)))
     assert fs[59] == pytest.approx(0.1)
+
+
+CHATS = [
+    [{"role": "user", "content": q, "train": False}, {"role": "assistant", "content": a, "train": True}]
+    for q, a in [
+        ("Name a colour.", "Blue."),
+        ("Hi", "Hello there, friend."),
+        ("Thanks", "You are welcome."),
+        ("Two plus two?", "Four."),
+    ]
+]
+
+
+def test_sft_trainer_steps_at_lr_factor(tmp_path, tiny_dir, monkeypatch):
+    """The lr of each optimizer step of the SFT trainer (align.sft.train_sft: SFT, rejection sampling and
+    GAtt), read off its optimizer before the step, for default.yaml's SFT section: peak * lr_factor, the
+    first step included (transformers' cosine ran it at lr 0)."""
+    from transformers import TrainerCallback
+
+    import align.sft as sft
+    from align.models import load_tokenizer
+    from align.pipeline import prepare
+
+    tc = load_config(ROOT / "configs" / "default.yaml").sft.train
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["stages=[sft]", f"run_dir={tmp_path}/run"])
+    ctx = prepare(cfg, "sft")
+    lrs: list[float] = []
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    base = sft.sft_trainer_class()
+
+    class Recording(base):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.add_callback(Record())
+
+    dataset, _ = sft.tokenize_conversations(load_tokenizer(tiny_dir), [{"messages": c} for c in CHATS], 512)
+    monkeypatch.setattr(sft, "sft_trainer_class", lambda: Recording)
+    summary = sft.train_sft(ctx, dataset, tc, 512, packing=False)
+    total = tc.max_steps
+    assert summary["train/steps"] == total == len(lrs)
+    want = [tc.lr * lr_factor(s, warmup_steps(total, tc.warmup_ratio), total, tc.min_lr_ratio) for s in range(total)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+    assert lrs[0] == pytest.approx(tc.lr) and lrs[0] > 0

@@ -1,6 +1,5 @@
 """SFT: packed == unpacked loss, a tiny run that learns, kill-and-resume, and 2-process ZeRO-3."""
 
-import math
 import json
 import signal
 import subprocess
@@ -386,22 +385,3 @@ def test_split_records_drops_duplicates_and_held_out_prompts_trained_on():
         *split_heldout(records, 8, seed=0),
         {"data/duplicates_dropped": 0, "data/heldout_overlap_dropped": 0},
     )
-
-
-def test_sft_trainer_takes_the_shared_schedule():
-    """The trainer's scheduler is align/schedule.py's, in transformers' convention: for default.yaml's SFT
-    (6 steps, warm-up 0.03, floor 0) the multipliers HF's cosine schedule gave."""
-    import types
-
-    from align.sft import sft_trainer_class
-
-    args = types.SimpleNamespace(get_warmup_steps=lambda n: math.ceil(0.03 * n), lr_scheduler_kwargs=None)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    fake = types.SimpleNamespace(lr_scheduler=None, args=args, optimizer=opt)
-    sched = sft_trainer_class().create_scheduler(fake, 6)
-    lrs = []
-    for _ in range(6):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([2.0 * f for f in (0.0, 1.0, 0.904508, 0.654508, 0.345492, 0.095492)], abs=1e-5)

@@ -17,8 +17,12 @@ from align.config import DatasetSpec, LoraConfig, RewardConfig, TrainConfig
 from align.errors import AlignError
 from reward.model import RewardScorer, load_reward_model
 from reward.train import (
+    Position,
+    build_data,
     epoch_micro_batches,
+    evaluate_model,
     micro_batch_stream,
+    setup_learner,
     token_pieces,
     total_steps,
     train_reward_model,
@@ -119,6 +123,33 @@ def test_tiny_rm_learns_an_easy_preference(tiny_dir, tiny_tok, tmp_path, make_pa
     assert any("eval/rm/accuracy" in m for _, m in logger.rows)
     for name in ("eval.json", "eval.md", "eval_gaps.png", "train_summary.json", "model/config.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_phases_on_their_own_give_what_the_run_reported(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    """`build_data`, `setup_learner` and `evaluate_model`, each on its own after a run: the run's data, the
+    position of its newest checkpoint, and for the saved model the evaluation the run reported."""
+    train, held_out = make_pairs(16, seed=3), make_pairs(12, seed=4)
+    cfg = rm_config(max_steps=4, save_steps=2)
+    out = train_reward_model(tiny_dir, tiny_tok, train, held_out, cfg, tmp_path, seed=0)
+
+    data = build_data(tiny_tok, train, cfg, seed=0)
+    assert (data.steps, data.warmup) == (4, 1)  # warm-up ceil(0.1 * 4)
+    assert (data.steps, data.warmup, len(data.pairs), data.truncated) == (
+        out["steps"],
+        out["warmup_steps"],
+        out["train_pairs"],
+        out["truncated_pairs"],
+    )
+    assert build_data(tiny_tok, train, cfg, seed=1).fingerprint != data.fingerprint
+
+    # the step-2 checkpoint (none at the end: the model is written then); 2 micro-batches of 4 a step
+    run = setup_learner(tiny_dir, tiny_tok, cfg, data, tmp_path / "checkpoints", seed=0, bf16=False, ds_config=None)
+    assert run.start == Position(step=2, micro_batches=4, pairs_seen=16, skipped_steps=0)
+    assert run.scheduler.last_epoch == 2 and run.shared
+
+    results = evaluate_model(RewardScorer.from_pretrained(tmp_path / "model"), held_out, cfg.train)
+    assert results["n_pairs"] == 12 and set(results["metrics"]) == set(out["eval"])
+    assert results["metrics"] == pytest.approx(out["eval"], rel=1e-5, abs=1e-6, nan_ok=True)
 
 
 def test_long_pairs_are_truncated_never_dropped(tiny_dir, tiny_tok, tmp_path, make_pairs):
