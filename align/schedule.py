@@ -2,10 +2,11 @@
 
 Llama 2 sec. 3.2.2 / 3.2.3: cosine down to 10% of the peak (`min_lr_ratio` 0.1), 3% warm-up. The
 reward models, SFT-style stages (through HF Trainer's `create_scheduler`, align/sft.py) and PPO (constant:
-no warm-up, floor 1) all step a `lr_scheduler` over `lr_factor`. One convention: the first optimizer step
-already trains (at lr/warmup), and the cosine reaches the floor at the last step. (transformers' cosine
-schedules start the warm-up at lr 0, so their first step moves nothing: one step in six of a 6-step run
-with 3% warm-up.) Importing this module imports no torch.
+no warm-up, floor 1) all step a `lr_scheduler` over `lr_factor`. One convention: no step trains at lr 0.
+The first optimizer step already trains (at lr/warmup), and the cosine reaches the floor one step after
+the last. (transformers' cosine schedules start the warm-up at lr 0, so their first step moves nothing:
+one step in six of a 6-step run with 3% warm-up; a cosine that reaches a floor of 0 at the last step
+wastes that one instead.) Importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based) of `total`.
 
     Linear warm-up over `warmup` steps: step s < warmup trains at (s + 1) / warmup of the peak, so the
-    first step already trains. Then cosine decay from the peak (step `warmup`) to `min_ratio`, reached at
-    the last step (`total - 1`) and kept after it (with `min_ratio` 0 the last step trains at lr 0).
-    `lr_factor(s, 0, total, 1.0)` is 1 at every step.
+    first step already trains. Then cosine decay from the peak (step `warmup`) towards `min_ratio`,
+    reached at step `total` (one past the last) and kept after it, so the last step still trains with a
+    floor of 0. `lr_factor(s, 0, total, 1.0)` is 1 at every step.
     """
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -17,9 +17,10 @@ def test_warmup_then_cosine_to_the_floor():
     f = [lr_factor(s, warmup=2, total=10, min_ratio=0.1) for s in range(10)]
     assert f[:3] == pytest.approx([0.5, 1.0, 1.0])  # the first step trains at lr/warmup; the peak at step 2
     # cosine over steps 2..9: progress (s - 2) / 7; 0.1 + 0.9 * (1 + cos(3 pi / 7)) / 2 at step 5
-    assert f[5] == pytest.approx(0.1 + 0.45 * (1 + math.cos(3 * math.pi / 7)))
-    assert f[5] == pytest.approx(0.6501, abs=1e-4)
-    assert f[9] == pytest.approx(0.1)  # the floor, at the last step
+    assert f[5] == pytest.approx(0.1 + 0.45 * (1 + math.cos(3 * math.pi / 8)))
+    assert f[5] == pytest.approx(0.7222, abs=1e-4)
+    assert f[9] == pytest.approx(0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8)))  # just above the floor
+    assert f[9] > 0.1
     assert all(a >= b for a, b in zip(f[2:], f[3:]))
     assert lr_factor(0, 0, 1, 0.1) == pytest.approx(1.0)  # no warm-up, a single step: the peak
     assert lr_factor(50, 2, 10, 0.1) == pytest.approx(0.1)  # past the end: stays at the floor
@@ -31,13 +32,14 @@ def test_constant_is_no_warmup_and_a_floor_of_one():
 
 def test_default_sft_schedule_by_hand():
     """default.yaml's SFT: 6 steps, warm-up ceil(0.03 * 6) = 1 step, floor 0. The warm-up step trains at
-    the peak (1/1), then the cosine over steps 1..5, progress (s - 1) / 4."""
+    the peak (1/1), then the cosine over steps 1..5, progress (s - 1) / 5: the floor 0 would be step 6."""
     cfg = load_config(ROOT / "configs" / "default.yaml").sft.train
     assert (cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio) == (6, 0.03, 0.0)
     f = [lr_factor(s, warmup_steps(6, 0.03), 6, 0.0) for s in range(6)]
-    half_root2 = 0.5 * (1 + math.sqrt(0.5))  # (1 + cos(pi / 4)) / 2
-    assert f == pytest.approx([1.0, 1.0, half_root2, 0.5, 1 - half_root2, 0.0], abs=1e-12)
-    assert f[0] > 0  # transformers' convention ran this step at lr 0
+    c = [0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)]  # 1, 0.9045, 0.6545, 0.3455, 0.0955
+    assert f == pytest.approx([1.0, *c], abs=1e-12)
+    assert f[-1] == pytest.approx(0.0955, abs=1e-4)
+    assert min(f) > 0  # no step at lr 0: transformers' convention ran the first one there
 
 
 def test_warmup_steps_round_up():
@@ -61,7 +63,9 @@ def test_lr_scheduler_runs_lr_factor_and_starts_mid_run():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     lrs = _lrs_at_each_step(opt, lr_scheduler(opt, 2, 10, 0.1), 10)
     assert lrs == pytest.approx([2.0 * lr_factor(s, 2, 10, 0.1) for s in range(10)], abs=1e-12)
-    assert lrs[:2] == pytest.approx([1.0, 2.0]) and lrs[-1] == pytest.approx(0.2)
+    assert lrs[:2] == pytest.approx([1.0, 2.0]) and lrs[-1] == pytest.approx(
+        2.0 * (0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8)))
+    )
     # a run resumed after 6 steps, its optimizer restored (it carries the peak as `initial_lr`)
     resumed = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     resumed.load_state_dict(opt.state_dict())
@@ -69,19 +73,18 @@ def test_lr_scheduler_runs_lr_factor_and_starts_mid_run():
 
 
 def test_shipped_reward_model_schedules():
-    """The reward models' multipliers for configs/default.yaml, step by step, as the RM trainer gave them
-    before align/schedule.py (reward/train.py's lr_factor): rm_helpful 120 steps, rm_safety 60, both
-    warm-up 0.03 (4 and 2 steps) and floor 0.1."""
+    """The reward models' multipliers for configs/default.yaml, worked by hand: rm_helpful 120 steps,
+    rm_safety 60, both warm-up 0.03 (4 and 2 steps) and floor 0.1, reached one step after the last."""
     cfg = load_config(ROOT / "configs" / "default.yaml")
     h, s = cfg.rm_helpful.train, cfg.rm_safety.train
     fh = [lr_factor(i, warmup_steps(h.max_steps, h.warmup_ratio), h.max_steps, h.min_lr_ratio) for i in range(120)]
     fs = [lr_factor(i, warmup_steps(s.max_steps, s.warmup_ratio), s.max_steps, s.min_lr_ratio) for i in range(60)]
-    assert fh[:6] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 115))])
-    assert fh[61] == pytest.approx(0.1 + 0.45 * (1 + math.cos(57 * math.pi / 115)))
-    assert fh[119] == pytest.approx(0.1)
+    assert fh[:6] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 116))])
+    assert fh[61] == pytest.approx(0.1 + 0.45 * (1 + math.cos(57 * math.pi / 116)))
+    assert fh[119] == pytest.approx(0.1 + 0.45 * (1 + math.cos(115 * math.pi / 116)))
     assert fs[:3] == pytest.approx([0.5, 1.0, 1.0])
-    assert fs[30] == pytest.approx(0.1 + 0.45 * (1 + math.cos(28 * math.pi / 57)))
-    assert fs[59] == pytest.approx(0.1)
+    assert fs[30] == pytest.approx(0.1 + 0.45 * (1 + math.cos(28 * math.pi / 58)))
+    assert fs[59] == pytest.approx(0.1 + 0.45 * (1 + math.cos(57 * math.pi / 58)))
 
 
 CHATS = [
