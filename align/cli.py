@@ -23,6 +23,19 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
+
+from align import pipeline
+from align.config import DatasetSpec, load_config, pipeline_config_class
+from align.configlib import ConfigError, apply_overrides, build, help_lines
+from align.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_LABELING, AlignError, LabelingPending
+from align.evaluation import evaluate_run
+from align.io import read_json
+from align.label.cli import dispatch as label_dispatch, register as register_label
+from align.models import check_model_dir
+from align.report import build_report
+from align.rundir import instances
+from align.stages import STAGES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,8 +110,6 @@ def _parser() -> argparse.ArgumentParser:
         help="tokens per prompt+response (default: the RM's scorer.json, else 1024)",
     )
     re_.add_argument("--bad-rows", default="skip", choices=["fail", "skip"], help="a malformed row: fail or skip")
-    from align.label.cli import register as register_label
-
     register_label(sub)
     return p
 
@@ -108,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from align.configlib import ConfigError
-    from align.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_LABELING, AlignError, LabelingPending
-
     try:
         return _dispatch(args)
     except LabelingPending as e:
@@ -125,29 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from align.config import load_config
-
     if args.cmd == "label":
-        from align.label.cli import dispatch as label_dispatch
-
         return label_dispatch(args)
     if args.cmd == "keys":
-        from align.config import PipelineConfig
-        from align.configlib import help_lines
-
-        print("\n".join(help_lines(PipelineConfig)))
+        print("\n".join(help_lines(pipeline_config_class())))
         return 0
     if args.cmd == "eval":
-        from pathlib import Path
-
-        from align.configlib import ConfigError, build
-        from align.config import PipelineConfig
-        from align.configlib import apply_overrides
-        from align.evaluation import evaluate_run
-        from align.io import read_json
-
-        raw = apply_overrides(PipelineConfig, read_json(Path(args.run_dir) / "run.json")["config"], args.overrides)
-        cfg = build(PipelineConfig, raw)
+        pipeline_config = pipeline_config_class()
+        raw = apply_overrides(pipeline_config, read_json(Path(args.run_dir) / "run.json")["config"], args.overrides)
+        cfg = build(pipeline_config, raw)
         if cfg.eval is None:
             raise ConfigError(
                 f"{args.run_dir}: its config has no eval: section; add one (see configs/default.yaml) "
@@ -158,17 +152,10 @@ def _dispatch(args) -> int:
         print((out / "eval.md").read_text())
         return 0
     if args.cmd == "report":
-        from align.pipeline import load_run
-        from align.report import build_report
-
-        from align.pipeline import instances
-
-        print(build_report(args.run_dir, [i[0] for i in instances(load_run(args.run_dir))]))
+        print(build_report(args.run_dir, [i[0] for i in instances(pipeline.load_run(args.run_dir))]))
         return 0
     if args.cmd == "status":
-        from align.pipeline import load_run, status_table
-
-        print(status_table(load_run(args.run_dir)))
+        print(pipeline.status_table(pipeline.load_run(args.run_dir)))
         return 0
     if args.cmd == "plan":
         from align.plan import main as plan_main
@@ -178,32 +165,22 @@ def _dispatch(args) -> int:
         return _rm_eval(args)
     cfg = load_config(args.config, args.overrides)
     if args.cmd == "rm":
-        from align.config import STAGE_KINDS
-        from align.configlib import ConfigError
-        from align.pipeline import run_pipeline
-
-        names = [n for n in cfg.stages if STAGE_KINDS[n] == "reward"]
+        names = [n for n in cfg.stages if STAGES[n].kind == "reward"]
         if not names:
             raise ConfigError(f"{args.config}: lists no reward-model stage (rm_helpful, rm_safety) in stages")
         for name in names:
-            run_pipeline(cfg, args.config, tuple(args.overrides), only=name)
+            pipeline.run_pipeline(cfg, args.config, tuple(args.overrides), only=name)
         return 0
     if args.cmd == "validate":
         print(f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(cfg.stages)}; run_dir {cfg.run_dir})")
         return 0
-    from align import pipeline
-
     if args.cmd == "run":
         manifests = pipeline.run_pipeline(cfg, args.config, tuple(args.overrides), wait_s=args.wait)
         print(f"[align] run finished: {len(manifests)} stage(s) in {cfg.run_dir}")
         return 0
     if args.cmd == "stage":
-        from align.pipeline import instances
-
         names = [i[0] for i in instances(cfg)]
         if args.name not in names:
-            from align.configlib import ConfigError
-
             raise ConfigError(f"stage '{args.name}' is not in this config's stages: {', '.join(names)}")
         pipeline.run_pipeline(cfg, args.config, tuple(args.overrides), only=args.name)
         return 0
@@ -214,12 +191,7 @@ def _dispatch(args) -> int:
 
 
 def _rm_eval(args) -> int:
-    from pathlib import Path
-
-    from align.config import DatasetSpec
-    from align.configlib import ConfigError, build
-    from align.data.load import load_records
-    from align.models import check_model_dir
+    from align.data.load import load_records  # datasets
     from reward.evaluate import evaluate, markdown_report, write_eval
     from reward.model import RewardScorer
 

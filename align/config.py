@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from align.precision import SETTINGS as PRECISIONS, Precision, resolve_precision
+from align.stages import STAGES
 from align.configlib import (
     ConfigError,
     apply_overrides,
@@ -425,10 +426,6 @@ class RejectionConfig:
     max_length: int = option(512, help="tokens per SFT sequence on the kept set")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, epochs=1.0), help="fine-tuning on the kept set")
 
-    def requires(self) -> tuple[str, ...]:
-        teacher = (self.sampler,) if self.sampler in STAGE_KINDS else ()
-        return (self.reward.helpful_rm, self.reward.safety_rm) + teacher
-
     def __post_init__(self):
         check(self.k >= 1, "k", self.k, "must be >= 1")
         check(self.prompts_per_batch >= 1, "prompts_per_batch", self.prompts_per_batch, "must be >= 1")
@@ -491,9 +488,6 @@ class PPOConfig:
     eval_every: int = option(
         1, help="measure the mean combined reward on the held-out prompts every N iterations (and before the first)"
     )
-
-    def requires(self) -> tuple[str, ...]:
-        return (self.reward.helpful_rm, self.reward.safety_rm)
 
     def __post_init__(self):
         check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
@@ -628,9 +622,6 @@ class GAttConfig:
     max_length: int = option(1024, help="tokens per training sequence")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, epochs=1.0), help="fine-tuning on the GAtt data")
 
-    def requires(self) -> tuple[str, ...]:
-        return ()
-
     def __post_init__(self):
         check(self.turns >= 2, "turns", self.turns, "must be >= 2 (GAtt is about later turns)")
         check(0 <= self.shorten_prob <= 1, "shorten_prob", self.shorten_prob, "must be in [0, 1]")
@@ -678,9 +669,6 @@ class EvalConfig:
     )
     reward: RewardUseConfig = option(factory=RewardUseConfig, help="reward models used to score")
 
-    def requires(self) -> tuple[str, ...]:
-        return (self.reward.helpful_rm, self.reward.safety_rm)
-
     def __post_init__(self):
         check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
         check(self.num_prompts > 0, "num_prompts", self.num_prompts, "must be > 0")
@@ -696,20 +684,6 @@ class DataConfig:
         help="drop exact duplicate records (the first kept) and held-out prompts that "
         "are also trained on, counted in the manifest (docs/data.md)",
     )
-
-
-STAGE_KINDS = {
-    "sft": "sft",
-    "rm_helpful": "reward",
-    "rm_safety": "reward",
-    "rejection_sampling": "rejection",
-    "ppo": "ppo",
-    "gatt": "gatt",
-    "eval": "eval",
-    "label": "label",
-}
-POLICY_KINDS = ("sft", "rejection", "ppo", "gatt")  # stages whose output is a policy checkpoint
-ENGINE_KINDS = ("rejection", "ppo", "gatt", "eval", "label")  # stages that generate with the rollout engine
 
 
 # The preference-labeling round (Llama 2 sec. 3.2.1); used by align/label/.
@@ -850,7 +824,10 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineSettings:
+    """The run-wide keys of a pipeline config; `PipelineConfig` adds one optional section per registered
+    stage (align/stages.py)."""
+
     name: str = option("", help="run name (default: the config file's name)")
     run_dir: str = option("", help="run directory (default: runs/<name>)")
     seed: int = option(0, help="random seed of every stage")
@@ -861,9 +838,7 @@ class PipelineConfig:
         "elsewhere (align/precision.py)",
     )
     data_dir: str = option("../shared/data", help="root of relative dataset paths")
-    stages: tuple[str, ...] = option(
-        factory=lambda: ("sft",), help=f"stages to run, in order: {', '.join(STAGE_KINDS)}"
-    )
+    stages: tuple[str, ...] = option(factory=lambda: ("sft",), help=f"stages to run, in order: {', '.join(STAGES)}")
     rounds: int = option(
         1, help="RLHF iterations: after `stages` (round 1), `round_stages` run again in rounds 2..rounds"
     )
@@ -873,27 +848,12 @@ class PipelineConfig:
     model: ModelConfig = option(factory=ModelConfig, help="the base policy model")
     data: DataConfig = option(factory=DataConfig, help="data handling")
     rollout: RolloutConfig = option(factory=RolloutConfig, help="the generation engine")
-    sft: Optional[SFTConfig] = option(None, help="SFT stage")
-    rm_helpful: Optional[RewardConfig] = option(None, help="helpfulness reward model stage")
-    rm_safety: Optional[RewardConfig] = option(None, help="safety reward model stage")
-    rejection_sampling: Optional[RejectionConfig] = option(None, help="rejection-sampling fine-tuning stage")
-    ppo: Optional[PPOConfig] = option(None, help="PPO stage")
-    gatt: Optional[GAttConfig] = option(None, help="Ghost Attention stage")
-    eval: Optional[EvalConfig] = option(
-        None, help="evaluation of every policy checkpoint (RM scores, win rates, XSTest)"
-    )
-    label: Optional[LabelConfig] = option(
-        None, help="preference-labeling round: generate pairs, label (auto or people), export"
-    )
-    compute: Precision = field(
-        init=False, default=None, metadata={"help": "derived: `precision` resolved on this machine"}
-    )
 
     def __post_init__(self):
         derive(self, "compute", resolve_precision(self.precision))
         seen = []
         for name in self.stages:
-            check(name in STAGE_KINDS, "stages", name, f"unknown stage; known stages: {', '.join(STAGE_KINDS)}")
+            check(name in STAGES, "stages", name, f"unknown stage; known stages: {', '.join(STAGES)}")
             check(name not in seen, "stages", name, "listed twice")
             check(
                 getattr(self, name) is not None,
@@ -908,8 +868,7 @@ class PipelineConfig:
                 init,
                 f"no earlier stage makes '{init}'; use 'base' or one of the stages before it: {', '.join(seen) or '(none)'}",
             )
-            stage_cfg = getattr(self, name)
-            for needed in stage_cfg.requires() if hasattr(stage_cfg, "requires") else ():
+            for needed in STAGES[name].reads(getattr(self, name)):
                 check(
                     needed in seen,
                     name,
@@ -927,7 +886,7 @@ class PipelineConfig:
             f"rounds={self.rounds} needs the stages to repeat, e.g. round_stages: [label, rm_helpful, rm_safety, rejection_sampling]",
         )
         for name in self.round_stages:
-            check(name in STAGE_KINDS, "round_stages", name, f"unknown stage; known stages: {', '.join(STAGE_KINDS)}")
+            check(name in STAGES, "round_stages", name, f"unknown stage; known stages: {', '.join(STAGES)}")
             check(
                 getattr(self, name) is not None,
                 name,
@@ -948,22 +907,58 @@ class PipelineConfig:
             "precision": self.compute.name,
             "data_dir": self.data_dir,
         }
-        if STAGE_KINDS[name] in ENGINE_KINDS:
+        if STAGES[name].engine:
             payload["rollout"] = to_dict(self.rollout)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+_pipeline_classes: dict[tuple, type] = {}
+
+
+def pipeline_config_class() -> type:
+    """`PipelineSettings` plus one optional section per registered stage, in registry order; one class per
+    set of registered stages (a stage registered later, as in a test, gets a class with its section)."""
+    specs = [(s.name, s.config_class(), s.help) for s in STAGES.values()]
+    key = tuple((name, cls) for name, cls, _ in specs)
+    if key not in _pipeline_classes:
+        cls = make_dataclass(
+            "PipelineConfig",
+            [(name, Optional[section], option(None, help=help)) for name, section, help in specs]
+            + [
+                (
+                    "compute",
+                    Precision,
+                    field(init=False, default=None, metadata={"help": "derived: `precision` resolved on this machine"}),
+                )
+            ],
+            bases=(PipelineSettings,),
+            frozen=True,
+        )
+        cls.__module__ = __name__
+        cls.__doc__ = "A pipeline config: the run-wide keys and one optional section per registered stage."
+        _pipeline_classes[key] = cls
+    return _pipeline_classes[key]
+
+
+def __getattr__(name: str):
+    # `PipelineConfig` follows the registry.
+    if name == "PipelineConfig":
+        return pipeline_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSettings:
     """Read YAML, apply `key.sub=value` overrides, build and validate the typed config."""
     path = Path(path)
     raw = read_yaml(path)
-    raw = apply_overrides(PipelineConfig, raw, list(overrides))
+    pipeline_config = pipeline_config_class()
+    raw = apply_overrides(pipeline_config, raw, list(overrides))
     try:
-        cfg = build(PipelineConfig, raw)
+        cfg = build(pipeline_config, raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if not cfg.name:
-        cfg = build(PipelineConfig, {**raw, "name": path.stem})
+        cfg = build(pipeline_config, {**raw, "name": path.stem})
     if not cfg.run_dir:
-        cfg = build(PipelineConfig, {**raw, "name": cfg.name, "run_dir": str(Path("runs") / cfg.name)})
+        cfg = build(pipeline_config, {**raw, "name": cfg.name, "run_dir": str(Path("runs") / cfg.name)})
     return cfg

@@ -12,24 +12,29 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.errors import AlignError
 from align.io import write_json_atomic, write_text_atomic
+from align.models import load_causal_lm, resolve_model_dir
+from align.refusal import agreement, is_refusal
+from align.stats import bootstrap_mean, bootstrap_stat, length_controlled_win_rate, wilson, win_outcomes
+from rollout import SamplingParams, make_engine
+
+if TYPE_CHECKING:
+    from align.pipeline import StageContext
+from align.rundir import instances, latest_dir
+from align.stages import STAGES
 
 
 def policy_checkpoints(cfg, run_dir: Path, upto: str | None) -> list[tuple[str, Path]]:
     """[(name, model dir)]: the base model, then each finished policy stage (before `upto`)."""
-    from align.config import POLICY_KINDS, STAGE_KINDS
-    from align.models import resolve_model_dir
-
     out = [("base", resolve_model_dir(cfg.model))]
     wanted = cfg.eval.checkpoints if cfg.eval is not None and cfg.eval.checkpoints else None
-    from align.pipeline import instances
-
     for name, stage, _ in instances(cfg):
         if name == upto:
             break
-        if STAGE_KINDS[stage] in POLICY_KINDS and (wanted is None or stage in wanted):
+        if STAGES[stage].policy and (wanted is None or stage in wanted):
             model = run_dir / name / "model"
             if not (run_dir / name / "manifest.json").is_file():
                 raise AlignError(f"eval: stage '{name}' has not finished; run `align run` first")
@@ -39,8 +44,6 @@ def policy_checkpoints(cfg, run_dir: Path, upto: str | None) -> list[tuple[str, 
 
 def win_rate(scores, ref) -> float:
     """Share of prompts where `scores` beats `ref` (ties count half)."""
-    from align.stats import win_outcomes
-
     outcomes = win_outcomes(scores, ref)
     return sum(outcomes) / max(len(outcomes), 1)
 
@@ -49,8 +52,6 @@ def compare(scores, ref, lengths, ref_lengths, seed: int) -> dict:
     """One checkpoint against the reference under one RM: the raw and the length-controlled win rate
     (`align.stats.length_controlled_win_rate`, lengths in characters), each with a 95% bootstrap interval
     over prompts, and the mean score with its interval."""
-    from align.stats import bootstrap_mean, bootstrap_stat, length_controlled_win_rate, win_outcomes
-
     outcomes = win_outcomes(scores, ref)
     diffs = [a - b for a, b in zip(lengths, ref_lengths)]
     win, win_lo, win_hi = bootstrap_mean(outcomes, seed=seed)
@@ -101,13 +102,10 @@ def _xstest(cfg, ecfg, seed: int) -> list[dict]:
 
 
 def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_dirs=None) -> dict:
+    # torch (reward.model imports it): deferred, so that the CLI imports this module without it.
     import torch
 
-    from align.models import load_causal_lm
-    from align.refusal import agreement, is_refusal
-    from align.stats import wilson
     from reward.model import RewardScorer
-    from rollout import SamplingParams, make_engine
 
     ecfg = cfg.eval
     seed = cfg.seed
@@ -133,8 +131,6 @@ def evaluate_run(cfg, run_dir: Path, out_dir: Path, upto: str | None = None, rm_
             answers[name] = engine.generate(all_prompts, sampling).texts
             print(f"[align] eval: generated {len(all_prompts)} answers with {name}", flush=True)
     n = len(prompts)
-    from align.pipeline import latest_dir
-
     h_dir, s_dir = rm_dirs or (
         latest_dir(cfg, run_dir, ecfg.reward.helpful_rm),
         latest_dir(cfg, run_dir, ecfg.reward.safety_rm),
@@ -297,7 +293,7 @@ def _plots(names, per, metrics, reference, out_dir: Path) -> None:
     fig.savefig(out_dir / "eval_winrates.png", dpi=90)
 
 
-def run_eval(ctx) -> dict:
+def run_eval(ctx: StageContext) -> dict:
     return evaluate_run(
         ctx.cfg,
         ctx.run_dir,

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from align.faults import fault
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
@@ -86,8 +88,6 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from align.faults import fault
-
     fault("atomic_dir")  # everything written, nothing renamed yet
     old = final.with_name(f".{final.name}.old{os.getpid()}")
     if final.exists():

@@ -16,24 +16,36 @@ everything after it. A stage is resumed from `.work/<stage>/` when that holds st
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from align.config import STAGE_KINDS, PipelineConfig
-from align.configlib import build, init_dict, to_dict
-from align.configlib import ConfigError
+from align.config import PipelineConfig, pipeline_config_class
+from align.configlib import ConfigError, build, init_dict, to_dict
 from align.errors import AlignError, LabelingPending
 from align.faults import fault
-from align.io import MetricsLogger, fsync_dir, read_json, read_metrics, write_json_atomic
-
-MANIFEST = "manifest.json"
+from align.io import MetricsLogger, fsync_dir, is_disk_full, read_json, read_metrics, write_json_atomic
+from align.launch import write_launch_files
+from align.models import load_tokenizer, resolve_model_dir
+from align.precision import slow_bf16_warning
+from align.report import build_report
+from align.rundir import (
+    MANIFEST,
+    finished_before,
+    instance,
+    instances,
+    latest_dir,
+    one_line,
+    stage_key,
+    stage_status,
+)
+from align.stages import STAGES
 
 
 @dataclass
@@ -55,7 +67,8 @@ class StageContext:
     wait_s: float | None = None  # a stage waiting on people (label, judge people) polls this long; None = stops
 
     @property
-    def stage_cfg(self):
+    def stage_cfg(self) -> Any:
+        """This stage's config section (an `SFTConfig` for sft, a `RewardConfig` for rm_helpful, ...)."""
         return self.cfg.stage(self.stage)
 
     @property
@@ -80,92 +93,8 @@ class StageContext:
         return MetricsLogger(self.work_dir / "logs", tensorboard=self.is_main)
 
 
-def instances(cfg: PipelineConfig) -> list[tuple[str, str, int]]:
-    """(instance, stage, round) in run order: `stages` once (round 1), then `round_stages` in every
-    round 2..rounds, named `<stage>.r<N>` (Llama 2's RLHF-V1..V5 iterations)."""
-    out = [(n, n, 1) for n in cfg.stages]
-    for r in range(2, cfg.rounds + 1):
-        out += [(f"{n}.r{r}", n, r) for n in cfg.round_stages]
-    return out
-
-
-def _instance(cfg: PipelineConfig, name: str) -> tuple[str, str, int]:
-    for inst in instances(cfg):
-        if inst[0] == name:
-            return inst
-    raise AlignError(f"no stage instance '{name}' in this config: {', '.join(i[0] for i in instances(cfg))}")
-
-
-def latest_dir(cfg: PipelineConfig, run_dir: Path, stage: str, before: str | None = None) -> Path:
-    """The directory of the latest instance of `stage` that runs before instance `before`."""
-    found = run_dir / stage
-    for inst, st, _ in instances(cfg):
-        if inst == before:
-            break
-        if st == stage:
-            found = run_dir / inst
-    return found
-
-
-def _stage_fn(name: str) -> Callable[[StageContext], dict]:
-    kind = STAGE_KINDS[name]
-    if kind == "sft":
-        from align.sft import run_sft
-
-        return run_sft
-    if kind == "reward":
-        from reward.stage import run_reward
-
-        return run_reward
-    if kind == "rejection":
-        from align.rejection.stage import run_rejection
-
-        return run_rejection
-    if kind == "ppo":
-        from align.ppo.stage import run_ppo
-
-        return run_ppo
-    if kind == "gatt":
-        from align.gatt.stage import run_gatt
-
-        return run_gatt
-    if kind == "eval":
-        from align.evaluation import run_eval
-
-        return run_eval
-    if kind == "label":
-        from align.label.stage import run_label
-
-        return run_label
-    raise AlignError(f"stage kind {kind!r} has no runner")
-
-
-def stage_key(cfg: PipelineConfig, name: str, run_dir: Path) -> str:
-    """Hash of the stage's config, its round, and the keys of the instances before it that it may read."""
-    _, stage, rnd = _instance(cfg, name)
-    parts = [cfg.stage_hash(stage), f"round{rnd}"]
-    for earlier, _, _ in instances(cfg):
-        if earlier == name:
-            break
-        m = run_dir / earlier / MANIFEST
-        parts.append(read_json(m)["key"] if m.is_file() else f"missing:{earlier}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def stage_status(cfg: PipelineConfig, name: str, run_dir: Path) -> str:
-    """done (artifacts match the config) | stale (done for another config) | partial | pending."""
-    m = run_dir / name / MANIFEST
-    if m.is_file():
-        return "done" if read_json(m).get("key") == stage_key(cfg, name, run_dir) else "stale"
-    if (run_dir / ".work" / name).is_dir():
-        return "partial"
-    return "pending"
-
-
 def init_model_dir(cfg: PipelineConfig, name: str, run_dir: Path) -> Path:
-    from align.models import resolve_model_dir
-
-    init = getattr(cfg.stage(_instance(cfg, name)[1]), "init", "base")
+    init = getattr(cfg.stage(instance(cfg, name)[1]), "init", "base")
     if init == "base":
         return resolve_model_dir(cfg.model)
     model = latest_dir(cfg, run_dir, init, before=name) / "model"
@@ -194,14 +123,8 @@ def prepare(cfg: PipelineConfig, name: str, rank: int = 0, world_size: int = 1) 
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-    inputs = {}
-    for earlier, _, _ in instances(cfg):
-        if earlier == name:
-            break
-        m = run_dir / earlier / MANIFEST
-        if m.is_file():
-            inputs[earlier] = read_json(m)
-    _, stage, rnd = _instance(cfg, name)
+    inputs = finished_before(cfg, run_dir, name)
+    _, stage, rnd = instance(cfg, name)
     return StageContext(
         cfg=cfg,
         name=name,
@@ -226,7 +149,7 @@ def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
     manifest = {
         "stage": ctx.name,
         "round": ctx.round,
-        "kind": STAGE_KINDS[ctx.stage],
+        "kind": STAGES[ctx.stage].kind,
         "status": "done",
         "key": ctx.key,
         "config": to_dict(ctx.stage_cfg),
@@ -252,7 +175,7 @@ def finalize(ctx: StageContext, summary: dict, wall_s: float) -> dict:
 
 
 def _num_processes(cfg: PipelineConfig, name: str) -> int:
-    stage = cfg.stage(_instance(cfg, name)[1])
+    stage = cfg.stage(instance(cfg, name)[1])
     if hasattr(stage, "num_processes"):
         return stage.num_processes
     train = getattr(stage, "train", None)
@@ -276,7 +199,7 @@ def run_stage(
         else:
             ctx = prepare(cfg, name)
             ctx.wait_s = wait_s
-            summary = _stage_fn(ctx.stage)(ctx)
+            summary = STAGES[ctx.stage].run_function()(ctx)
         return finalize(ctx, summary, time.time() - t0)
 
 
@@ -284,8 +207,6 @@ def run_stage(
 def disk_full_as_error(name: str, run_dir: Path):
     """A write that fails on a full disk becomes one AlignError that says what to do. Nothing half
     written is taken for finished: artifacts and checkpoints are renamed into place only once complete."""
-    from align.io import is_disk_full
-
     try:
         yield
     except AlignError:
@@ -307,15 +228,13 @@ def run_worker(cfg: PipelineConfig, name: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     with disk_full_as_error(name, Path(cfg.run_dir)):
         ctx = prepare(cfg, name, rank=rank, world_size=world)
-        summary = _stage_fn(ctx.stage)(ctx)
+        summary = STAGES[ctx.stage].run_function()(ctx)
         if rank == 0:
             write_json_atomic(ctx.work_dir / "summary.json", summary)
 
 
 def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int) -> None:
     """Run the stage on n processes with accelerate + DeepSpeed ZeRO-3 (gloo on CPU)."""
-    from align.launch import write_launch_files
-
     acc_yaml = write_launch_files(ctx.work_dir / "launch", n, getattr(ctx.stage_cfg, "train", None))
     name = ctx.name
     cmd = [
@@ -337,8 +256,6 @@ def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int
         rc = proc.wait()
     except BaseException:
         # Ctrl-C or an error here: take the launcher and every rank down with us, no orphans.
-        import signal
-
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
@@ -355,28 +272,17 @@ def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int
         )
 
 
-# Which record kind each dataset field of a stage config holds, by stage kind.
-DATA_FIELDS = {
-    "sft": {"datasets": "conversation"},
-    "reward": {"primary": "preference", "secondary": "preference"},
-    "rejection": {"prompts": "prompt"},
-    "ppo": {"prompts": "prompt"},
-    "eval": {"prompts": "prompt", "xstest": "prompt"},
-}
-
-
 def preflight(cfg: PipelineConfig, names: list[str]) -> None:
     """Check the inputs of the stages about to run before anything is written: the base model (weights,
     chat template) and every dataset (file present, every row valid under data.bad_rows). A bad input
     then fails in seconds with one message, not hours into a run, and leaves the run directory as it was.
     """
-    from align.data.load import load_records
-    from align.models import load_tokenizer, resolve_model_dir
+    from align.data.load import load_records  # datasets: not loaded by `align status` or `align report`
 
     load_tokenizer(resolve_model_dir(cfg.model))
-    for name in dict.fromkeys(_instance(cfg, n)[1] for n in names):
+    for name in dict.fromkeys(instance(cfg, n)[1] for n in names):
         stage = cfg.stage(name)
-        for field_name, kind in DATA_FIELDS.get(STAGE_KINDS[name], {}).items():
+        for field_name, kind in STAGES[name].data_fields.items():
             for spec in getattr(stage, field_name):
                 load_records(spec, kind, Path(cfg.data_dir), cfg.data.bad_rows, cfg.seed)
 
@@ -435,16 +341,12 @@ def run_pipeline(
         print(f"[align] {name}: {one_line(m)}", flush=True)
         fault("between_stages")
     if only is None:
-        from align.report import build_report
-
         print(f"[align] report: {build_report(run_dir, names)}", flush=True)
     return manifests
 
 
 def announce_precision(cfg: PipelineConfig) -> None:
     """Print the run's precision and why, once; warn when bf16 is forced where it is only emulated."""
-    from align.precision import slow_bf16_warning
-
     print(f"[align] {cfg.compute.line()}", flush=True)
     warning = slow_bf16_warning(cfg.compute)
     if warning:
@@ -459,23 +361,6 @@ def _drop_if_nothing_to_resume(work: Path) -> None:
     resumable = [p for p in work.iterdir() if p.name not in scratch and (p.is_file() or any(p.iterdir()))]
     if not resumable:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def one_line(m: dict) -> str:
-    s = m.get("summary", {})
-    # The headline figures only: per-level counts and gap quantiles stay in the manifest.
-    keys = [
-        k
-        for k, v in s.items()
-        if isinstance(v, (int, float)) and not any(part in k for part in ("/count/", "/gap/q", "/source/", "data/"))
-    ]
-    shown = ", ".join(f"{k}={_fmt(s[k])}" for k in keys[:12])
-    where = s.get("model_dir") or ""
-    return f"{m['status']} in {m['wall_s']:.0f}s; {shown}" + (f"; checkpoint: {where}" if where else "")
-
-
-def _fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def status_table(cfg: PipelineConfig) -> str:
@@ -505,4 +390,4 @@ def load_run(run_dir: str | Path) -> PipelineConfig:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise AlignError(f"{run_dir}: no run.json; not a run directory (runs are under runs/NAME/)")
-    return build(PipelineConfig, read_json(path)["config"])
+    return build(pipeline_config_class(), read_json(path)["config"])

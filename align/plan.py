@@ -200,9 +200,9 @@ def _lora(tc) -> tuple[int, tuple[str, ...]]:
 
 def plan_stage(cfg, name: str, arch: Arch, dtype_bytes: int, gpu_bytes: float, gpus_per_node: int = 8) -> StagePlan:
     """The memory of stage `name` of the PipelineConfig `cfg` on its busiest GPU, phase by phase."""
-    from align.config import STAGE_KINDS
+    from align.stages import spec
 
-    kind = STAGE_KINDS[name]
+    kind = spec(name).kind
     s = cfg.stage(name)
     ro = cfg.rollout
     phases: dict[str, dict[str, float]] = {}

@@ -18,6 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from align.io import read_json, read_metrics, write_text_atomic
+from align.rundir import one_line
+from align.stats import fmt_share
 
 # Metric keys plotted together (a panel each), by prefix; every other logged key is shown in the table.
 PANELS = (
@@ -86,8 +88,6 @@ def _change(s: dict, key: str, lo: str, hi: str, n: str, what: str, noise: str) 
 
 def headline(kind: str, s: dict) -> str:
     """A stage's headline effect with its n and 95% interval, as HTML ('' when the stage measured none)."""
-    from align.stats import fmt_share
-
     try:
         if kind == "sft" and "heldout/loss_change" in s:
             return (
@@ -218,8 +218,6 @@ def build_report(run_dir: str | Path, stages: list[str] | None = None) -> Path:
             )
             continue
         m = read_json(mpath)
-        from align.pipeline import one_line
-
         effect = headline(m["kind"], m["summary"]) or html.escape(one_line(m))
         rows.append(
             f'<tr><td><a href="#{name}">{name}</a></td><td class="status-done">done</td>'

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.faults import fault
+from align.schedule import lr_scheduler, warmup_steps
 
 
 def tokenize_conversations(tokenizer, records: list[dict], max_length: int):
@@ -167,6 +168,16 @@ def sft_trainer_class():
     from trl import SFTTrainer
 
     class TrainedTokenSFTTrainer(SFTTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            """The schedule of every trainer (align/schedule.py): warm-up `args.warmup_steps` (a ratio),
+            cosine to `lr_scheduler_kwargs`' min_lr_rate (0 without); the first step trains."""
+            if self.lr_scheduler is None:
+                warmup = warmup_steps(num_training_steps, self.args.warmup_steps)
+                floor = (self.args.lr_scheduler_kwargs or {}).get("min_lr_rate", 0.0)
+                self.lr_scheduler = lr_scheduler(optimizer or self.optimizer, warmup, num_training_steps, floor)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
@@ -308,6 +319,7 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         per_device_train_batch_size=tcfg.micro_batch_size,
         gradient_accumulation_steps=tcfg.grad_accum,
         learning_rate=tcfg.lr,
+        # The schedule is align/schedule.py's (TrainedTokenSFTTrainer.create_scheduler reads these two).
         lr_scheduler_type="cosine_with_min_lr" if tcfg.min_lr_ratio > 0 else "cosine",
         lr_scheduler_kwargs={"min_lr_rate": tcfg.min_lr_ratio} if tcfg.min_lr_ratio > 0 else None,
         warmup_steps=tcfg.warmup_ratio,

@@ -1,4 +1,4 @@
-"""Reward-model training: setup -> train -> save, Llama 2 (Touvron et al., 2023) sec. 3.2.2.
+"""Reward-model training: data -> setup -> train -> evaluate -> save, Llama 2 (Touvron et al., 2023) sec. 3.2.2.
 
 Why our own loop and not TRL's `RewardTrainer` (trl 1.16, read and measured):
 - it reports one accuracy, while the recipe judges an RM per rating level (Table 28) and the safety
@@ -40,23 +40,22 @@ newest checkpoint and reproduces the uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import re
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from align import checkpoint
 from align.configlib import to_dict
 from align.errors import AlignError
 from align.faults import fault
+from align.schedule import lr_scheduler, warmup_steps
 from align.io import atomic_dir, read_json, write_json_atomic
 from align.launch import dist
 from align.launch.local import AdamW, LocalLearner
@@ -83,6 +82,7 @@ ADAM_BETAS = (0.9, 0.95)  # Llama 2 sec. 2.2 (the optimizer of the base model); 
 ADAM_EPS = 1e-5
 MODEL_SUBDIR = "model"
 CHECKPOINTS_SUBDIR = "checkpoints"
+CHECKPOINT_PREFIX = "step"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,19 +181,6 @@ def micro_batch_stream(lengths: Sequence[int], micro: int, batch: int, seed: int
 # Optimisation
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based).
-
-    Linear warm-up over ``warmup`` steps (the first step already trains, at lr/warmup), then cosine
-    decay from the peak (step ``warmup``) to ``min_ratio`` (the last step, ``total - 1``).
-    Llama 2 sec. 3.2.2: cosine down to 10% of the peak, 3% warm-up.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def micro_batches_per_step(train_cfg: "TrainConfig") -> int:
     """Micro-batches of one optimizer step over all processes: batch_size / micro_batch_size."""
     return train_cfg.grad_accum * train_cfg.num_processes
@@ -223,44 +210,20 @@ def load_trainable(model, weights: dict[str, torch.Tensor], where: Path, hint: s
 
 
 def save_checkpoint(ckpt_root: Path, step: int, learner, scheduler, state: dict, keep: int) -> Path:
-    """Write ``ckpt_root/step-N`` atomically, then keep only the newest ``keep`` checkpoints.
+    """Checkpoint ``ckpt_root/step-N`` (align/checkpoint.py), keeping the newest ``keep``; every rank
+    calls it and writes its part (its optimizer partition under ZeRO-3)."""
 
-    Every rank writes its part (its optimizer partition under ZeRO-3) into rank 0's temporary
-    directory, which rank 0 renames once all parts are in. Every rank must call it.
-    """
-    final = ckpt_root / f"step-{step}"
-    main = learner.rank == 0
-    with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
-        tmp = dist.broadcast_object(tmp)
+    def write(tmp: Path) -> None:
         if isinstance(learner, LocalLearner):
             learner.save(tmp)
         else:  # DeepSpeed's checkpoint is the resume state; the final model is gathered at the end
             learner.save(tmp, gathered=False)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / f"rng_rank{learner.rank}.pt")
-        dist.barrier()  # every part written before rank 0 renames
-        if main:
+        if learner.rank == 0:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            write_json_atomic(tmp / "state.json", state)
-    if main:
-        for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
 
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (atomic_dir only ever exposes complete ones as step-N)."""
-    if not ckpt_root.is_dir():
-        return []
-    found = []
-    for p in ckpt_root.iterdir():
-        m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    return checkpoint.save_checkpoint(
+        ckpt_root, f"{CHECKPOINT_PREFIX}-{step}", state, write, rank=learner.rank, keep=keep
+    )
 
 
 def load_checkpoint(path: Path, learner, scheduler) -> dict:
@@ -269,11 +232,7 @@ def load_checkpoint(path: Path, learner, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # the step's lr, whether or not the optimizer's own state carried it
-    rng = torch.load(path / f"rng_rank{learner.rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return read_json(path / "state.json")
+    return checkpoint.load_checkpoint(path, learner.rank)
 
 
 def run_fingerprint(cfg: "RewardConfig", seed: int, pairs: Sequence[EncodedPair]) -> str:
@@ -501,6 +460,222 @@ def gathered_model(model_dir, tokenizer, tc: "TrainConfig", seed: int, bf16: boo
     return model
 
 
+# ---------------------------------------------------------------------------------------------------
+# Phases of a run: build data -> set up the learner (resume) -> train -> evaluate -> write artifacts
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The encoded training pairs and what a run derives from them."""
+
+    pairs: list[EncodedPair]
+    steps: int  # optimizer steps of the run (`total_steps`)
+    warmup: int  # of them, warm-up steps (align/schedule.py)
+    fingerprint: str  # what a checkpoint must share with the run that resumes it (`run_fingerprint`)
+
+    @property
+    def truncated(self) -> int:
+        return sum(p.truncated for p in self.pairs)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the loop stands; checkpointed (state.json, beside the run's fingerprint)."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    micro_batches: int = 0  # micro-batches drawn from `micro_batch_stream`
+    pairs_seen: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped (`train.nonfinite: skip`)
+
+
+@dataclass
+class Run:
+    """What the loop needs, built by `setup_learner`: the model being trained and what steps it."""
+
+    learner: object  # `LocalLearner` or `align.launch.zero3.DeepSpeedLearner`
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: Position  # where the loop begins: 0, or the resumed checkpoint's position
+    shared: bool  # one `shared_prefix_batch` row per pair (`uses_shared_prefix`)
+    hf_ds_config: Optional[object] = None  # keeps ZeRO-3 model loading on while alive
+
+    @property
+    def main(self) -> bool:
+        return self.learner.rank == 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What the loop hands to the summary."""
+
+    end: Position
+    seconds: float  # wall-clock of the loop
+    pairs_per_s: float  # pairs trained by this run (not the resumed part) per second
+    metrics: dict  # the last step's metrics ({} when there was no step left to take)
+
+
+def build_data(tokenizer, train_records: Sequence[dict], cfg: "RewardConfig", seed: int) -> TrainData:
+    """Tokenise the training records; check that there are pairs, and safety labels where the auxiliary
+    loss needs them."""
+    pairs = encode_pairs(tokenizer, train_records, cfg)
+    if not pairs:
+        raise AlignError("reward model: no training pairs")
+    if cfg.safety_aux_weight > 0 and not any(p.chosen_safe is not None or p.rejected_safe is not None for p in pairs):
+        raise AlignError(
+            f"safety_aux_weight={cfg.safety_aux_weight} but no training pair has a safety label "
+            "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data"
+        )
+    steps = total_steps(len(pairs), cfg.train)
+    return TrainData(pairs, steps, warmup_steps(steps, cfg.train.warmup_ratio), run_fingerprint(cfg, seed, pairs))
+
+
+def setup_learner(
+    model_dir: str | Path,
+    tokenizer,
+    cfg: "RewardConfig",
+    data: TrainData,
+    ckpt_root: Path,
+    seed: int,
+    bf16: bool,
+    ds_config: Optional[dict],
+) -> Run:
+    """The model, its optimizer and lr schedule; restored from the newest checkpoint under `ckpt_root`
+    when there is one (it must be of this config, seed and data)."""
+    tc = cfg.train
+    learner, optimizer, hf_ds = build_learner(model_dir, tokenizer, tc, seed, bf16, ds_config, cfg.freeze_layers)
+    scheduler = lr_scheduler(optimizer, data.warmup, data.steps, tc.min_lr_ratio)
+    start = Position()
+    existing = checkpoint.latest_checkpoint(ckpt_root, CHECKPOINT_PREFIX)
+    if existing:
+        if read_json(existing / checkpoint.STATE)["fingerprint"] != data.fingerprint:
+            raise AlignError(
+                f"{existing}: checkpoint of a different config, seed or data; delete {ckpt_root} to start over"
+            )
+        state = load_checkpoint(existing, learner, scheduler)
+        start = Position(state["step"], state["micro_batches"], state["pairs_seen"], state.get("skipped_steps", 0))
+    shared = uses_shared_prefix(cfg, learner.module)
+    if cfg.shared_prefix and not shared and learner.rank == 0:
+        print(
+            "[align] reward model: the model's attention takes no custom 4-D mask; chosen and rejected are "
+            "forwarded as separate rows (shared_prefix off)",
+            flush=True,
+        )
+    return Run(learner, scheduler, start, shared, hf_ds)
+
+
+def train_loop(
+    run: Run, data: TrainData, cfg: "RewardConfig", pad_id: int, seed: int, ckpt_root: Path, logger, bf16: bool
+) -> TrainResult:
+    """Optimizer steps from `run.start` to `data.steps`: `train_step` on each step's micro-batches, the
+    schedule stepped after every step (a skipped one too), metrics logged every `train.logging_steps`
+    and at the end, a checkpoint every `train.save_steps` (not at the end: the model is written then)."""
+    tc = cfg.train
+    pos = run.start
+    lengths = [p.shared_length if run.shared else p.length for p in data.pairs]
+    stream = micro_batch_stream(lengths, tc.micro_batch_size, tc.batch_size, seed, pos.micro_batches)
+    per_step = micro_batches_per_step(tc)
+    t0, metrics = time.perf_counter(), {}
+    last_metrics = {"rm/loss": float("nan"), "rm/accuracy": float("nan")}
+    bar = tqdm(
+        total=data.steps, initial=pos.step, desc="reward model", unit="step", dynamic_ncols=True, disable=not run.main
+    )
+    while pos.step < data.steps:
+        micro = [[data.pairs[i] for i in next(stream)] for _ in range(per_step)]
+        metrics = train_step(run.learner, micro, cfg, pos.step + 1, pad_id, run.shared, bf16)
+        skipped = pos.skipped_steps
+        if metrics.pop("rm/skipped", 0.0):
+            skipped += 1
+            print(
+                f"[align] reward model: non-finite loss or gradient at step {pos.step + 1}, step skipped "
+                f"({skipped} so far)",
+                flush=True,
+            )
+            metrics = {**last_metrics}
+        last_metrics = metrics
+        metrics["rm/skipped_steps"] = float(skipped)
+        fault("rm_step")
+        lr_now = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()
+        pos = Position(
+            pos.step + 1, pos.micro_batches + len(micro), pos.pairs_seen + sum(len(mb) for mb in micro), skipped
+        )
+        metrics.update(
+            {
+                "rm/lr": lr_now,
+                "rm/epoch": pos.micro_batches / math.ceil(len(data.pairs) / tc.micro_batch_size),
+                "rm/pairs_per_s": (pos.pairs_seen - run.start.pairs_seen) / max(time.perf_counter() - t0, 1e-9),
+            }
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
+        if logger is not None and (pos.step % tc.logging_steps == 0 or pos.step == data.steps):
+            logger.log(metrics, pos.step)
+        if pos.step % tc.save_steps == 0 and pos.step < data.steps:
+            state = {**asdict(pos), "fingerprint": data.fingerprint}
+            save_checkpoint(ckpt_root, pos.step, run.learner, run.scheduler, state, tc.save_total_limit)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return TrainResult(pos, seconds, (pos.pairs_seen - run.start.pairs_seen) / max(seconds, 1e-9), metrics)
+
+
+def trained_model(run: Run, model_dir: str | Path, tokenizer, tc: "TrainConfig", seed: int, bf16: bool):
+    """The trained model in float32, in eval mode, on rank 0 (None on the others). Every rank calls it:
+    under ZeRO-3 the trainable weights are gathered from all of them. The learner must not train after."""
+    learner = run.learner
+    final = learner.trainable_state() if learner.world_size > 1 else None  # ZeRO-3: a collective
+    if not run.main:
+        return None
+    model = (
+        learner.full_precision_net()
+        if learner.world_size == 1
+        else gathered_model(model_dir, tokenizer, tc, seed, bf16, final)
+    )
+    return model.eval()
+
+
+def evaluate_model(scorer: RewardScorer, eval_records: Sequence[dict], tc: "TrainConfig") -> dict:
+    """reward/evaluate.py's results (``metrics``, ``by_category``, ...) of the trained model on the
+    held-out pairs, scored as every consumer scores it (`scorer`)."""
+    from reward.evaluate import evaluate
+
+    return evaluate(scorer, eval_records, batch_size=2 * tc.micro_batch_size)
+
+
+def run_summary(data: TrainData, run: Run, result: TrainResult, tc: "TrainConfig", out_dir: Path) -> dict:
+    """train_summary.json without the evaluation: steps, pairs, truncations, timings, final train metrics."""
+    return {
+        "steps": data.steps,
+        "warmup_steps": data.warmup,
+        "train_pairs": len(data.pairs),
+        "pairs_seen": result.end.pairs_seen,
+        "skipped_steps": result.end.skipped_steps,
+        "truncated_pairs": data.truncated,
+        "train_seconds": result.seconds,
+        "pairs_per_s": result.pairs_per_s,
+        "params_trainable": sum(
+            getattr(p, "ds_numel", p.numel()) for p in run.learner.module.parameters() if p.requires_grad
+        ),
+        "processes": tc.num_processes,
+        "model_dir": str(out_dir / MODEL_SUBDIR),
+        "final_train_metrics": result.metrics,
+    }
+
+
+def write_artifacts(
+    out_dir: Path, model, tokenizer, scorer: RewardScorer, summary: dict, results: Optional[dict]
+) -> dict:
+    """`out_dir/model/` (with scorer.json: how every consumer scores), the evaluation (eval.json, eval.md,
+    eval_gaps.png) when there is one, and train_summary.json; returns the summary with the evaluation."""
+    from reward.evaluate import write_eval
+
+    with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:
+        save_reward_model(model, tokenizer, tmp, scorer.settings())
+    if results is not None:
+        write_eval(results, out_dir)
+        summary = {**summary, "eval": results["metrics"], "eval_by_category": results["by_category"]}
+    write_json_atomic(out_dir / "train_summary.json", summary)
+    return summary
+
+
 def train_reward_model(
     model_dir: str | Path,
     tokenizer,
@@ -536,141 +711,20 @@ def train_reward_model(
         Summary (rank 0; {} on the other ranks): steps, pairs seen, truncations, timings, final train
         metrics and eval metrics.
     """
-    from reward.evaluate import evaluate, write_eval
-
-    tc = cfg.train
     out_dir = Path(out_dir)
-    # ---- setup
-    pairs = encode_pairs(tokenizer, train_records, cfg)
-    if not pairs:
-        raise AlignError("reward model: no training pairs")
-    n_truncated = sum(p.truncated for p in pairs)
-    use_aux = cfg.safety_aux_weight > 0
-    if use_aux and not any(p.chosen_safe is not None or p.rejected_safe is not None for p in pairs):
-        raise AlignError(
-            f"safety_aux_weight={cfg.safety_aux_weight} but no training pair has a safety label "
-            "(chosen_safe / rejected_safe); set safety_aux_weight=0 or add labelled safety data"
-        )
-    steps = total_steps(len(pairs), tc)
-    warmup = math.ceil(tc.warmup_ratio * steps)
-    learner, optimizer, _hf_ds = build_learner(
-        model_dir, tokenizer, tc, seed, bf16, ds_config, cfg.freeze_layers
-    )  # kept alive
-    main = learner.rank == 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, tc.min_lr_ratio))
-    fingerprint = run_fingerprint(cfg, seed, pairs)
     ckpt_root = out_dir / CHECKPOINTS_SUBDIR
-    step, consumed, pairs_seen = 0, 0, 0
-    existing = list_checkpoints(ckpt_root)
-    if existing:
-        if read_json(existing[-1] / "state.json")["fingerprint"] != fingerprint:
-            raise AlignError(
-                f"{existing[-1]}: checkpoint of a different config, seed or data; delete {ckpt_root} to start over"
-            )
-        state = load_checkpoint(existing[-1], learner, scheduler)
-        step, consumed, pairs_seen = state["step"], state["micro_batches"], state["pairs_seen"]
-    shared = uses_shared_prefix(cfg, learner.module)
-    if cfg.shared_prefix and not shared and main:
-        print(
-            "[align] reward model: the model's attention takes no custom 4-D mask; chosen and rejected are "
-            "forwarded as separate rows (shared_prefix off)",
-            flush=True,
-        )
-    lengths = [p.shared_length if shared else p.length for p in pairs]
-    stream = micro_batch_stream(lengths, tc.micro_batch_size, tc.batch_size, seed, consumed)
-    pad_id = tokenizer.pad_token_id
-    per_step = micro_batches_per_step(tc)
-
-    # ---- train
-    t0, pairs_at_start, metrics = time.perf_counter(), pairs_seen, {}
-    skipped, last_metrics = (
-        state.get("skipped_steps", 0) if existing else 0,
-        {"rm/loss": float("nan"), "rm/accuracy": float("nan")},
-    )
-    bar = tqdm(total=steps, initial=step, desc="reward model", unit="step", dynamic_ncols=True, disable=not main)
-    while step < steps:
-        micro = [[pairs[i] for i in next(stream)] for _ in range(per_step)]
-        metrics = train_step(learner, micro, cfg, step + 1, pad_id, shared, bf16)
-        if metrics.pop("rm/skipped", 0.0):
-            skipped += 1
-            print(
-                f"[align] reward model: non-finite loss or gradient at step {step + 1}, step skipped "
-                f"({skipped} so far)",
-                flush=True,
-            )
-            metrics = {**last_metrics}
-        last_metrics = metrics
-        metrics["rm/skipped_steps"] = float(skipped)
-        fault("rm_step")
-        lr_now = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step, consumed = step + 1, consumed + len(micro)
-        pairs_seen += sum(len(mb) for mb in micro)
-        metrics.update(
-            {
-                "rm/lr": lr_now,
-                "rm/epoch": consumed / math.ceil(len(pairs) / tc.micro_batch_size),
-                "rm/pairs_per_s": (pairs_seen - pairs_at_start) / max(time.perf_counter() - t0, 1e-9),
-            }
-        )
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
-        if logger is not None and (step % tc.logging_steps == 0 or step == steps):
-            logger.log(metrics, step)
-        if step % tc.save_steps == 0 and step < steps:
-            save_checkpoint(
-                ckpt_root,
-                step,
-                learner,
-                scheduler,
-                {
-                    "step": step,
-                    "micro_batches": consumed,
-                    "pairs_seen": pairs_seen,
-                    "skipped_steps": skipped,
-                    "fingerprint": fingerprint,
-                },
-                tc.save_total_limit,
-            )
-    bar.close()
-    seconds = time.perf_counter() - t0
-
-    # ---- save (rank 0; the others only take part in the gathers)
-    final = learner.trainable_state() if learner.world_size > 1 else None  # ZeRO-3: every rank takes part in the gather
+    data = build_data(tokenizer, train_records, cfg, seed)
+    run = setup_learner(model_dir, tokenizer, cfg, data, ckpt_root, seed, bf16, ds_config)
+    result = train_loop(run, data, cfg, tokenizer.pad_token_id, seed, ckpt_root, logger, bf16)
+    model = trained_model(run, model_dir, tokenizer, cfg.train, seed, bf16)  # rank 0; the others gather
     summary: dict = {}
-    if main:
-        model = (
-            learner.full_precision_net()
-            if learner.world_size == 1
-            else gathered_model(model_dir, tokenizer, tc, seed, bf16, final)
-        )
-        model.eval()
+    if model is not None:
         scorer = RewardScorer(model, tokenizer, max_length=cfg.max_length, bf16=bf16)
-        with atomic_dir(out_dir / MODEL_SUBDIR) as tmp:
-            save_reward_model(model, tokenizer, tmp, scorer.settings())  # scorer.json: how every consumer scores
-        summary = {
-            "steps": steps,
-            "warmup_steps": warmup,
-            "train_pairs": len(pairs),
-            "pairs_seen": pairs_seen,
-            "skipped_steps": skipped,
-            "truncated_pairs": n_truncated,
-            "train_seconds": seconds,
-            "pairs_per_s": (pairs_seen - pairs_at_start) / max(seconds, 1e-9),
-            "params_trainable": sum(
-                getattr(p, "ds_numel", p.numel()) for p in learner.module.parameters() if p.requires_grad
-            ),
-            "processes": tc.num_processes,
-            "model_dir": str(out_dir / MODEL_SUBDIR),
-            "final_train_metrics": metrics,
-        }
-        if eval_records:
-            results = evaluate(scorer, eval_records, batch_size=2 * tc.micro_batch_size)
-            write_eval(results, out_dir)
-            summary["eval"] = results["metrics"]
-            summary["eval_by_category"] = results["by_category"]
-            if logger is not None:  # under eval/: the train loop logs rm/accuracy too
-                logger.log({f"eval/{k}": v for k, v in results["metrics"].items()}, step)
-        write_json_atomic(out_dir / "train_summary.json", summary)
-    dist.barrier()  # the other ranks wait for rank 0's save and evaluation
+        results = evaluate_model(scorer, eval_records, cfg.train) if eval_records else None
+        summary = write_artifacts(
+            out_dir, model, tokenizer, scorer, run_summary(data, run, result, cfg.train, out_dir), results
+        )
+        if results is not None and logger is not None:  # under eval/: the train loop logs rm/accuracy too
+            logger.log({f"eval/{k}": v for k, v in results["metrics"].items()}, result.end.step)
+    dist.barrier()  # the other ranks wait for rank 0's evaluation and save
     return summary

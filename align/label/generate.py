@@ -207,6 +207,26 @@ def generate_round(
     return {"round": number, **counts}
 
 
+def resolve_model(cfg, name: str, run_dir: Path, key: str, stage_dirs: Optional[dict] = None) -> Path:
+    """The model directory ``name`` stands for: 'base' (the config's model), an earlier stage's
+    ``model/`` in ``run_dir`` (its latest round's, from ``stage_dirs``), or a local directory."""
+    from align.models import check_model_dir, resolve_model_dir
+    from align.stages import STAGES
+
+    if name == "base":
+        return resolve_model_dir(cfg.model)
+    stage = (stage_dirs or {}).get(name, run_dir / name)
+    if (stage / "manifest.json").is_file() and (stage / "model").is_dir():
+        return stage / "model"
+    if name in STAGES:
+        raise AlignError(
+            f"{key}={name!r}: stage '{name}' has not finished in {run_dir}; run it first (`align stage {name} CONFIG`)"
+        )
+    path = Path(name).expanduser()
+    check_model_dir(path, key)
+    return path
+
+
 def generate_configured_round(
     store,
     cfg,
@@ -221,7 +241,6 @@ def generate_configured_round(
     its prompts drawn by (seed, round), both policies resolved in ``run_dir`` (or ``stage_dirs``), its
     gold pairs; returns `generate_round`'s counts."""
     from align.data.load import load_datasets
-    from align.label.stage import resolve_model
 
     data_dir = Path(cfg.data_dir)
     ds, _ = load_datasets(label_cfg.prompts, "prompt", data_dir, cfg.data.bad_rows, cfg.seed)

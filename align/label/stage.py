@@ -26,26 +26,6 @@ DB_NAME = "labels.db"
 POLL_S = 5.0  # how often `align run --wait` reads the store
 
 
-def resolve_model(cfg, name: str, run_dir: Path, key: str, stage_dirs: Optional[dict] = None) -> Path:
-    """The model directory ``name`` stands for: 'base' (the config's model), an earlier stage's
-    ``model/`` in ``run_dir`` (its latest round's, from ``stage_dirs``), or a local directory."""
-    from align.config import STAGE_KINDS
-    from align.models import check_model_dir, resolve_model_dir
-
-    if name == "base":
-        return resolve_model_dir(cfg.model)
-    stage = (stage_dirs or {}).get(name, run_dir / name)
-    if (stage / "manifest.json").is_file() and (stage / "model").is_dir():
-        return stage / "model"
-    if name in STAGE_KINDS:
-        raise AlignError(
-            f"{key}={name!r}: stage '{name}' has not finished in {run_dir}; run it first (`align stage {name} CONFIG`)"
-        )
-    path = Path(name).expanduser()
-    check_model_dir(path, key)
-    return path
-
-
 def round_progress(row: dict, min_share: float = 1.0) -> dict:
     """How far a stored round (a `LabelStore.rounds()` row) is: ``pairs``, ``complete`` (pairs with
     labels_per_pair labels that are not skips), ``needed`` (ceil(min_share * pairs), at least 1), ``done``."""
@@ -130,7 +110,7 @@ def run_label_round(
     from align.label.agreement import agreement_metrics, round_agreement
     from align.label.auto import auto_labelers, label_round, make_judge
     from align.label.export import ExportPolicy, resolve_round, write_export
-    from align.label.generate import generate_configured_round
+    from align.label.generate import generate_configured_round, resolve_model
     from align.label.report import write_quality_table
     from align.label.store import LabelStore
 
@@ -198,10 +178,10 @@ def run_label_round(
 
 def run_label(ctx) -> dict:
     """The pipeline's `label` stage: one round (the stage's round number) into the run's label store."""
-    from align.config import STAGE_KINDS
     from align.io import write_json_atomic
+    from align.stages import STAGES
 
-    dirs = {name: ctx.stage_dir(name) for name in STAGE_KINDS}
+    dirs = {name: ctx.stage_dir(name) for name in STAGES}
     db = ctx.stage_cfg.db or ctx.run_dir / DB_NAME
     try:
         summary = run_label_round(

@@ -14,7 +14,8 @@ reaches the adapters through it at first). The reward models cannot seed the hea
 other checkpoints (the RM stages), not the policy's.
 
 Optimiser (Llama 2 sec. 3.2.3): AdamW, betas (0.9, 0.95), eps 1e-5, weight decay 0.1 on matrices (not
-on the head's bias), gradient clipping 1.0, constant learning rate. One optimizer step per
+on the head's bias), gradient clipping 1.0, constant learning rate (align/schedule.py's scheduler with no
+warm-up and a floor of 1: `lr_scheduler`). One optimizer step per
 mini-batch; the mini-batch may be accumulated over micro-batches (`align.launch.local.LocalLearner.accumulate`) and
 processes (`align.launch.zero3.DeepSpeedLearner`, shared with the reward-model loop).
 """
@@ -122,6 +123,22 @@ def adamw(cfg) -> "AdamW":
 def make_optimizer(net: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, for `align.launch.zero3.DeepSpeedLearner`."""
     return adamw(cfg).build(p for p in net.parameters() if p.requires_grad)
+
+
+def steps_per_iteration(cfg) -> int:
+    """Optimizer steps of one iteration: `ppo_epochs` passes over its rows in mini-batches."""
+    return cfg.ppo_epochs * (cfg.prompts_per_iteration // cfg.mini_batch_size)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg, iteration: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The PPO config's lr as align/schedule.py's scheduler: constant (no warm-up, floor 1, so
+    `lr_factor` is 1 at every step). `optimizer`: the torch optimizer (under ZeRO-3 the one handed to
+    `DeepSpeedLearner`); `iteration`: the iterations already trained, for a resumed run. `ppo_update`
+    steps it after every mini-batch."""
+    from align.schedule import lr_scheduler as scheduler
+
+    per = steps_per_iteration(cfg)
+    return scheduler(optimizer, 0, cfg.iterations * per, 1.0, start=iteration * per)
 
 
 def torch_learner(net: "PolicyWithValue", cfg, device: str = "cpu") -> "LocalLearner":

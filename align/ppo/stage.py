@@ -25,30 +25,33 @@ process (`rollout.in_process: false`): an in-process vLLM engine joins the ranks
 world and hangs there.
 
 Checkpoints: every `save_every` iterations `work_dir/checkpoints/iter-N/` (adapters + value head,
-optimizer, running moments, RNG, iteration, early-stopping state), written to a temporary directory and
-renamed; a restart resumes from the newest. Artifacts: `model/` (the adapters merged into the starting
+optimizer, running moments, RNG, iteration, early-stopping state), written atomically by
+align/checkpoint.py; a restart resumes from the newest complete one. Artifacts: `model/` (the adapters merged into the starting
 checkpoint, float32, with the tokenizer), `adapter/`, `value_head.safetensors`, `ppo_curve.png`.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from align import checkpoint
 from align.errors import AlignError
 from align.faults import fault
-from align.io import fsync_dir, read_json, read_metrics, write_json_atomic
+from align.io import read_json, read_metrics
 from align.launch import dist
+
+if TYPE_CHECKING:
+    from align.config import PPOConfig
+    from align.pipeline import StageContext
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
+CHECKPOINT_PREFIX = "iter"
 PHASES = ("generate", "score", "logprob", "train", "sync", "eval")
 
 
@@ -140,43 +143,23 @@ class RewardModels:
 # Checkpoints
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a directory is named iter-N only once complete)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := re.fullmatch(r"iter-(\d+)", p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def save_checkpoint(root: Path, learner, state: dict, is_main: bool, rank: int) -> Path:
-    """Every rank writes its part into a temporary directory; rank 0 renames it to iter-N."""
-    final = root / f"iter-{state['iteration']}"
-    tmp = root / f".iter-{state['iteration']}.tmp"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    learner.save(tmp)
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if is_main:
-        write_json_atomic(tmp / "state.json", state)
-        fault("ppo_checkpoint")  # everything written, nothing renamed yet
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        for old in list_checkpoints(root)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+def save_checkpoint(root: Path, learner, state: dict, rank: int) -> Path:
+    """Checkpoint `root/iter-N` (align/checkpoint.py); every rank calls it and writes its part."""
+    return checkpoint.save_checkpoint(
+        root,
+        f"{CHECKPOINT_PREFIX}-{state['iteration']}",
+        state,
+        learner.save,
+        rank=rank,
+        keep=KEEP_CHECKPOINTS,
+        fault_point="ppo_checkpoint",  # everything written, nothing renamed yet
+    )
 
 
 def load_checkpoint(path: Path, learner, rank: int) -> dict:
+    """Restore the adapters, value head, optimizer and this rank's RNG; returns the loop state."""
     learner.load(path)
-    rng = path / f"rng_rank{rank}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
-    return read_json(path / "state.json")
+    return checkpoint.load_checkpoint(path, rank)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,6 +171,7 @@ class Run:
     """What the loop needs, built by `setup`."""
 
     learner: object
+    scheduler: object  # the lr schedule (align/ppo/policy.py `lr_scheduler`), stepped by ppo_update
     engine: Optional[object]  # rollout engine on rank 0, None elsewhere
     rewards: RewardModels
     tokenizer: object
@@ -207,15 +191,15 @@ class Run:
         self.closers.clear()
 
 
-def setup(ctx) -> Run:
+def setup(ctx: StageContext) -> Run:
     from align.data.load import load_datasets
     from align.models import compile_layers, load_tokenizer
     from align.launch.zero3 import DeepSpeedLearner
-    from align.ppo.policy import build_policy, deepspeed_config, make_optimizer, torch_learner
+    from align.ppo.policy import build_policy, deepspeed_config, lr_scheduler, make_optimizer, torch_learner
     from reward.combined import RunningMoments
     from rollout import make_engine
 
-    cfg = ctx.stage_cfg
+    cfg: PPOConfig = ctx.stage_cfg
     multi = ctx.world_size > 1
     if multi and ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
         raise AlignError(
@@ -255,10 +239,12 @@ def setup(ctx) -> Run:
         )
         hf_ds = HfDeepSpeedConfig(ds)
         net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed)
-        learner = DeepSpeedLearner(net, make_optimizer(net, cfg), ds)
+        optimizer = make_optimizer(net, cfg)
+        learner = DeepSpeedLearner(net, optimizer, ds)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         learner = torch_learner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)
+        optimizer = learner.optimizer
         for model in (learner.net, rewards.helpful.model, rewards.safety.model):  # the first iteration pays it
             compile_layers(model, cfg.compile)  # one process (config check)
     moments = RunningMoments()
@@ -270,19 +256,21 @@ def setup(ctx) -> Run:
         "bad_evals": 0,
         "stopped_early": False,
     }
-    ckpts = list_checkpoints(ctx.work_dir / CHECKPOINTS)
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], learner, ctx.rank)
+    latest = checkpoint.latest_checkpoint(ctx.work_dir / CHECKPOINTS, CHECKPOINT_PREFIX)
+    if latest:
+        state = load_checkpoint(latest, learner, ctx.rank)
         moments.load_state_dict(state.pop("moments"))
         if ctx.is_main:
-            print(f"[align] {ctx.name}: resuming from {ckpts[-1]} (iteration {state['iteration']})", flush=True)
+            print(f"[align] {ctx.name}: resuming from {latest} (iteration {state['iteration']})", flush=True)
+    scheduler = lr_scheduler(optimizer, cfg, state["iteration"])  # its position follows from the iteration
     logger = None
     if ctx.is_main:
         # rows logged after the checkpoint are logged again; without a checkpoint, every row is
-        _truncate_metrics(ctx.work_dir / "logs" / "metrics.jsonl", state["iteration"] if ckpts else -1)
+        _truncate_metrics(ctx.work_dir / "logs" / "metrics.jsonl", state["iteration"] if latest else -1)
         logger = ctx.logger()
     run = Run(
         learner=learner,
+        scheduler=scheduler,
         engine=engine,
         rewards=rewards,
         tokenizer=tokenizer,
@@ -323,13 +311,9 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
 def sync_weights(run: Run) -> float:
     """Push the policy into the engine; every rank takes part in the ZeRO-3 gathers."""
     start = time.perf_counter()
-    policy = run.learner.net.policy
-    if run.engine is not None:
-        run.engine.update_weights(policy)
-    else:
-        from rollout.weights import hf_state_dict
+    from rollout import push_weights
 
-        hf_state_dict(policy)  # this rank's share of the gathers; only rank 0 builds the weights
+    push_weights(run.engine, run.learner.net.policy)  # ranks without the engine only take part in the gathers
     dist.barrier()
     return time.perf_counter() - start
 
@@ -381,7 +365,7 @@ def record_eval(state: dict, value: float, iteration: int, patience: int) -> boo
 # Train
 
 
-def train(ctx, run: Run) -> None:
+def train(ctx: StageContext, run: Run) -> None:
     from tqdm.auto import tqdm
 
     from align.ppo.train import build_batch, make_trajectory, ppo_update
@@ -442,7 +426,13 @@ def train(ctx, run: Run) -> None:
         # ---- train
         t0 = time.perf_counter()
         update_metrics, _ = ppo_update(
-            run.learner, traj, cfg, seed=sampling_seed(seed, it), autocast=run.autocast, iteration=it
+            run.learner,
+            traj,
+            cfg,
+            seed=sampling_seed(seed, it),
+            autocast=run.autocast,
+            iteration=it,
+            scheduler=run.scheduler,
         )
         timing["train"] = time.perf_counter() - t0
         # ---- sync
@@ -496,7 +486,6 @@ def train(ctx, run: Run) -> None:
                 ctx.work_dir / CHECKPOINTS,
                 run.learner,
                 {**state, "moments": run.moments.state_dict()},
-                ctx.is_main,
                 ctx.rank,
             )
     bar.close()
@@ -506,7 +495,7 @@ def train(ctx, run: Run) -> None:
 # Save
 
 
-def save(ctx, run: Run) -> dict:
+def save(ctx: StageContext, run: Run) -> dict:
     """`model/` (merged, float32), `adapter/`, `value_head.safetensors`, `ppo_curve.png`; the summary."""
     trainable = run.learner.trainable_state()  # every rank: ZeRO-3 gathers
     summary: dict = {}
@@ -638,7 +627,7 @@ def plot_curve(rows: list[dict], path: Path, kl_bound: float | None = None) -> N
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_ppo(ctx) -> dict:
+def run_ppo(ctx: StageContext) -> dict:
     """The `ppo` stage: setup -> train -> save; returns the summary (rank 0; {} on other ranks)."""
     run = setup(ctx)
     try:

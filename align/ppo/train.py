@@ -224,7 +224,7 @@ UPDATE_METRICS = (
 
 
 def ppo_update(
-    learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, iteration: int = 0
+    learner, traj: core.Trajectory, cfg, seed: int, autocast: bool, iteration: int = 0, scheduler=None
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """`cfg.ppo_epochs` passes over `traj` in mini-batches of `cfg.mini_batch_size`, one optimizer step each.
 
@@ -235,6 +235,8 @@ def ppo_update(
     mini-batch.
 
     Loss per mini-batch: ``policy_loss + vf_coef * value_loss`` (core.policy_loss, core.value_loss).
+    `scheduler` (the run's `align.ppo.policy.lr_scheduler`) is stepped after every mini-batch, taken or
+    skipped; None leaves the optimizer's lr as it is.
 
     Returns:
         The mean over optimizer steps of ``ppo/*`` metrics (plus ``ppo/grad_norm``), and the per-step
@@ -305,6 +307,8 @@ def ppo_update(
                 metrics = {**pm, **vm}
                 sums += torch.tensor([float(metrics[name]) for name in UPDATE_METRICS], dtype=torch.float64)
             sums = dist.all_reduce_sum(sums)
+            if scheduler is not None:
+                scheduler.step()
             if cfg.nonfinite == "skip" and (bad or norm is None or not math.isfinite(norm)):
                 skipped += 1  # nothing was stepped: the learner drops non-finite gradients itself
                 continue

@@ -12,14 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from align.checkpoint import list_checkpoints
 from align.config import DatasetSpec, LoraConfig, RewardConfig, TrainConfig
 from align.errors import AlignError
 from reward.model import RewardScorer, load_reward_model
 from reward.train import (
+    Position,
+    build_data,
     epoch_micro_batches,
-    list_checkpoints,
-    lr_factor,
+    evaluate_model,
     micro_batch_stream,
+    setup_learner,
     token_pieces,
     total_steps,
     train_reward_model,
@@ -61,17 +64,6 @@ def moved(init_dir, rm_dir) -> dict[str, bool]:
     before = load_file(str(Path(init_dir) / "model.safetensors"))
     after = load_file(str(Path(rm_dir) / "model.safetensors"))
     return {n: not torch.equal(before[n].float(), after[n].float()) for n in before if n in after}
-
-
-def test_lr_factor_warmup_then_cosine_to_min():
-    # 2 warm-up steps of 10: 1/2, 1; then cosine from 1 (step 2) to 0.1 (step 9)
-    f = [lr_factor(s, warmup=2, total=10, min_ratio=0.1) for s in range(10)]
-    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
-    assert f[9] == pytest.approx(0.1)
-    # step 5 is 3/7 of the way through the decay (steps 2..9): 0.1 + 0.9 * 0.5 * (1 + cos(3 pi / 7)) = 0.6501
-    assert lr_factor(5, 2, 10, 0.1) == pytest.approx(0.6501, abs=1e-4)
-    assert all(a >= b for a, b in zip(f[2:], f[3:]))
-    assert lr_factor(0, 0, 1, 0.1) == pytest.approx(1.0)  # no warm-up, a single step: the peak
 
 
 def test_total_steps():
@@ -131,6 +123,33 @@ def test_tiny_rm_learns_an_easy_preference(tiny_dir, tiny_tok, tmp_path, make_pa
     assert any("eval/rm/accuracy" in m for _, m in logger.rows)
     for name in ("eval.json", "eval.md", "eval_gaps.png", "train_summary.json", "model/config.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_phases_on_their_own_give_what_the_run_reported(tiny_dir, tiny_tok, tmp_path, make_pairs):
+    """`build_data`, `setup_learner` and `evaluate_model`, each on its own after a run: the run's data, the
+    position of its newest checkpoint, and for the saved model the evaluation the run reported."""
+    train, held_out = make_pairs(16, seed=3), make_pairs(12, seed=4)
+    cfg = rm_config(max_steps=4, save_steps=2)
+    out = train_reward_model(tiny_dir, tiny_tok, train, held_out, cfg, tmp_path, seed=0)
+
+    data = build_data(tiny_tok, train, cfg, seed=0)
+    assert (data.steps, data.warmup) == (4, 1)  # warm-up ceil(0.1 * 4)
+    assert (data.steps, data.warmup, len(data.pairs), data.truncated) == (
+        out["steps"],
+        out["warmup_steps"],
+        out["train_pairs"],
+        out["truncated_pairs"],
+    )
+    assert build_data(tiny_tok, train, cfg, seed=1).fingerprint != data.fingerprint
+
+    # the step-2 checkpoint (none at the end: the model is written then); 2 micro-batches of 4 a step
+    run = setup_learner(tiny_dir, tiny_tok, cfg, data, tmp_path / "checkpoints", seed=0, bf16=False, ds_config=None)
+    assert run.start == Position(step=2, micro_batches=4, pairs_seen=16, skipped_steps=0)
+    assert run.scheduler.last_epoch == 2 and run.shared
+
+    results = evaluate_model(RewardScorer.from_pretrained(tmp_path / "model"), held_out, cfg.train)
+    assert results["n_pairs"] == 12 and set(results["metrics"]) == set(out["eval"])
+    assert results["metrics"] == pytest.approx(out["eval"], rel=1e-5, abs=1e-6, nan_ok=True)
 
 
 def test_long_pairs_are_truncated_never_dropped(tiny_dir, tiny_tok, tmp_path, make_pairs):
@@ -203,7 +222,7 @@ def test_resume_after_a_crash_reproduces_the_straight_run(tiny_dir, tiny_tok, tm
     train_reward_model(tiny_dir, tiny_tok, records, [], cfg, straight, seed=7)
     with pytest.raises(KeyboardInterrupt):
         train_reward_model(tiny_dir, tiny_tok, records, [], cfg, crashed, seed=7, logger=ListLogger(crash_at=4))
-    assert [p.name for p in list_checkpoints(crashed / "checkpoints")] == ["step-3"]
+    assert [p.name for p in list_checkpoints(crashed / "checkpoints", "step")] == ["step-3"]
     assert not (crashed / "model").exists()
     logger = ListLogger()
     out = train_reward_model(tiny_dir, tiny_tok, records, [], cfg, crashed, seed=7, logger=logger)

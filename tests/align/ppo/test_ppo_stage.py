@@ -284,7 +284,8 @@ def test_killed_ppo_resumes_from_its_checkpoint_and_matches(point, resumed_from,
         assert json.loads((ckpts / resumed_from / "state.json").read_text())["moments"]["count"] == 16  # 2 x 8
         assert [r["step"] for r in read_metrics(run_dir / ".work" / "ppo" / "logs" / "metrics.jsonl")] == [0, 1, 2, 3]
     else:
-        assert [p.name for p in ckpts.iterdir()] == [".iter-2.tmp"]  # the cut-short write, never a checkpoint
+        [cut] = [p.name for p in ckpts.iterdir()]  # the cut-short write (align/checkpoint.py), never a checkpoint
+        assert cut.startswith(".iter-2.tmp")
     res = _run_cli(ppo_args(run_dir))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert ("resuming from" in res.stdout + res.stderr) == bool(resumed_from)
@@ -411,6 +412,59 @@ def test_two_process_update_equals_one_process_update(tmp_path, tiny_dir):
     assert set(state_2) == set(state_1)
     for n in state_1:
         assert torch.allclose(state_2[n], state_1[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_the_lr_is_the_configs_at_every_step_through_the_shared_scheduler(tiny_dir):
+    """PPO's constant lr runs through align/schedule.py's scheduler (no warm-up, floor 1): the optimizer's
+    lr at every step of three iterations is the config's, the scheduler moved one step per mini-batch, a
+    resumed run's scheduler starts where it stopped, and the updates are those of the bare optimizer."""
+    from align.config import PPOConfig
+    from align.configlib import build
+    from align.ppo.policy import build_policy, lr_scheduler, steps_per_iteration, torch_learner
+    from align.ppo.train import ppo_update
+
+    cfg = build(
+        PPOConfig,
+        {
+            "prompts": [{"format": "synthetic_prompts"}],
+            "iterations": 3,
+            "prompts_per_iteration": 8,
+            "mini_batch_size": 4,
+            "micro_batch_size": 4,
+            "ppo_epochs": 2,
+            "lr": 1e-2,
+            "lora": {"enabled": True, "r": 4, "alpha": 8},
+        },
+    )
+    traj = _fixed_trajectory(tiny_dir, cfg)
+    learner = torch_learner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
+    scheduler = lr_scheduler(learner.optimizer, cfg)
+    lrs: list[list[float]] = []
+    accumulate = learner.accumulate
+
+    def recording(loss, boundary):
+        if boundary:  # the lr this optimizer step runs at
+            lrs.append([g["lr"] for g in learner.optimizer.param_groups])
+        return accumulate(loss, boundary)
+
+    learner.accumulate = recording
+    scheduled = [
+        ppo_update(learner, traj, cfg, seed=it, autocast=False, iteration=it, scheduler=scheduler)[1]
+        for it in (1, 2, 3)
+    ]
+    per = steps_per_iteration(cfg)
+    assert per == 2 * 8 // 4 and len(lrs) == 3 * per and scheduler.last_epoch == 3 * per
+    assert lrs == [[cfg.lr, cfg.lr]] * (3 * per)
+
+    resumed = torch_learner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
+    resumed.optimizer.load_state_dict(learner.optimizer.state_dict())
+    again = lr_scheduler(resumed.optimizer, cfg, iteration=2)
+    assert again.last_epoch == 2 * per and again.get_last_lr() == [cfg.lr, cfg.lr]
+
+    bare = torch_learner(build_policy(tiny_dir, cfg.lora, "float32", seed=0), cfg)
+    plain = [ppo_update(bare, traj, cfg, seed=it, autocast=False, iteration=it)[1] for it in (1, 2, 3)]
+    assert plain == scheduled
+    assert scheduled[2][-1]["ppo/policy_loss"] != scheduled[0][0]["ppo/policy_loss"]  # the steps moved
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
