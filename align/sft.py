@@ -379,6 +379,10 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         runtime = float(trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0))
     logger.close()
     save_policy(trainer, tokenizer, ctx, tcfg.lora.enabled)
+    if deepspeed:  # a model rank 0 loads alone from here on must load whole, not partitioned
+        from align.launch import release_zero3_loading
+
+        release_zero3_loading()
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "train/loss_first": float(history[0]["loss"]) if history else float("nan"),

@@ -237,12 +237,8 @@ def run_gatt(ctx) -> dict:
             flush=True,
         )
     train_summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)
-    if ctx.world_size > 1:
-        from align.launch import release_zero3_loading
-
-        release_zero3_loading()
-        if not ctx.is_main:
-            return {}
+    if not ctx.is_main:
+        return {}
 
     before = read_json(before_file) if eval_dialogues else None
     logger = ctx.logger()

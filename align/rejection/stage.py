@@ -165,12 +165,7 @@ def _train(ctx, kept: list[dict]) -> dict:
     dataset, stats = tokenize_conversations(
         load_tokenizer(ctx.init_model_dir), kept_conversations(kept), cfg.max_length
     )
-    summary = {**stats, **train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)}
-    if ctx.world_size > 1:
-        from align.launch import release_zero3_loading
-
-        release_zero3_loading()
-    return summary
+    return {**stats, **train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)}
 
 
 def _train_round(ctx, kept: list[dict], round_: int) -> Path:
