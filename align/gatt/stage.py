@@ -140,14 +140,9 @@ def run_gatt(ctx) -> dict:
     cfg = ctx.stage_cfg
     seed = ctx.cfg.seed
     if ctx.world_size > 1:
-        if ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
-            raise AlignError(
-                f"gatt.train.num_processes={cfg.train.num_processes} needs rollout.in_process=false: an "
-                "in-process vLLM engine on rank 0 joins the ranks' torch.distributed world and hangs there"
-            )
-        from align.launch import init_distributed
+        from align.launch import start_sampling_ranks
 
-        init_distributed()
+        start_sampling_ranks("gatt.train.num_processes", cfg.train.num_processes, ctx.cfg.rollout)
     tokenizer = load_tokenizer(ctx.init_model_dir)
     bank = InstructionBank.load(cfg.instructions)
     ref_kinds = bank.checkable_names(cfg.reference_kinds, "gatt.reference_kinds")

@@ -95,6 +95,20 @@ def init_distributed() -> None:
     deepspeed.init_distributed()
 
 
+def start_sampling_ranks(key: str, num_processes: int, rollout) -> None:
+    """Bring up the process group of a stage that samples on rank 0 and trains on every rank (rejection
+    sampling, PPO, GAtt). ``key`` names the stage's num_processes key for the error. An in-process vLLM
+    engine on rank 0 would join the ranks' torch.distributed world and hang there, so it is refused."""
+    from align.errors import AlignError
+
+    if rollout.engine == "vllm" and rollout.in_process:
+        raise AlignError(
+            f"{key}={num_processes} needs rollout.in_process=false: an in-process vLLM engine on rank 0 "
+            "joins the ranks' torch.distributed world and hangs there"
+        )
+    init_distributed()
+
+
 def release_zero3_loading() -> None:
     """After a ZeRO-3 Trainer (align.sft.train_sft) has finished, let `from_pretrained` load whole models
     again. The Trainer's DeepSpeed config stays registered with transformers while anything still holds

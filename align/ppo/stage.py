@@ -201,15 +201,10 @@ def setup(ctx: StageContext) -> Run:
 
     cfg: PPOConfig = ctx.stage_cfg
     multi = ctx.world_size > 1
-    if multi and ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
-        raise AlignError(
-            f"ppo.num_processes={cfg.num_processes} needs rollout.in_process=false: an in-process "
-            "vLLM engine on rank 0 joins the ranks' torch.distributed world and hangs there"
-        )
     if multi:
-        from align.launch import init_distributed
+        from align.launch import start_sampling_ranks
 
-        init_distributed()
+        start_sampling_ranks("ppo.num_processes", cfg.num_processes, ctx.cfg.rollout)
     tokenizer = load_tokenizer(ctx.init_model_dir)
     records, _ = load_datasets(cfg.prompts, "prompt", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed)
     pool, heldout, data_stats = split_unique_prompts(

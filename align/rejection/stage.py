@@ -298,14 +298,9 @@ def run_rejection(ctx) -> dict:
     cfg = ctx.stage_cfg
     seed = ctx.cfg.seed
     if ctx.world_size > 1:
-        if ctx.cfg.rollout.engine == "vllm" and ctx.cfg.rollout.in_process:
-            raise AlignError(
-                f"rejection_sampling.train.num_processes={cfg.train.num_processes} needs rollout.in_process=false: "
-                "an in-process vLLM engine on rank 0 joins the ranks' torch.distributed world and hangs there"
-            )
-        from align.launch import init_distributed
+        from align.launch import start_sampling_ranks
 
-        init_distributed()
+        start_sampling_ranks("rejection_sampling.train.num_processes", cfg.train.num_processes, ctx.cfg.rollout)
         if not ctx.is_main:
             return _follow(ctx)
     train_prompts, heldout, stats = load_prompts(ctx, load_tokenizer(ctx.init_model_dir))

@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 
 from align.launch import dist
@@ -34,3 +35,13 @@ def test_wait_for_file_returns_once_rank_0_has_written_it(tmp_path):
     waiter.join(timeout=30)
     writer.join()
     assert not waiter.is_alive() and path.read_text() == "[]"
+
+
+def test_sampling_ranks_refuse_an_in_process_engine():
+    from types import SimpleNamespace
+
+    from align.errors import AlignError
+    from align.launch import start_sampling_ranks
+
+    with pytest.raises(AlignError, match=r"gatt.train.num_processes=2 needs rollout.in_process=false"):
+        start_sampling_ranks("gatt.train.num_processes", 2, SimpleNamespace(engine="vllm", in_process=True))
