@@ -115,6 +115,9 @@ class LoraConfig:
     r: int = option(16, help="LoRA rank")
     alpha: int = option(32, help="LoRA alpha (scale = alpha / r)")
     dropout: float = option(0.0, help="dropout on the LoRA input")
+    top_layers: int = option(
+        0, help="adapters only in the top N decoder layers, so the backward stops below them; 0 = every layer"
+    )
     target_modules: tuple[str, ...] = option(
         factory=lambda: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         help="module names that get adapters",
@@ -122,6 +125,7 @@ class LoraConfig:
 
     def __post_init__(self):
         check(self.r > 0, "r", self.r, "must be > 0")
+        check(self.top_layers >= 0, "top_layers", self.top_layers, "must be >= 0 (0 = every layer)")
 
 
 COMPILE_ONE_PROCESS = (
@@ -590,7 +594,7 @@ class GAttConfig:
     )
     reference_samples: int = option(
         0,
-        help="training samples made by program from the dialogue data's own answers: a checkable instruction in the first user turn, every answer repaired to keep it, loss on the last (teaches a kind the policy cannot follow yet; 0 = off)",
+        help="trained answers made by program from the dialogue data's own answers: a checkable instruction in the first user turn, every answer repaired to keep it (teaches a kind the policy cannot follow yet; 0 = off)",
     )
     reference_kinds: tuple[str, ...] = option(
         factory=tuple, help="the checkable kinds of the bank the reference samples teach; () = all of them"
@@ -603,9 +607,9 @@ class GAttConfig:
         600,
         help="a data answer in a reference sample is cut to its whole sentences within this many characters (short answers end inside the evaluation's answer budget)",
     )
-    every_prefix: bool = option(
-        True,
-        help="one training sample per assistant turn of a dialogue, each trained only on its own last answer (False: the whole dialogue, last answer only)",
+    train_turns: Literal["all", "last"] = option(
+        "all",
+        help="all: every answer of a dialogue trained in one sequence (each sees only the turns before it, as in one sample per prefix, at half the tokens); last: the last answer only",
     )
     eval_dialogues: int = option(16, help="held-out dialogues for the recall evaluation")
     eval_repeats: int = option(

@@ -276,3 +276,23 @@ def compile_layers(model, enabled: bool = True) -> int:
     # grad and no-grad, train and eval, adapters on and off (the PPO reference) are separate graphs
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     return len(layers)
+
+
+def peft_lora_config(lora, num_layers: int, task_type: str = "CAUSAL_LM"):
+    """PEFT's LoraConfig for a `LoraConfig` section on a model of ``num_layers`` decoder layers
+    (``lora.top_layers``: adapters in the top layers only)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    if lora.top_layers > num_layers:
+        raise AlignError(
+            f"lora.top_layers={lora.top_layers}: the model has {num_layers} decoder layers; set at most {num_layers}"
+        )
+    top = list(range(num_layers - lora.top_layers, num_layers)) if lora.top_layers else None
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        layers_to_transform=top,
+        task_type=task_type,
+    )

@@ -116,18 +116,6 @@ def _finished(checkpoint: str) -> bool:
     return 0 < state.get("max_steps", 0) <= state.get("global_step", -1)
 
 
-def _lora_peft_config(lora, task_type="CAUSAL_LM"):
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type=task_type,
-    )
-
-
 def trained_token_loss(logits, labels, num_items=None):
     """Next-token loss, entropy and top-1 hits of the positions whose next token is trained.
 
@@ -293,26 +281,13 @@ def _metrics_callback(logger, nonfinite: str = "stop"):
     return ToMetrics()
 
 
-def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
-    """Fine-tune `ctx.init_model_dir` on a tokenised dataset; writes `out_dir/model` (+ `adapter`).
-
-    Shared by SFT, rejection sampling and GAtt. Resumes from `work_dir/checkpoints` when present.
-    """
+def trainer_args(ctx, tcfg, max_length: int, packing: bool, deepspeed: str | None):
+    """TRL's SFTConfig for a `TrainConfig`: checkpoints in `work_dir/checkpoints`, align's schedule."""
     import torch
     from trl import SFTConfig as TRLSFTConfig
 
-    from align.models import compile_layers, load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(ctx.init_model_dir)
-    ckpt_dir = ctx.work_dir / "checkpoints"
-    # Under `accelerate launch` the ZeRO-3 JSON written by the launcher is handed to the Trainer too.
-    deepspeed = str(ctx.work_dir / "launch" / "ds_zero3.json") if ctx.world_size > 1 else None
-    if deepspeed:
-        from align.launch import init_distributed
-
-        init_distributed()
-    args = TRLSFTConfig(
-        output_dir=str(ckpt_dir),
+    return TRLSFTConfig(
+        output_dir=str(ctx.work_dir / "checkpoints"),
         max_length=max_length,
         packing=packing,
         packing_strategy="bfd",
@@ -343,10 +318,15 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
         disable_tqdm=not ctx.is_main,
         save_only_model=False,
     )
-    # LoRA trains small fp32 adapters over frozen base weights kept in the run's precision; full
-    # fine-tuning keeps fp32 master weights (under bf16 autocast where the precision is bf16).
-    dtype = ctx.cfg.compute.dtype if tcfg.lora.enabled else "float32"
-    model = load_causal_lm(ctx.init_model_dir, dtype)
+
+
+def load_trainee(ctx, tcfg, tokenizer, packing: bool):
+    """The init policy as the trainer gets it: LoRA trains small fp32 adapters over frozen base weights kept
+    in the run's precision; full fine-tuning keeps fp32 master weights (under bf16 autocast where the
+    precision is bf16). Packed rows attend per sequence; decoder layers compiled when asked."""
+    from align.models import compile_layers, load_causal_lm
+
+    model = load_causal_lm(ctx.init_model_dir, ctx.cfg.compute.dtype if tcfg.lora.enabled else "float32")
     model.config.pad_token_id = tokenizer.pad_token_id
     if packing:
         # TRL packs padding-free (one row per micro-batch); without flash-attention-2, sdpa would attend over
@@ -355,16 +335,13 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
 
         use_varlen(model)
     compile_layers(model, tcfg.compile)  # per decoder layer, not TRL's `torch_compile` of the whole model
-    logger = ctx.logger()
-    trainer = sft_trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=_lora_peft_config(tcfg.lora) if tcfg.lora.enabled else None,
-        callbacks=[_metrics_callback(logger, tcfg.nonfinite)],
-    )
-    resume = latest_checkpoint(ckpt_dir)
+    return model
+
+
+def fit(ctx, trainer, deepspeed: str | None) -> float:
+    """Train, resuming from the newest complete checkpoint; a finished run is loaded, not retrained.
+    Returns the training seconds of this call."""
+    resume = latest_checkpoint(ctx.work_dir / "checkpoints")
     if resume and ctx.is_main:
         print(f"[align] {ctx.name}: resuming from {resume}", flush=True)
     if resume and _finished(resume) and not deepspeed:  # (under ZeRO-3 the engine must load it)
@@ -374,9 +351,36 @@ def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
 
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
-        runtime = 0.0
-    else:
-        runtime = float(trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0))
+        return 0.0
+    return float(trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0))
+
+
+def train_sft(ctx, dataset, tcfg, max_length: int, packing: bool) -> dict:
+    """Fine-tune `ctx.init_model_dir` on a tokenised dataset; writes `out_dir/model` (+ `adapter`).
+
+    Shared by SFT, rejection sampling and GAtt. Resumes from `work_dir/checkpoints` when present.
+    """
+    from align.models import load_tokenizer, peft_lora_config
+
+    tokenizer = load_tokenizer(ctx.init_model_dir)
+    # Under `accelerate launch` the ZeRO-3 JSON written by the launcher is handed to the Trainer too.
+    deepspeed = str(ctx.work_dir / "launch" / "ds_zero3.json") if ctx.world_size > 1 else None
+    if deepspeed:
+        from align.launch import init_distributed
+
+        init_distributed()
+    args = trainer_args(ctx, tcfg, max_length, packing, deepspeed)
+    model = load_trainee(ctx, tcfg, tokenizer, packing)
+    logger = ctx.logger()
+    trainer = sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(tcfg.lora, model.config.num_hidden_layers) if tcfg.lora.enabled else None,
+        callbacks=[_metrics_callback(logger, tcfg.nonfinite)],
+    )
+    runtime = fit(ctx, trainer, deepspeed)
     logger.close()
     save_policy(trainer, tokenizer, ctx, tcfg.lora.enabled)
     if deepspeed:  # a model rank 0 loads alone from here on must load whole, not partitioned

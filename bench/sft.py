@@ -45,9 +45,9 @@ def main() -> None:
     from align.gatt.build import reference_records
     from align.gatt.instructions import InstructionBank
     from align.gatt.stage import load_user_sequences
-    from align.models import model_dir_from_arg, load_causal_lm, load_tokenizer
+    from align.models import model_dir_from_arg, load_causal_lm, load_tokenizer, peft_lora_config
     from align.precision import hardware, hardware_line, resolve_precision
-    from align.sft import _lora_peft_config, sft_trainer_class, tokenize_conversations
+    from align.sft import sft_trainer_class, tokenize_conversations
 
     precision = resolve_precision(args.precision)
     print(hardware_line(precision), flush=True)
@@ -84,7 +84,7 @@ def main() -> None:
             args=targs,
             train_dataset=dataset,
             processing_class=tok,
-            peft_config=_lora_peft_config(cfg.gatt.train.lora),
+            peft_config=peft_lora_config(cfg.gatt.train.lora, model.config.num_hidden_layers),
         )
         batches = iter(trainer.get_train_dataloader())
         trainer.model.train()

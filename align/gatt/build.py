@@ -6,9 +6,9 @@
 2. Sampling: the instruction is attached to EVERY user turn and the latest policy answers turn by
    turn (`roll_dialogues`), the best of `best_of` samples by the instruction's checker kept at each
    turn, so the answers keep the instruction throughout.
-3. Training samples: the instruction is kept only in the FIRST user turn, and every turn before the
-   last assistant turn, assistant turns included, gets ``train=False`` (`training_record`); the loss
-   mask follows from align.chat.tokenize_chat.
+3. Training samples: the instruction is kept only in the FIRST user turn; the answers are trained and
+   every other turn gets ``train=False`` (`training_record`); the loss mask follows from
+   align.chat.tokenize_chat.
 4. Optionally (`reference_records`), samples of the same form made by program from the data's own
    answers, repaired to keep a checkable instruction: for kinds the policy cannot follow yet.
 """
@@ -45,31 +45,42 @@ def chat(users: Sequence[str], answers: Sequence[str], instruction: Instruction,
     return msgs
 
 
-def training_record(users: Sequence[str], answers: Sequence[str], instruction: Instruction) -> dict:
+def training_record(
+    users: Sequence[str], answers: Sequence[str], instruction: Instruction, trained: Optional[Sequence[bool]] = None
+) -> dict:
     """A conversation record (align/data/schema.py) in GAtt's form: the instruction in the first user
-    turn only, loss only on the last assistant turn (all earlier turns ``train=False``)."""
+    turn only; the loss on the answers flagged in ``trained`` (default: the last one alone), every other
+    turn ``train=False``."""
     if len(users) != len(answers) or not answers:
         raise ValueError(
             f"a training dialogue needs one answer per user turn; got {len(users)} users, {len(answers)} answers"
         )
+    trained = list(trained) if trained is not None else [False] * (len(answers) - 1) + [True]
     msgs = chat(users, answers, instruction, every_turn=False)
-    last = len(msgs) - 1
-    return {"messages": [{**m, "train": i == last} for i, m in enumerate(msgs)], "source": "gatt"}
+    return {
+        "messages": [{**m, "train": m["role"] == "assistant" and trained[i // 2]} for i, m in enumerate(msgs)],
+        "source": "gatt",
+    }
 
 
 def training_records(
-    users: Sequence[str], answers: Sequence[str], instruction: Instruction, every_prefix: bool, only_kept: bool = True
+    users: Sequence[str], answers: Sequence[str], instruction: Instruction, train_turns: str, only_kept: bool = True
 ) -> list[dict]:
-    """The training samples of one sampled dialogue: its whole length, or (``every_prefix``) each of its
-    prefixes ending at an assistant turn; each trains only its own last answer. With ``only_kept``,
-    a sample whose last answer breaks a checkable instruction is left out."""
-    ends = range(1, len(answers) + 1) if every_prefix else [len(answers)]
-    out = []
-    for k in ends:
-        if only_kept and instruction.keeps(answers[k - 1]) is False:
-            continue
-        out.append(training_record(users[:k], answers[:k], instruction))
-    return out
+    """The training sample of one sampled dialogue (a list of one, or none when nothing is left to train).
+
+    ``train_turns="all"``: every answer is trained, in one sequence. Attention is causal, so each answer
+    sees exactly the turns before it, and its loss is that of a sample cut at its end: the same
+    per-token losses as one sample per prefix, at about half the tokens over three turns. ``"last"``:
+    only the last answer. With ``only_kept``, an answer that breaks a checkable instruction is not
+    trained (it stays in the context of later turns, where the policy's own answer was)."""
+    keeps = [not (only_kept and instruction.keeps(a) is False) for a in answers]
+    trained = keeps if train_turns == "all" else [False] * (len(answers) - 1) + [keeps[-1]]
+    return [training_record(users, answers, instruction, trained)] if any(trained) else []
+
+
+def trained_answers(record: dict) -> int:
+    """How many answers of a conversation record carry the loss."""
+    return sum(bool(m.get("train")) for m in record["messages"] if m["role"] == "assistant")
 
 
 def user_turns(record: dict, kind: str) -> list[str]:
@@ -103,33 +114,35 @@ def reference_records(
     n: int,
     turns: int,
     sample_instruction: Callable[[], Instruction],
-    every_prefix: bool,
+    train_turns: str,
     rng: random.Random,
     max_answer_chars: int,
 ) -> tuple[list[dict], dict]:
-    """``n`` training samples made by program from the data's own answers (no sampling).
+    """Training samples made by program from the data's own answers (no sampling), ``n`` trained answers
+    in all.
 
     Each conversation (its first ``turns`` answered turns, topped up to ``turns`` with (user, answer)
     pairs drawn from the other conversations, as `make_dialogues` tops up user turns) gets an
     instruction of checkable kinds from ``sample_instruction``; every answer is repaired to keep it
     (checkers.repair) and the conversation ends before the first answer that cannot be; the samples
-    are GAtt's (`training_records`: the instruction in the first user turn, loss on the last answer).
+    are GAtt's (`training_records`: the instruction in the first user turn, the loss by ``train_turns``).
     They teach a kind the policy cannot follow yet, where best-of-K sampling finds no answer that
     keeps it (measured: SmolLM2-135M ends 5% of its answers with an asked-for word). Conversations are
     used in turn, again from the start (with a new instruction) when all are used, until ``n``
-    samples are made (or every conversation was tried 64 times).
+    answers are trained (or every conversation was tried 64 times).
 
     Every answer is first cut to its whole sentences within ``max_answer_chars``, so the policy learns
     answers that end inside the evaluation's answer budget.
 
-    Returns the records and stats: ``conversations`` used, ``cut`` (turns dropped as unrepairable).
+    Returns the records and stats: ``conversations`` used, ``cut`` (turns dropped as unrepairable),
+    ``answers`` (trained answers).
     """
     convs = [
         [(u, _fit_answer(a, max_answer_chars)) for u, a in c[:turns] if len(u) <= MAX_USER_CHARS] for c in conversations
     ]
     convs = [c for c in convs if c]
     out: list[dict] = []
-    stats = {"conversations": 0, "cut": 0}
+    stats = {"conversations": 0, "cut": 0, "answers": 0}
     if n <= 0:
         return out, stats
     if not convs:
@@ -138,7 +151,7 @@ def reference_records(
             "data has answers; prompt sets do not)"
         )
     i = 0
-    while len(out) < n and i < len(convs) * 64:
+    while stats["answers"] < n and i < len(convs) * 64:
         conv = list(convs[i % len(convs)])
         i += 1
         for _ in range(8 * turns):  # a few draws: a tiny data set may not have `turns` distinct pairs
@@ -158,11 +171,12 @@ def reference_records(
             users.append(u)
             answers.append(fixed)
         if answers:
+            if train_turns == "all":  # the last conversation is cut to the answers still wanted
+                users, answers = users[: n - stats["answers"]], answers[: n - stats["answers"]]
             stats["conversations"] += 1
-            out += [
-                {**r, "source": "gatt_reference", "instruction": inst.to_dict()}
-                for r in training_records(users, answers, inst, every_prefix)[: n - len(out)]
-            ]
+            for r in training_records(users, answers, inst, train_turns):
+                stats["answers"] += trained_answers(r)
+                out.append({**r, "source": "gatt_reference", "instruction": inst.to_dict()})
     if not out:
         raise ValueError(
             "gatt.reference_samples: no data answer can be repaired to keep the bank's checkable "

@@ -1,11 +1,11 @@
 """Ghost Attention stage (Llama 2 sec. 3.3).
 
-setup (instruction bank, dialogues split into training and held-out) -> recall of the init policy
-(instruction in the first turn only; align/gatt/evaluate.py) -> sample the training dialogues with
-the instruction on every user turn, best of `best_of` by the checker (align/gatt/build.py) -> keep the
-instruction in the first user turn only (plus `reference_samples` made by program from the data's own
-answers), train only the last assistant turn (align.sft.train_sft) ->
-recall of the fine-tuned policy.
+Phases: `build_dialogues` (instruction bank, dialogues split into training and held-out) -> `sample`
+(rank 0: recall of the init policy with the instruction in the first turn only, align/gatt/evaluate.py;
+then the training dialogues answered with the instruction on every user turn, best of `best_of` by the
+checker, align/gatt/build.py) -> `training_set` (the instruction kept in the first user turn only, plus
+`reference_samples` made by program from the data's own answers; the answers trained by `train_turns`)
+-> align.sft.train_sft -> `evaluate_after` -> `write_artifacts`.
 
 Artifacts (runs/NAME/gatt/): model/, eval.json and eval.md (Table 30 layout, before and after),
 dialogues.jsonl (the sampled training dialogues), reference.jsonl (the program-made training samples,
@@ -27,21 +27,41 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from align.chat import prompt_ids
+from align.data.dedup import drop_duplicates, drop_overlap
+from align.data.importers import FORMAT_KINDS
+from align.data.load import load_records
 from align.errors import AlignError
+from align.gatt.build import (
+    answered_turns,
+    make_dialogues,
+    reference_records,
+    roll_dialogues,
+    trained_answers,
+    training_records,
+    user_turns,
+)
+from align.gatt.evaluate import markdown_table, recall_by_turn
+from align.gatt.instructions import InstructionBank
 from align.io import read_json, write_json_atomic, write_text_atomic
 from align.launch import dist
+from align.models import load_tokenizer
+from align.sft import tokenize_conversations, train_sft
+from align.stats import wilson
+from rollout import make_engine
+from rollout.types import SamplingParams
+
+if TYPE_CHECKING:
+    from align.pipeline import StageContext
 
 
 def load_user_sequences(ctx) -> tuple[list[tuple[list[str], list[tuple[str, str]]]], dict]:
     """Per record of every listed dataset: its user turns (of conversations where the format has them,
     of prompts otherwise) and its answered (user, assistant) turns (none for prompts)."""
-    from align.data.importers import FORMAT_KINDS
-    from align.data.load import load_records
-
-    from align.gatt.build import answered_turns, user_turns
-
     seqs, counts = [], {}
     for spec in ctx.stage_cfg.dialogues:
         kinds = FORMAT_KINDS[spec.format]
@@ -54,8 +74,6 @@ def load_user_sequences(ctx) -> tuple[list[tuple[list[str], list[tuple[str, str]
         seqs.extend(got)
     counts["data/duplicates_dropped"] = 0
     if ctx.cfg.data.dedup:  # the same turns twice, in one dataset or across datasets, are one dialogue
-        from align.data.dedup import drop_duplicates
-
         seqs, counts["data/duplicates_dropped"] = drop_duplicates(seqs, key=json.dumps)
     return seqs, counts
 
@@ -64,8 +82,6 @@ def split_dialogues(loaded: list, n_eval: int, seed: int, dedup: bool = True) ->
     """(held-out user-turn sequences, training entries, how many held-out ones were dropped): ``n_eval`` of
     the loaded (users, answered) entries held out by ``seed``; with ``dedup``, less those whose opening user
     turn (where the instruction goes) also opens a training entry."""
-    from align.data.dedup import drop_overlap
-
     loaded = list(loaded)
     random.Random(f"{seed}/gatt/split").shuffle(loaded)
     held, train, overlap = loaded[:n_eval], loaded[n_eval:], 0
@@ -75,14 +91,10 @@ def split_dialogues(loaded: list, n_eval: int, seed: int, dedup: bool = True) ->
 
 
 def _fits(tokenizer, max_model_len: int, max_new_tokens: int):
-    from align.chat import prompt_ids
-
     return lambda chat: len(prompt_ids(tokenizer, chat)) + max_new_tokens <= max_model_len
 
 
 def _sampling(cfg, max_new_tokens: int = 0):
-    from rollout.types import SamplingParams
-
     return SamplingParams(
         n=1,
         temperature=cfg.sampling.temperature,
@@ -92,9 +104,6 @@ def _sampling(cfg, max_new_tokens: int = 0):
 
 
 def _evaluate(engine, dialogues, instructions, ctx, sampling, fits, label: str) -> tuple[list[list[str]], dict]:
-    from align.gatt.build import roll_dialogues
-    from align.gatt.evaluate import recall_by_turn
-
     cfg = ctx.stage_cfg
     # The same seed before and after GAtt: both policies answer the same held-out draw.
     answers, stats = roll_dialogues(
@@ -129,25 +138,29 @@ def _keyed(d: dict) -> dict:
     return {int(k) if str(k).isdigit() else k: (_keyed(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
 
-def run_gatt(ctx) -> dict:
-    from align.gatt.build import make_dialogues, reference_records, roll_dialogues, training_records
-    from align.gatt.evaluate import markdown_table
-    from align.gatt.instructions import InstructionBank
-    from align.models import load_tokenizer
-    from align.sft import tokenize_conversations, train_sft
-    from rollout import make_engine
+@dataclass
+class GattData:
+    """What the stage samples, trains on and evaluates, all drawn from the seed."""
 
-    cfg = ctx.stage_cfg
-    seed = ctx.cfg.seed
-    if ctx.world_size > 1:
-        from align.launch import start_sampling_ranks
+    bank: InstructionBank
+    ref_kinds: tuple[str, ...]  # the checkable kinds the reference samples teach
+    train_loaded: list  # (user turns, answered (user, answer) pairs) of the training dialogue data
+    train_dialogues: list[list[str]]
+    train_insts: list
+    held_out: list[list[str]]  # one held-out dialogue per held-out sequence
+    eval_dialogues: list[list[str]]  # held_out, eval_repeats times over
+    eval_insts: list
+    stats: dict
 
-        start_sampling_ranks("gatt.train.num_processes", cfg.train.num_processes, ctx.cfg.rollout)
-    tokenizer = load_tokenizer(ctx.init_model_dir)
+
+def build_dialogues(ctx: StageContext) -> GattData:
+    """Phase 1: the instruction bank, the dialogue data split into training and held-out, the training
+    dialogues with their instructions, and the held-out ones with their evaluation draws."""
+    cfg, seed = ctx.stage_cfg, ctx.cfg.seed
     bank = InstructionBank.load(cfg.instructions)
-    ref_kinds = bank.checkable_names(cfg.reference_kinds, "gatt.reference_kinds")
-    loaded, data_stats = load_user_sequences(ctx)
-    eval_seqs, train_loaded, data_stats["data/heldout_overlap_dropped"] = split_dialogues(
+    ref_kinds = bank.checkable_names(cfg.reference_kinds, "gatt.reference_kinds")  # refused before any sampling
+    loaded, stats = load_user_sequences(ctx)
+    eval_seqs, train_loaded, stats["data/heldout_overlap_dropped"] = split_dialogues(
         loaded, cfg.eval_dialogues, seed, ctx.cfg.data.dedup
     )
     train_seqs = [users for users, _ in train_loaded]
@@ -160,34 +173,40 @@ def run_gatt(ctx) -> dict:
     irng = random.Random(f"{seed}/gatt/instructions")
     train_insts = [bank.sample(irng, cfg.shorten_prob) for _ in train_dialogues]
     max_turn = max(cfg.eval_turns)
-    # one held-out dialogue per held-out sequence left (eval_dialogues of them unless some overlapped training)
     held_out = (
         make_dialogues(eval_seqs, len(eval_seqs), max_turn, random.Random(f"{seed}/gatt/eval")) if eval_seqs else []
     )
     eval_dialogues, eval_insts = evaluation_draws(bank, held_out, cfg.eval_repeats, seed)
+    return GattData(
+        bank, ref_kinds, train_loaded, train_dialogues, train_insts, held_out, eval_dialogues, eval_insts, stats
+    )
+
+
+def sample(ctx: StageContext, data: GattData, tokenizer, before_file: Path, sampled_file: Path) -> None:
+    """Phase 2 (rank 0): the init policy's recall on the held-out dialogues, then the training dialogues
+    answered turn by turn with the instruction on every turn; each saved once done (a rerun skips it)."""
+    cfg, seed = ctx.stage_cfg, ctx.cfg.seed
     sampling, eval_sampling = _sampling(cfg), _sampling(cfg, cfg.eval_max_new_tokens)
-    fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, sampling.max_new_tokens)
-    eval_fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
-    before_file, sampled_file = ctx.work_dir / "eval_before.json", ctx.work_dir / "sampled.json"
     engine = None
-    if not ctx.is_main:
-        dist.wait_for_file(sampled_file)
     try:
-        if ctx.is_main and eval_dialogues and not before_file.is_file():
+        if data.eval_dialogues and not before_file.is_file():
             engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
-            answers, recall = _evaluate(engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "before")
+            fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
+            answers, recall = _evaluate(
+                engine, data.eval_dialogues, data.eval_insts, ctx, eval_sampling, fits, "before"
+            )
             write_json_atomic(before_file, {"answers": answers, "recall": recall})
-        if ctx.is_main and not sampled_file.is_file():
+        if not sampled_file.is_file():
             engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
             answers, stats = roll_dialogues(
                 engine.generate,
-                train_dialogues,
-                train_insts,
+                data.train_dialogues,
+                data.train_insts,
                 sampling,
                 every_turn=True,
                 best_of=cfg.best_of,
                 seed=seed,
-                fits=fits,
+                fits=_fits(tokenizer, ctx.cfg.rollout.max_model_len, sampling.max_new_tokens),
                 do_repair=cfg.repair,
                 desc="sampling",
             )
@@ -195,21 +214,25 @@ def run_gatt(ctx) -> dict:
     finally:
         if engine is not None:
             engine.close()
-    sampled = read_json(sampled_file)
 
+
+def training_set(ctx: StageContext, data: GattData, sampled: dict) -> tuple[list[dict], list[dict], dict]:
+    """Phase 3: GAtt's samples of the sampled dialogues (the instruction in turn 1 only) plus the
+    reference samples made by program from the training dialogues' own answers (never the held-out
+    ones). Returns (every record, the reference records, counts)."""
+    cfg, seed = ctx.stage_cfg, ctx.cfg.seed
     records = []
-    for users, answers, inst in zip(train_dialogues, sampled["answers"], train_insts):
-        records += training_records(users[: len(answers)], answers, inst, cfg.every_prefix)
-    n_sampled = len(records)
-    # Program-made samples from the training dialogues' own answers (never the held-out ones).
+    for users, answers, inst in zip(data.train_dialogues, sampled["answers"], data.train_insts):
+        records += training_records(users[: len(answers)], answers, inst, cfg.train_turns)
+    n_sampled = sum(trained_answers(r) for r in records)
     rrng = random.Random(f"{seed}/gatt/reference")
     try:
         reference, ref_stats = reference_records(
-            [pairs for _, pairs in train_loaded if pairs],
+            [pairs for _, pairs in data.train_loaded if pairs],
             cfg.reference_samples,
             cfg.turns,
-            lambda: bank.sample(rrng, cfg.shorten_prob, only=ref_kinds, max_parts=cfg.reference_max_parts),
-            cfg.every_prefix,
+            lambda: data.bank.sample(rrng, cfg.shorten_prob, only=data.ref_kinds, max_parts=cfg.reference_max_parts),
+            cfg.train_turns,
             rrng,
             cfg.reference_answer_chars,
         )
@@ -221,120 +244,155 @@ def run_gatt(ctx) -> dict:
             "gatt: no sampled answer keeps its instruction, so there is nothing to train on: raise "
             "best_of, set repair: true, or use an instruction bank the policy can follow"
         )
+    counts = {
+        "gatt/data/samples": n_sampled + ref_stats["answers"],
+        "gatt/data/sequences": len(records),
+        "gatt/data/sampled_samples": n_sampled,
+        "gatt/data/reference_samples": ref_stats["answers"],
+        "gatt/data/reference_turns_cut": ref_stats["cut"],
+        "gatt/data/reference_conversations": ref_stats["conversations"],
+    }
+    return records, reference, counts
+
+
+def evaluate_after(ctx: StageContext, data: GattData, tokenizer) -> dict:
+    """Phase 5 (rank 0): the fine-tuned policy's recall on the same held-out draws as before."""
+    cfg = ctx.stage_cfg
+    eval_sampling = _sampling(cfg, cfg.eval_max_new_tokens)
+    fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
+    engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", ctx.cfg.seed, dtype=ctx.cfg.compute.dtype)
+    try:
+        answers, recall = _evaluate(engine, data.eval_dialogues, data.eval_insts, ctx, eval_sampling, fits, "after")
+    finally:
+        engine.close()
+    return {"answers": answers, "recall": recall}
+
+
+def recall_summary(before: dict, after: dict, turns) -> dict:
+    """The recall before and after at each evaluated turn, with its Wilson interval and n, and per kind."""
+    summary: dict = {}
+    for name, rec in (("before", before), ("after", after)):
+        for t in turns:
+            cell = rec["overall"][t]
+            summary[f"gatt/recall_{name}/turn{t}"] = cell["recall"]
+            if cell["recall"] is not None:
+                lo, hi = wilson(min(cell["n"], cell["recall"] * cell["n"]), cell["n"])
+                summary.update(
+                    {
+                        f"gatt/recall_{name}/turn{t}_lo": lo,
+                        f"gatt/recall_{name}/turn{t}_hi": hi,
+                        f"gatt/recall_{name}/turn{t}_n": cell["n"],
+                    }
+                )
+    for name, rec in (("before", before), ("after", after)):
+        for kind, table in rec["by_kind"].items():
+            for t in turns:
+                summary[f"gatt/recall_{name}/turn{t}/{kind}"] = table[t]["recall"]
+    return summary
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def write_artifacts(ctx: StageContext, data: GattData, sampled: dict, reference: list, before, after) -> None:
+    """Phase 6 (rank 0): dialogues.jsonl, reference.jsonl and, with an evaluation, eval.json, eval.md
+    and eval_dialogues.jsonl."""
+    cfg, out = ctx.stage_cfg, ctx.out_dir
+    rows = zip(data.train_dialogues, sampled["answers"], data.train_insts)
+    write_text_atomic(
+        out / "dialogues.jsonl",
+        _jsonl(
+            {"users": u[: len(a)], "answers": a, "instruction": i.to_dict(), "kept": [i.keeps(x) for x in a]}
+            for u, a, i in rows
+        ),
+    )
+    write_text_atomic(out / "reference.jsonl", _jsonl(reference))
+    if after is None:
+        return
+    write_json_atomic(
+        out / "eval.json",
+        {
+            "turns": list(cfg.eval_turns),
+            "before": before["recall"],
+            "after": after["recall"],
+            "n_dialogues": len(data.held_out),
+            "repeats": cfg.eval_repeats,
+            "instructions": [i.to_dict() for i in data.eval_insts],
+        },
+    )
+    write_text_atomic(out / "eval.md", markdown_table(before["recall"], after["recall"], cfg.eval_turns))
+    n = len(data.held_out)
+    rows = zip(data.eval_dialogues, data.eval_insts, before["answers"], after["answers"])
+    write_text_atomic(
+        out / "eval_dialogues.jsonl",
+        _jsonl(
+            {
+                "users": users,
+                "repeat": k // n,
+                "instruction": inst.to_dict(),
+                "before": b,
+                "after": a,
+                "kept_before": [inst.keeps(x) for x in b],
+                "kept_after": [inst.keeps(x) for x in a],
+            }
+            for k, (users, inst, b, a) in enumerate(rows)
+        ),
+    )
+
+
+def run_gatt(ctx: StageContext) -> dict:
+    cfg = ctx.stage_cfg
+    if ctx.world_size > 1:
+        from align.launch import start_sampling_ranks
+
+        start_sampling_ranks("gatt.train.num_processes", cfg.train.num_processes, ctx.cfg.rollout)
+    tokenizer = load_tokenizer(ctx.init_model_dir)
+    data = build_dialogues(ctx)
+    before_file, sampled_file = ctx.work_dir / "eval_before.json", ctx.work_dir / "sampled.json"
+    if ctx.is_main:
+        sample(ctx, data, tokenizer, before_file, sampled_file)
+    else:
+        dist.wait_for_file(sampled_file)
+    sampled = read_json(sampled_file)
+    records, reference, counts = training_set(ctx, data, sampled)
     dataset, tok_stats = tokenize_conversations(tokenizer, records, cfg.max_length)
     if ctx.is_main:
         s = sampled["stats"]
         print(
-            f"[align] {ctx.name}: {len(train_dialogues)} dialogues x {cfg.turns} turns -> {n_sampled} training "
-            f"samples; {s['sampled_kept']}/{s['checkable_turns']} checkable turns kept by sampling, "
-            f"{s['repaired']} repaired; + {len(reference)} reference samples from "
-            f"{ref_stats['conversations']} data conversations",
+            f"[align] {ctx.name}: {len(data.train_dialogues)} dialogues x {cfg.turns} turns -> "
+            f"{counts['gatt/data/sampled_samples']} trained answers; {s['sampled_kept']}/{s['checkable_turns']} "
+            f"checkable turns kept by sampling, {s['repaired']} repaired; + {counts['gatt/data/reference_samples']} "
+            f"reference answers from {counts['gatt/data/reference_conversations']} data conversations; "
+            f"{len(records)} sequences",
             flush=True,
         )
     train_summary = train_sft(ctx, dataset, cfg.train, cfg.max_length, packing=True)
     if not ctx.is_main:
         return {}
 
-    before = read_json(before_file) if eval_dialogues else None
-    logger = ctx.logger()
-    after = None
-    if eval_dialogues:
-        engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", seed, dtype=ctx.cfg.compute.dtype)
-        try:
-            after_answers, after_recall = _evaluate(
-                engine, eval_dialogues, eval_insts, ctx, eval_sampling, eval_fits, "after"
-            )
-        finally:
-            engine.close()
-        after = {"answers": after_answers, "recall": after_recall}
-
-    out = ctx.out_dir
-    write_text_atomic(
-        out / "dialogues.jsonl",
-        "".join(
-            json.dumps(
-                {
-                    "users": users[: len(ans)],
-                    "answers": ans,
-                    "instruction": inst.to_dict(),
-                    "kept": [inst.keeps(a) for a in ans],
-                }
-            )
-            + "\n"
-            for users, ans, inst in zip(train_dialogues, sampled["answers"], train_insts)
-        ),
-    )
-    write_text_atomic(out / "reference.jsonl", "".join(json.dumps(r) + "\n" for r in reference))
     summary: dict = {}
-    if eval_dialogues:
-        from align.stats import wilson
-
-        rb, ra = _keyed(before["recall"]), after["recall"]
-        for name, rec in (("before", rb), ("after", ra)):
-            for t in cfg.eval_turns:
-                cell = rec["overall"][t]
-                summary[f"gatt/recall_{name}/turn{t}"] = cell["recall"]
-                if cell["recall"] is not None:
-                    lo, hi = wilson(min(cell["n"], cell["recall"] * cell["n"]), cell["n"])
-                    summary.update(
-                        {
-                            f"gatt/recall_{name}/turn{t}_lo": lo,
-                            f"gatt/recall_{name}/turn{t}_hi": hi,
-                            f"gatt/recall_{name}/turn{t}_n": cell["n"],
-                        }
-                    )
-        for name, rec in (("before", rb), ("after", ra)):
-            for kind, table in rec["by_kind"].items():
-                for t in cfg.eval_turns:
-                    summary[f"gatt/recall_{name}/turn{t}/{kind}"] = table[t]["recall"]
-        write_json_atomic(
-            out / "eval.json",
-            {
-                "turns": list(cfg.eval_turns),
-                "before": rb,
-                "after": ra,
-                "n_dialogues": len(held_out),
-                "repeats": cfg.eval_repeats,
-                "instructions": [i.to_dict() for i in eval_insts],
-            },
-        )
-        write_text_atomic(out / "eval.md", markdown_table(rb, ra, cfg.eval_turns))
-        write_text_atomic(
-            out / "eval_dialogues.jsonl",
-            "".join(
-                json.dumps(
-                    {
-                        "users": users,
-                        "repeat": i // len(held_out),
-                        "instruction": inst.to_dict(),
-                        "before": b,
-                        "after": a,
-                        "kept_before": [inst.keeps(x) for x in b],
-                        "kept_after": [inst.keeps(x) for x in a],
-                    }
-                )
-                + "\n"
-                for i, (users, inst, b, a) in enumerate(
-                    zip(eval_dialogues, eval_insts, before["answers"], after["answers"])
-                )
-            ),
-        )
+    before = after = None
+    logger = ctx.logger()
+    if data.eval_dialogues:
+        saved = read_json(before_file)
+        before = {"answers": saved["answers"], "recall": _keyed(saved["recall"])}
+        after = evaluate_after(ctx, data, tokenizer)
+        summary = recall_summary(before["recall"], after["recall"], cfg.eval_turns)
         logger.log({k: v for k, v in summary.items() if isinstance(v, float)}, train_summary["train/steps"])
     logger.close()
+    write_artifacts(ctx, data, sampled, reference, before, after)
     s = sampled["stats"]
     summary.update(
         {
-            "gatt/data/dialogues": len(train_dialogues),
-            "gatt/data/samples": len(records),
-            "gatt/data/sampled_samples": n_sampled,
-            "gatt/data/reference_samples": len(reference),
-            "gatt/data/reference_turns_cut": ref_stats["cut"],
-            "gatt/data/shortened_share": statistics.fmean(i.shortened for i in train_insts),
-            "gatt/data/checkable_share": statistics.fmean(i.checkable for i in train_insts),
+            "gatt/data/dialogues": len(data.train_dialogues),
+            **counts,
+            "gatt/data/shortened_share": statistics.fmean(i.shortened for i in data.train_insts),
+            "gatt/data/checkable_share": statistics.fmean(i.checkable for i in data.train_insts),
             "gatt/data/sampled_kept_share": s["sampled_kept"] / s["checkable_turns"] if s["checkable_turns"] else None,
             "gatt/data/repaired": s["repaired"],
             "gatt/data/cut_by_context": s["cut_by_context"],
-            **data_stats,
+            **data.stats,
             **tok_stats,
             **train_summary,
         }

@@ -81,18 +81,6 @@ class PolicyWithValue(torch.nn.Module):
             yield
 
 
-def lora_config(lora):
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-
-
 def build_policy(model_dir: str | Path, lora, base_dtype: str, seed: int) -> PolicyWithValue:
     """The starting checkpoint with fresh LoRA adapters (seeded) and a zero value head.
 
@@ -101,12 +89,12 @@ def build_policy(model_dir: str | Path, lora, base_dtype: str, seed: int) -> Pol
     """
     from peft import get_peft_model
 
-    from align.models import load_causal_lm
+    from align.models import load_causal_lm, peft_lora_config
 
     lm = load_causal_lm(model_dir, base_dtype)
     lm.config.use_cache = False
     torch.manual_seed(seed)  # the adapters' initialisation: the same on every rank and every run
-    policy = get_peft_model(lm, lora_config(lora))
+    policy = get_peft_model(lm, peft_lora_config(lora, lm.config.num_hidden_layers))
     for p in policy.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -498,8 +498,8 @@ def save(ctx: StageContext, run: Run) -> dict:
         from peft import get_peft_model
         from safetensors.torch import save_file
 
-        from align.models import load_causal_lm
-        from align.ppo.policy import adapter_state, lora_config, value_head_state
+        from align.models import load_causal_lm, peft_lora_config
+        from align.ppo.policy import adapter_state, value_head_state
 
         if run.hf_ds_config is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -507,7 +507,7 @@ def save(ctx: StageContext, run: Run) -> dict:
             unset_hf_deepspeed_config()  # the merge below runs on rank 0 alone, on full weights
         out = ctx.out_dir
         base = load_causal_lm(ctx.init_model_dir, "float32")
-        peft_model = get_peft_model(base, lora_config(ctx.stage_cfg.lora))
+        peft_model = get_peft_model(base, peft_lora_config(ctx.stage_cfg.lora, base.config.num_hidden_layers))
         adapters = adapter_state(trainable)
         result = peft_model.load_state_dict(adapters, strict=False)
         wanted = {n for n, p in peft_model.named_parameters() if p.requires_grad}

@@ -1,10 +1,11 @@
 """Rejection-sampling fine-tuning stage (Llama 2 sec. 3.2.3).
 
-setup (prompts, held-out split, sampler) -> held-out reward of the init policy -> rounds: sample K
+Phases: setup (prompts, held-out split, sampler) -> `heldout_rewards` of the init policy -> `sample_rounds`: sample K
 answers per prompt (rollout engine, `sampling` temperature), score them with both RMs (LOGIT(Rc),
 before whitening: align/rejection/score.py), keep per prompt the best of this round and of the kept
 answers of all earlier rounds (align/rejection/select.py) -> fine-tune the policy (`init`) on the
-kept set with the SFT loss on answers only (align.sft.train_sft) -> held-out reward of the result.
+kept set with the SFT loss on answers only (align.sft.train_sft) -> `heldout_rewards` of the result ->
+`write_artifacts`.
 
 Rounds: round 1 samples from `sampler` ('' = the policy itself). With the policy as sampler, each
 later round samples from the model fine-tuned at the end of the previous round (the recipe's "latest
@@ -31,14 +32,27 @@ import json
 import random
 import shutil
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from align.chat import prompt_ids
+from align.data.dedup import drop_duplicates, drop_overlap
+from align.data.load import load_datasets
 from align.errors import AlignError
 from align.io import read_json, write_json_atomic, write_text_atomic
 from align.launch import dist
-from align.rejection.select import best_of_n_curve, pool_round, scores_by_prompt
+from align.models import check_model_dir, load_tokenizer, resolve_model_dir
 from align.rejection.sample import sample_and_score
+from align.rejection.score import CombinedScorer
+from align.rejection.select import best_of_n_curve, pool_round, scores_by_prompt
+from align.sft import tokenize_conversations, train_sft
+from align.stats import paired_change
+from rollout import make_engine
+from rollout.types import SamplingParams
+
+if TYPE_CHECKING:
+    from align.pipeline import StageContext
 
 
 class _EngineSlot:
@@ -49,8 +63,6 @@ class _EngineSlot:
         self.engine, self.model_dir = None, None
 
     def get(self, model_dir: Path):
-        from rollout import make_engine
-
         if self.engine is not None and self.model_dir == Path(model_dir):
             return self.engine
         self.close()
@@ -77,8 +89,6 @@ class _Lazy:
 
 def resolve_sampler(ctx) -> Path:
     """The model that samples: '' = the policy (init); 'base'; an earlier stage's model; a local dir."""
-    from align.models import check_model_dir, resolve_model_dir
-
     sampler = ctx.stage_cfg.sampler
     if sampler == "":
         return Path(ctx.init_model_dir)
@@ -102,10 +112,6 @@ def load_prompts(ctx, tokenizer) -> tuple[list[dict], list[dict], dict]:
     Prompts that leave no room for ``max_new_tokens`` within ``rollout.max_model_len`` (counted with
     the policy's tokenizer) are dropped and counted, since the engine refuses them.
     """
-    from align.chat import prompt_ids
-    from align.data.dedup import drop_duplicates, drop_overlap
-    from align.data.load import load_datasets
-
     cfg = ctx.stage_cfg
     data, reports = load_datasets(cfg.prompts, "prompt", Path(ctx.cfg.data_dir), ctx.cfg.data.bad_rows, ctx.cfg.seed)
     budget = ctx.cfg.rollout.max_model_len - cfg.sampling.max_new_tokens
@@ -158,9 +164,6 @@ def kept_conversations(kept: list[dict]) -> list[dict]:
 
 def _train(ctx, kept: list[dict]) -> dict:
     """Fine-tune ``ctx.init_model_dir`` on the kept set (answer-only loss) -> ``ctx.out_dir/model``."""
-    from align.models import load_tokenizer
-    from align.sft import tokenize_conversations, train_sft
-
     cfg = ctx.stage_cfg
     dataset, stats = tokenize_conversations(
         load_tokenizer(ctx.init_model_dir), kept_conversations(kept), cfg.max_length
@@ -243,7 +246,6 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 def heldout_change(before: list[dict], after: list[dict], seed: int) -> dict:
     """The held-out reward's change, prompt by prompt (each prompt's mean over its samples), with its 95%
     paired-bootstrap interval."""
-    from align.stats import paired_change
 
     def per_prompt(samples):
         scores: dict[int, list[float]] = {}
@@ -289,12 +291,122 @@ def _report(summary: dict, curves: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_rejection(ctx) -> dict:
-    from align.models import load_tokenizer
-    from rollout.types import SamplingParams
+@dataclass
+class Rounds:
+    """What the sampling rounds produced: the pooled kept set and every sample, per-round pools, best-of-N
+    curves and metrics."""
 
-    from align.rejection.score import CombinedScorer
+    kept: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    pools: dict[int, list[dict]] = field(default_factory=dict)
+    curves: dict[int, dict] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
+
+def heldout_rewards(ctx: StageContext, heldout, get_engine, scorer, draw, when: str) -> list[dict]:
+    """The held-out prompts' samples and rewards for one policy; one fixed seed, so before and after see
+    the same draw. ``when`` names the resume directory ("before"; "after" is never resumed: the model is
+    retrained after a kill)."""
+    if not heldout:
+        return []
+    state = ctx.work_dir / f"heldout_{when}"
+    if when == "after":
+        shutil.rmtree(state, ignore_errors=True)
+    cfg = ctx.stage_cfg
+    return sample_and_score(
+        heldout, get_engine, scorer, draw, state, cfg.prompts_per_batch, 0, ctx.cfg.seed, desc=f"held-out ({when})"
+    )
+
+
+def sample_rounds(ctx: StageContext, prompts, sampler_dir: Path, engines, scorer, draw, logger) -> Rounds:
+    """The rounds: sample K answers per prompt, score them, pool the best per prompt over the rounds; with the
+    policy as its own sampler, fine-tune between rounds so the next round samples from the latest model."""
+    cfg = ctx.stage_cfg
+    out, source = Rounds(), sampler_dir
+    for r in range(1, cfg.rounds + 1):
+        got = sample_and_score(
+            prompts,
+            lambda: engines.get(source),
+            scorer,
+            draw,
+            ctx.work_dir / f"round{r}" / "samples",
+            cfg.prompts_per_batch,
+            r,
+            ctx.cfg.seed,
+            desc=f"round {r} sampling",
+        )
+        out.kept = pool_round(out.kept, got)
+        if ctx.world_size > 1:
+            write_json_atomic(kept_path(ctx, r), out.kept)  # the other ranks train on it
+        out.samples.extend(got)
+        out.pools[r] = out.kept
+        curve = out.curves[r] = best_of_n_curve(scores_by_prompt(got))
+        row = {
+            f"rejection/round{r}/sample_reward": _mean(s["score"] for s in got),
+            f"rejection/round{r}/kept_reward": _mean(s["score"] for s in out.kept),
+            f"rejection/round{r}/kept_from_earlier": _mean(float(s["round"] < r) for s in out.kept),
+            f"rejection/round{r}/finished_share": _mean(float(s["finish_reason"] == "stop") for s in got),
+        }
+        out.metrics.update(row)
+        logger.log(row, r)
+        for i, n in enumerate(curve["n"]):
+            logger.log(
+                {
+                    f"rejection/round{r}/best_of_n/max": curve["max"][i],
+                    f"rejection/round{r}/best_of_n/median": curve["median"][i],
+                },
+                n,
+            )
+        if ctx.is_main:
+            print(
+                f"[align] {ctx.name}: round {r}: mean reward {row[f'rejection/round{r}/sample_reward']:.3f}, "
+                f"best-of-{cfg.k} {curve['max'][-1]:.3f}, kept {row[f'rejection/round{r}/kept_reward']:.3f}",
+                flush=True,
+            )
+        if r < cfg.rounds and not cfg.sampler:
+            engines.close()  # free the CPU and memory for training
+            source = _train_round(ctx, out.kept, r)
+    return out
+
+
+def write_artifacts(ctx: StageContext, rounds: Rounds, before: list, after: list, extra: dict) -> dict:
+    """samples.jsonl, pool(_roundR).jsonl, heldout.jsonl, best_of_n.json/.png, report.md; returns the summary."""
+    cfg, out = ctx.stage_cfg, ctx.out_dir
+    _jsonl(out / "samples.jsonl", rounds.samples)
+    _jsonl(out / "pool.jsonl", rounds.kept)
+    if cfg.rounds > 1:
+        for r, pool in rounds.pools.items():
+            _jsonl(out / f"pool_round{r}.jsonl", pool)
+    _jsonl(
+        out / "heldout.jsonl", [{**s, "policy": "before"} for s in before] + [{**s, "policy": "after"} for s in after]
+    )
+    write_json_atomic(
+        out / "best_of_n.json",
+        {
+            "k": cfg.k,
+            "estimator": "exact expectation over N-subsets of the K samples of each prompt, mean over prompts",
+            "rounds": rounds.curves,
+        },
+    )
+    plot_best_of_n(rounds.curves, out / "best_of_n.png")
+    reward_before, reward_after = _mean(s["score"] for s in before), _mean(s["score"] for s in after)
+    summary = {
+        "rejection/reward_before": reward_before,
+        "rejection/reward_after": reward_after,
+        "rejection/reward_gain": None if reward_before is None else reward_after - reward_before,
+        **heldout_change(before, after, ctx.cfg.seed),
+        "rejection/samples": len(rounds.samples),
+        "rejection/kept": len(rounds.kept),
+        **rounds.metrics,
+        **{f"rejection/round{r}/best_of_n_max": c["max"] for r, c in rounds.curves.items()},
+        **{f"rejection/round{r}/best_of_n_median": c["median"] for r, c in rounds.curves.items()},
+        **extra,
+    }
+    write_text_atomic(out / "report.md", _report(summary, rounds.curves))
+    return summary
+
+
+def run_rejection(ctx: StageContext) -> dict:
     cfg = ctx.stage_cfg
     seed = ctx.cfg.seed
     if ctx.world_size > 1:
@@ -311,138 +423,23 @@ def run_rejection(ctx) -> dict:
         top_p=cfg.sampling.top_p,
         max_new_tokens=cfg.sampling.max_new_tokens,
     )
-    # Held-out prompts are scored on samples from one fixed seed, so before and after see the same draw.
     eval_draw = replace(draw, n=cfg.eval_samples)
     engines = _EngineSlot(ctx.cfg.rollout, seed, ctx.cfg.compute.dtype)
     scorer = _Lazy(lambda: CombinedScorer.from_run(ctx, cfg.reward))
     logger = ctx.logger()
-    if ctx.is_main:
-        print(
-            f"[align] {ctx.name}: {len(train_prompts)} prompts x K={cfg.k}, {cfg.rounds} round(s), "
-            f"{len(heldout)} held out; sampler {sampler_dir}",
-            flush=True,
-        )
+    print(
+        f"[align] {ctx.name}: {len(train_prompts)} prompts x K={cfg.k}, {cfg.rounds} round(s), "
+        f"{len(heldout)} held out; sampler {sampler_dir}",
+        flush=True,
+    )
     try:
-        before = (
-            sample_and_score(
-                heldout,
-                lambda: engines.get(ctx.init_model_dir),
-                scorer,
-                eval_draw,
-                ctx.work_dir / "heldout_before",
-                cfg.prompts_per_batch,
-                0,
-                seed,
-                desc="held-out (before)",
-            )
-            if heldout
-            else []
-        )
-        kept: list[dict] = []
-        samples: list[dict] = []
-        curves: dict[int, dict] = {}
-        pools: dict[int, list[dict]] = {}
-        per_round: dict[str, float] = {}
-        source = sampler_dir
-        for r in range(1, cfg.rounds + 1):
-            got = sample_and_score(
-                train_prompts,
-                lambda: engines.get(source),
-                scorer,
-                draw,
-                ctx.work_dir / f"round{r}" / "samples",
-                cfg.prompts_per_batch,
-                r,
-                seed,
-                desc=f"round {r} sampling",
-            )
-            kept = pool_round(kept, got)
-            if ctx.world_size > 1:
-                write_json_atomic(kept_path(ctx, r), kept)  # the other ranks train on it
-            samples.extend(got)
-            pools[r] = kept
-            curves[r] = best_of_n_curve(scores_by_prompt(got))
-            row = {
-                f"rejection/round{r}/sample_reward": _mean(s["score"] for s in got),
-                f"rejection/round{r}/kept_reward": _mean(s["score"] for s in kept),
-                f"rejection/round{r}/kept_from_earlier": _mean(float(s["round"] < r) for s in kept),
-                f"rejection/round{r}/finished_share": _mean(float(s["finish_reason"] == "stop") for s in got),
-            }
-            per_round.update(row)
-            logger.log(row, r)
-            for i, n in enumerate(curves[r]["n"]):
-                logger.log(
-                    {
-                        f"rejection/round{r}/best_of_n/max": curves[r]["max"][i],
-                        f"rejection/round{r}/best_of_n/median": curves[r]["median"][i],
-                    },
-                    n,
-                )
-            if ctx.is_main:
-                c = curves[r]
-                print(
-                    f"[align] {ctx.name}: round {r}: mean reward {row[f'rejection/round{r}/sample_reward']:.3f}, "
-                    f"best-of-{cfg.k} {c['max'][-1]:.3f}, kept {row[f'rejection/round{r}/kept_reward']:.3f}",
-                    flush=True,
-                )
-            if r < cfg.rounds and not cfg.sampler:
-                engines.close()  # free the CPU and memory for training
-                source = _train_round(ctx, kept, r)
+        before = heldout_rewards(ctx, heldout, lambda: engines.get(ctx.init_model_dir), scorer, eval_draw, "before")
+        rounds = sample_rounds(ctx, train_prompts, sampler_dir, engines, scorer, draw, logger)
         engines.close()
         scorer.value = None  # the RMs are not needed while training
-        train_summary = _train(ctx, kept)
-        after_dir = ctx.work_dir / "heldout_after"  # never resumed: the model is retrained after a kill
-        shutil.rmtree(after_dir, ignore_errors=True)
-        after = (
-            sample_and_score(
-                heldout,
-                lambda: engines.get(ctx.out_dir / "model"),
-                scorer,
-                eval_draw,
-                after_dir,
-                cfg.prompts_per_batch,
-                0,
-                seed,
-                desc="held-out (after)",
-            )
-            if heldout
-            else []
-        )
+        train_summary = _train(ctx, rounds.kept)
+        after = heldout_rewards(ctx, heldout, lambda: engines.get(ctx.out_dir / "model"), scorer, eval_draw, "after")
     finally:
         engines.close()
         logger.close()
-
-    out = ctx.out_dir
-    _jsonl(out / "samples.jsonl", samples)
-    _jsonl(out / "pool.jsonl", kept)
-    if cfg.rounds > 1:
-        for r, pool in pools.items():
-            _jsonl(out / f"pool_round{r}.jsonl", pool)
-    _jsonl(
-        out / "heldout.jsonl", [{**s, "policy": "before"} for s in before] + [{**s, "policy": "after"} for s in after]
-    )
-    write_json_atomic(
-        out / "best_of_n.json",
-        {
-            "k": cfg.k,
-            "estimator": "exact expectation over N-subsets of the K samples of each prompt, mean over prompts",
-            "rounds": curves,
-        },
-    )
-    plot_best_of_n(curves, out / "best_of_n.png")
-    reward_before, reward_after = _mean(s["score"] for s in before), _mean(s["score"] for s in after)
-    summary = {
-        "rejection/reward_before": reward_before,
-        "rejection/reward_after": reward_after,
-        "rejection/reward_gain": None if reward_before is None else reward_after - reward_before,
-        **heldout_change(before, after, seed),
-        "rejection/samples": len(samples),
-        "rejection/kept": len(kept),
-        **stats,
-        **per_round,
-        **{f"rejection/round{r}/best_of_n_max": c["max"] for r, c in curves.items()},
-        **{f"rejection/round{r}/best_of_n_median": c["median"] for r, c in curves.items()},
-        **train_summary,
-    }
-    write_text_atomic(out / "report.md", _report(summary, curves))
-    return summary
+    return write_artifacts(ctx, rounds, before, after, {**stats, **train_summary})

@@ -12,6 +12,7 @@ from align.gatt.build import (
     make_dialogues,
     reference_records,
     roll_dialogues,
+    trained_answers,
     training_record,
     training_records,
 )
@@ -63,16 +64,33 @@ def test_loss_mask_is_zero_on_every_earlier_turn_token_by_token(tokenizer, short
     assert sum(inst.text in m["content"] for m in sampling_prompt) == 3
 
 
-def test_every_prefix_gives_one_sample_per_turn_each_training_its_last_answer():
+def test_train_turns_all_trains_every_kept_answer_in_one_sequence():
     inst = Instruction((END,), False)
     answers = ["Paris, banana.", "Rome.", "Paris, banana."]  # turn 2 breaks the instruction
-    recs = training_records(USERS, answers, inst, every_prefix=True)
-    assert [len(r["messages"]) for r in recs] == [2, 6]  # the broken turn-2 sample is left out
-    for r in recs:
-        assert [m["train"] for m in r["messages"]] == [False] * (len(r["messages"]) - 1) + [True]
-    assert len(training_records(USERS, answers, inst, every_prefix=False)) == 1
+    (rec,) = training_records(USERS, answers, inst, "all")
+    assert [m["train"] for m in rec["messages"]] == [False, True, False, False, False, True]
+    assert trained_answers(rec) == 2  # the broken answer stays in the context, untrained
+    (last,) = training_records(USERS, answers, inst, "last")
+    assert [m["train"] for m in last["messages"]] == [False] * 5 + [True]
+    assert training_records(USERS, ["Paris, banana.", "Rome.", "Paris."], inst, "last") == []
     # An instruction with nothing to check keeps every turn.
-    assert len(training_records(USERS, answers, Instruction((FIGURE,), False), every_prefix=True)) == 3
+    (rec,) = training_records(USERS, answers, Instruction((FIGURE,), False), "all")
+    assert trained_answers(rec) == 3
+
+
+def test_one_sequence_gives_each_answer_the_context_of_its_own_prefix(tokenizer):
+    """Token by token: the answers trained in one sequence are the tokens each prefix sample trains, after
+    the same tokens; under causal attention their losses are therefore the prefix samples' losses."""
+    inst = Instruction((END, FIGURE), False)
+    whole = tokenize_chat(tokenizer, training_records(USERS, ANSWERS, inst, "all")[0]["messages"], 4096)
+    trained_at = set()
+    for k in range(1, len(USERS) + 1):
+        prefix = tokenize_chat(tokenizer, training_record(USERS[:k], ANSWERS[:k], inst)["messages"], 4096)
+        at = [i for i, m in enumerate(prefix.loss_mask) if m]
+        assert whole.input_ids[: at[-1] + 1] == prefix.input_ids[: at[-1] + 1]
+        assert all(whole.loss_mask[i] for i in at)
+        trained_at |= set(at)
+    assert trained_at == {i for i, m in enumerate(whole.loss_mask) if m}
 
 
 class ScriptedEngine:
@@ -163,28 +181,32 @@ def test_answered_turns_pairs_each_user_turn_with_its_answer():
     assert answered_turns({"prompt": [{"role": "user", "content": "Hi"}]}, "prompt") == []
 
 
-def test_reference_records_repair_every_answer_and_train_only_the_last():
+def test_reference_records_repair_every_answer_and_train_every_one():
     convs = [
         [("Name a fruit.", "An apple is a fruit. It is red."), ("And a colour?", "Green is a colour.")],
         [("Say hi.", "Hi there! Nice to meet you.")],
         [("Write code.", "def f(x):\n    return x")],
     ]  # no finished sentence: cannot end with a word
     recs, stats = reference_records(
-        convs, 12, 3, lambda: Instruction((END,), False), every_prefix=True, rng=random.Random(0), max_answer_chars=600
+        convs, 12, 3, lambda: Instruction((END,), False), train_turns="all", rng=random.Random(0), max_answer_chars=600
     )
-    assert len(recs) == 12
+    assert sum(trained_answers(r) for r in recs) == stats["answers"] == 12
     assert stats["cut"] > 0  # the code answer is never used
     for r in recs:
         msgs = r["messages"]
         assert msgs[0]["content"].startswith(END.long) and all(END.long not in m["content"] for m in msgs[1:])
         answers = [m for m in msgs if m["role"] == "assistant"]
-        assert all(m["content"].endswith("Banana.") for m in answers)  # every answer keeps it, earlier ones too
-        assert [m["train"] for m in msgs] == [False] * (len(msgs) - 1) + [True]
-        assert "def f" not in answers[-1]["content"]
-    # every prefix of three-turn conversations: the data's own turns topped up with other conversations' pairs
-    assert {len(r["messages"]) for r in recs} == {2, 4, 6}
-    three = [r for r in recs if len(r["messages"]) == 6]
-    assert any(r["messages"][2]["content"] == "And a colour?" for r in three)  # a real thread keeps its order
+        assert all(m["content"].endswith("Banana.") for m in answers)  # every answer keeps it
+        assert [m["train"] for m in msgs] == [m["role"] == "assistant" for m in msgs]
+        assert all("def f" not in m["content"] for m in answers)
+    # conversations of up to three turns: the data's own turns topped up with other conversations' pairs,
+    # ended before an answer that cannot be repaired
+    assert 6 in {len(r["messages"]) for r in recs} and all(len(r["messages"]) <= 6 for r in recs)
+    assert any(r["messages"][2]["content"] == "And a colour?" for r in recs)  # a real thread keeps its order
+    last, _ = reference_records(
+        convs, 12, 3, lambda: Instruction((END,), False), train_turns="last", rng=random.Random(0), max_answer_chars=600
+    )
+    assert len(last) == 12 and all(trained_answers(r) == 1 for r in last)
 
 
 def test_reference_records_cut_long_answers_to_whole_sentences_and_need_answers():
@@ -195,19 +217,19 @@ def test_reference_records_cut_long_answers_to_whole_sentences_and_need_answers(
             1,
             3,
             lambda: Instruction((END,), False),
-            every_prefix=True,
+            train_turns="all",
             rng=random.Random(0),
             max_answer_chars=max_chars,
         )
         answer = recs[0]["messages"][-1]["content"]
         assert max_chars - 30 < len(answer) <= max_chars + len(" Banana.") and answer.endswith("sentence. Banana.")
-    assert reference_records([], 0, 3, lambda: Instruction((END,), False), True, random.Random(0), 600) == (
+    assert reference_records([], 0, 3, lambda: Instruction((END,), False), "all", random.Random(0), 600) == (
         [],
-        {"conversations": 0, "cut": 0},
+        {"conversations": 0, "cut": 0, "answers": 0},
     )
     with pytest.raises(ValueError, match="no answered conversation"):
-        reference_records([], 4, 3, lambda: Instruction((END,), False), True, random.Random(0), 600)
+        reference_records([], 4, 3, lambda: Instruction((END,), False), "all", random.Random(0), 600)
     with pytest.raises(ValueError, match="can be repaired"):
         reference_records(
-            [[("Write code.", "x = [1,")]], 4, 3, lambda: Instruction((END,), False), True, random.Random(0), 600
+            [[("Write code.", "x = [1,")]], 4, 3, lambda: Instruction((END,), False), "all", random.Random(0), 600
         )

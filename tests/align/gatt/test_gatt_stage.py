@@ -41,20 +41,22 @@ def test_tiny_gatt_builds_trains_and_reports_recall(tmp_path):
     dialogues = [json.loads(line) for line in (d / "dialogues.jsonl").read_text().splitlines()]
     assert len(dialogues) == g.num_dialogues
     assert all(len(x["answers"]) == g.turns for x in dialogues)
-    # One training sample per turn whose answer keeps its instruction (every_prefix); broken turns are
-    # never trained. The random model's answers rarely finish a sentence, so repair leaves many broken.
+    # Every answer that keeps its instruction is trained (train_turns: all); broken turns are never
+    # trained. The random model's answers rarely finish a sentence, so repair leaves many broken.
     kept = [k for x in dialogues for k in x["kept"]]
     assert s["gatt/data/sampled_samples"] == sum(k is not False for k in kept)
     # plus the program-made samples from the data's own answers
     assert s["gatt/data/reference_samples"] == g.reference_samples > 0
     assert s["gatt/data/samples"] == s["gatt/data/sampled_samples"] + g.reference_samples
     reference = [json.loads(line) for line in (d / "reference.jsonl").read_text().splitlines()]
-    assert len(reference) == g.reference_samples
-    for r in reference:  # GAtt's form, with an instruction of the kinds asked for, which the last answer keeps
+    assert sum(m["train"] for r in reference for m in r["messages"]) == g.reference_samples
+    assert s["gatt/data/sequences"] == len(reference) + sum(any(k is not False for k in x["kept"]) for x in dialogues)
+    for r in reference:  # GAtt's form, with an instruction of the kinds asked for, which every answer keeps
         assert {p["kind"] for p in r["instruction"]["parts"]} <= set(g.reference_kinds)
-        assert [m["train"] for m in r["messages"]][-1] is True and not any(m["train"] for m in r["messages"][:-1])
+        assert [m["train"] for m in r["messages"]] == [m["role"] == "assistant" for m in r["messages"]]
         inst = Instruction.from_dict(r["instruction"])
-        assert inst.text in r["messages"][0]["content"] and inst.keeps(r["messages"][-1]["content"])
+        assert inst.text in r["messages"][0]["content"]
+        assert all(inst.keeps(m["content"]) for m in r["messages"] if m["role"] == "assistant")
     assert kept.count(True) > 0
     assert 0 < s["gatt/data/shortened_share"] < 1
 

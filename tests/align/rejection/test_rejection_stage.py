@@ -217,12 +217,12 @@ def test_a_teacher_stage_must_run_before_rejection_sampling():
 def test_load_prompts_counts_and_drops_duplicates(monkeypatch, dedup):
     from types import SimpleNamespace
 
-    import align.chat
     from align.config import DatasetSpec, load_config
     from align.data.dedup import prompt_key
+    from align.rejection import stage as rejection_stage
     from align.rejection.stage import load_prompts
 
-    monkeypatch.setattr(align.chat, "prompt_ids", lambda _tok, _messages: [1])  # every prompt fits
+    monkeypatch.setattr(rejection_stage, "prompt_ids", lambda _tok, _messages: [1])  # every prompt fits
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.dedup={str(dedup).lower()}"])
     stage = cfg.stage("rejection_sampling")
     # synthetic_prompts draws 20 prompts from a few templates: some come twice
