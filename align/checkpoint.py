@@ -5,7 +5,8 @@ files (weights, optimizer, scheduler), each rank's RNG states (`rng_rank<R>.pt`:
 CPU and every CUDA device) and `state.json` (the loop's position), written last. It is written into a
 temporary sibling and renamed into place once complete (`align.io.atomic_dir`), so a kill mid-write
 never leaves a directory that looks finished; `list_checkpoints` also requires `state.json`. Older
-checkpoints beyond `keep` are deleted after each write. SFT keeps HF Trainer's checkpoints.
+checkpoints beyond `keep` are deleted after each write. The SFT-style stages keep HF Trainer's own
+checkpoint files (weights, optimizer, scheduler, RNG, `trainer_state.json` last) and find them here.
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ from align.launch import dist
 STATE = "state.json"
 
 
-def list_checkpoints(root: Path, prefix: str) -> list[Path]:
-    """Complete checkpoints `<prefix>-<N>` under `root`, oldest (smallest N) first."""
+def list_checkpoints(root: Path, prefix: str, state: str = STATE) -> list[Path]:
+    """Complete checkpoints `<prefix>-<N>` under `root` (those holding ``state``, the file written last),
+    oldest (smallest N) first."""
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = re.fullmatch(rf"{re.escape(prefix)}-(\d+)", p.name)
-        if m and p.is_dir() and (p / STATE).is_file():
+        if m and p.is_dir() and (p / state).is_file():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root: Path, prefix: str) -> Path | None:
-    """The checkpoint to resume from: the newest complete one, or None."""
-    found = list_checkpoints(root, prefix)
+def latest_checkpoint(root: Path, prefix: str, state: str = STATE) -> Path | None:
+    """The checkpoint to resume from: the newest complete one, or None. HF Trainer's checkpoints (SFT,
+    rejection sampling, GAtt) are `checkpoint-<N>` with `trainer_state.json` written last."""
+    found = list_checkpoints(root, prefix, state)
     return found[-1] if found else None
 
 

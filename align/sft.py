@@ -12,10 +12,17 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from align.checkpoint import latest_checkpoint
 from align.errors import AlignError
 from align.faults import fault
 from align.schedule import lr_scheduler, warmup_steps
+
+if TYPE_CHECKING:
+    from align.pipeline import StageContext
+
+TRAINER_STATE = "trainer_state.json"  # HF Trainer writes it last into a checkpoint
 
 
 def tokenize_conversations(tokenizer, records: list[dict], max_length: int):
@@ -98,21 +105,11 @@ def answer_losses(model_dir: Path, dtype: str, rows) -> list[float]:
     return losses
 
 
-def latest_checkpoint(directory: Path) -> str | None:
-    """The newest complete Trainer checkpoint (one with its trainer state written last)."""
-    if not directory.is_dir():
-        return None
-    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    if not done:
-        return None
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
-
-
 def _finished(checkpoint: str) -> bool:
     """True when a Trainer checkpoint holds the run's last step."""
     import json
 
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
     return 0 < state.get("max_steps", 0) <= state.get("global_step", -1)
 
 
@@ -341,7 +338,8 @@ def load_trainee(ctx, tcfg, tokenizer, packing: bool):
 def fit(ctx, trainer, deepspeed: str | None) -> float:
     """Train, resuming from the newest complete checkpoint; a finished run is loaded, not retrained.
     Returns the training seconds of this call."""
-    resume = latest_checkpoint(ctx.work_dir / "checkpoints")
+    found = latest_checkpoint(ctx.work_dir / "checkpoints", "checkpoint", state=TRAINER_STATE)
+    resume = str(found) if found else None
     if resume and ctx.is_main:
         print(f"[align] {ctx.name}: resuming from {resume}", flush=True)
     if resume and _finished(resume) and not deepspeed:  # (under ZeRO-3 the engine must load it)
@@ -350,7 +348,7 @@ def fit(ctx, trainer, deepspeed: str | None) -> float:
         from transformers import TrainerState
 
         trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / TRAINER_STATE))
         return 0.0
     return float(trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0))
 
@@ -417,7 +415,7 @@ def save_policy(trainer, tokenizer, ctx, lora: bool) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def run_sft(ctx) -> dict:
+def run_sft(ctx: StageContext) -> dict:
     from align.data.load import load_datasets
     from align.models import load_tokenizer
 

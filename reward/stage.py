@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.errors import AlignError
+
+if TYPE_CHECKING:
+    from align.pipeline import StageContext
 
 
 def load_pairs(ctx_cfg, specs, seed: int):
@@ -65,7 +69,7 @@ def build_splits(cfg, pipeline_cfg, seed: int, label_exports=()) -> tuple[list[d
     return train, test, stats
 
 
-def run_reward(ctx) -> dict:
+def run_reward(ctx: StageContext) -> dict:
     """The stage on this rank (every rank of a multi-process stage runs it); the summary on rank 0, {} elsewhere."""
     from align.io import read_json
     from align.models import load_tokenizer

@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from align.errors import AlignError, LabelingPending
+
+if TYPE_CHECKING:
+    from align.pipeline import StageContext
 
 DB_NAME = "labels.db"
 POLL_S = 5.0  # how often `align run --wait` reads the store
@@ -176,7 +179,7 @@ def run_label_round(
     return summary
 
 
-def run_label(ctx) -> dict:
+def run_label(ctx: StageContext) -> dict:
     """The pipeline's `label` stage: one round (the stage's round number) into the run's label store."""
     from align.io import write_json_atomic
     from align.stages import STAGES

@@ -102,3 +102,16 @@ def test_rng_round_trip(tmp_path):
     assert _draws() != expected
     load_checkpoint(tmp_path / "step-1")
     assert _draws() == expected
+
+
+def test_hf_trainer_checkpoints_are_found_by_their_trainer_state(tmp_path):
+    """The SFT-style stages resume HF Trainer's `checkpoint-<N>` directories through the same lookup; one
+    without `trainer_state.json` (written last) is a partial write and is passed over."""
+    from align.sft import TRAINER_STATE
+
+    for n, complete in ((2, True), (10, True), (12, False)):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{n}" / TRAINER_STATE).write_text("{}")
+    assert latest_checkpoint(tmp_path, "checkpoint", state=TRAINER_STATE) == tmp_path / "checkpoint-10"
+    assert latest_checkpoint(tmp_path, "checkpoint") is None  # no state.json: not align's own format
