@@ -103,7 +103,10 @@ def headline(kind: str, s: dict) -> str:
                 )
             )
         if kind == "reward":
-            cats = sorted({k.split("/")[1] for k in s if k.startswith("eval/") and k.endswith("/rm/accuracy")})
+            # eval/<category>/rm/accuracy per held-out category (eval/rm/accuracy is over all of them)
+            cats = sorted(
+                {p[1] for k in s if len(p := k.split("/")) == 4 and p[0] == "eval" and p[2:] == ["rm", "accuracy"]}
+            )
             return "; ".join(
                 f"{c}: accuracy {fmt_share(s[f'eval/{c}/rm/accuracy'], s[f'eval/{c}/rm/accuracy/ci_low'], s[f'eval/{c}/rm/accuracy/ci_high'], int(s[f'eval/{c}/rm/n']))}, "
                 f"length-balanced {s[f'eval/{c}/rm/length/balanced_accuracy'] * 100:.1f}%"

@@ -91,4 +91,12 @@ def test_headline_gives_each_stage_its_effect_with_interval():
         "eval/ppo/winrate_helpful_vs_sft": 0.6,
     }
     assert headline("eval", ev) == "ppo: LC win 40% [30, 50] (raw 60%)"
+    rm = {"eval/rm/accuracy": 0.6, "eval/rm/accuracy/ci_low": 0.5, "eval/rm/accuracy/ci_high": 0.7, "eval/rm/n": 300}
+    for c, acc in (("safety", 0.667), ("helpfulness", 0.5)):
+        rm |= {f"eval/{c}/rm/accuracy": acc, f"eval/{c}/rm/accuracy/ci_low": acc - 0.08}
+        rm |= {f"eval/{c}/rm/accuracy/ci_high": acc + 0.07, f"eval/{c}/rm/n": 150}
+        rm |= {f"eval/{c}/rm/length/balanced_accuracy": acc - 0.01}
+    line = headline("reward", rm)  # one entry per held-out category; the overall eval/rm/* is not one
+    assert line.startswith("helpfulness: accuracy ") and "; safety: accuracy " in line and line.count("accuracy ") == 2
+    assert "length-balanced 49.0%" in line and "length-balanced 65.7%" in line and "(n=150)" in line
     assert headline("sft", {}) == "" and headline("ppo", {"eval/reward_heldout_change": 1.0}) == ""
