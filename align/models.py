@@ -278,9 +278,10 @@ def compile_layers(model, enabled: bool = True) -> int:
     return len(layers)
 
 
-def peft_lora_config(lora, num_layers: int, task_type: str = "CAUSAL_LM"):
+def peft_lora_config(lora, num_layers: int, task_type: str = "CAUSAL_LM", modules_to_save=None):
     """PEFT's LoraConfig for a `LoraConfig` section on a model of ``num_layers`` decoder layers
-    (``lora.top_layers``: adapters in the top layers only)."""
+    (``lora.top_layers``: adapters in the top layers only; ``modules_to_save``: trained whole, e.g. a
+    reward model's score head)."""
     from peft import LoraConfig as PeftLoraConfig
 
     if lora.top_layers > num_layers:
@@ -295,4 +296,5 @@ def peft_lora_config(lora, num_layers: int, task_type: str = "CAUSAL_LM"):
         target_modules=list(lora.target_modules),
         layers_to_transform=top,
         task_type=task_type,
+        modules_to_save=modules_to_save,
     )

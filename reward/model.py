@@ -313,17 +313,12 @@ def load_reward_model(path: str | Path, tokenizer, lora=None, base_dtype: str = 
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
     if lora is not None and lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        peft_cfg = PeftLoraConfig(
-            task_type="SEQ_CLS",
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=["score"],
-        )
-        model = get_peft_model(model, peft_cfg)
+        from align.models import peft_lora_config
+
+        layers = model.config.num_hidden_layers
+        model = get_peft_model(model, peft_lora_config(lora, layers, "SEQ_CLS", modules_to_save=["score"]))
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # adapters and the head train in float32 whatever the base dtype
