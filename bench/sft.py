@@ -14,6 +14,7 @@ the median seconds a step of each, their ratio and both losses; writes bench/out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "sft.json"), help="JSON output")
     args = ap.parse_args()
 
+    from transformers import AutoConfig
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -58,7 +60,7 @@ def main() -> None:
     kinds = bank.checkable_names((), "bench")
     # answers of up to 600 characters: the workload of bench/README.md's figure
     records, _ = reference_records(
-        [p for _, p in loaded if p], args.samples, 3, lambda: bank.sample(rng, 0.5, only=kinds), True, rng, 600
+        [p for _, p in loaded if p], args.samples, 3, lambda: bank.sample(rng, 0.5, only=kinds), "last", rng, 600
     )
     model_dir = model_dir_from_arg(args.model)
     tok = load_tokenizer(model_dir)
@@ -74,6 +76,10 @@ def main() -> None:
         bf16=precision.bf16,
         gradient_checkpointing=False,
     )
+    # the default's GAtt LoRA; a smaller model (the smoke test's) gets adapters on every layer it has
+    layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    lora = cfg.gatt.train.lora
+    lora = dataclasses.replace(lora, top_layers=min(lora.top_layers, layers))
     times: dict[str, list[float]] = {"trl": [], "ours": []}
     losses: dict[str, float] = {}
     for name, cls in (("trl", SFTTrainer), ("ours", sft_trainer_class())) * 2:
@@ -84,7 +90,7 @@ def main() -> None:
             args=targs,
             train_dataset=dataset,
             processing_class=tok,
-            peft_config=peft_lora_config(cfg.gatt.train.lora, model.config.num_hidden_layers),
+            peft_config=peft_lora_config(lora, model.config.num_hidden_layers),
         )
         batches = iter(trainer.get_train_dataloader())
         trainer.model.train()
