@@ -103,8 +103,10 @@ def _sampling(cfg, max_new_tokens: int = 0):
     )
 
 
-def _evaluate(engine, dialogues, instructions, ctx, sampling, fits, label: str) -> tuple[list[list[str]], dict]:
+def _evaluate(engine, dialogues, instructions, ctx, tokenizer, label: str) -> tuple[list[list[str]], dict]:
+    """Recall of the engine's policy on the held-out dialogues, with the evaluation's answer budget."""
     cfg = ctx.stage_cfg
+    sampling = _sampling(cfg, cfg.eval_max_new_tokens)
     # The same seed before and after GAtt: both policies answer the same held-out draw.
     answers, stats = roll_dialogues(
         engine.generate,
@@ -114,7 +116,7 @@ def _evaluate(engine, dialogues, instructions, ctx, sampling, fits, label: str) 
         every_turn=False,
         best_of=1,
         seed=ctx.cfg.seed + 1,
-        fits=fits,
+        fits=_fits(tokenizer, ctx.cfg.rollout.max_model_len, sampling.max_new_tokens),
         desc=f"recall ({label})",
     )
     return answers, recall_by_turn(instructions, answers, max(cfg.eval_turns))
@@ -186,15 +188,12 @@ def sample(ctx: StageContext, data: GattData, tokenizer, before_file: Path, samp
     """Phase 2 (rank 0): the init policy's recall on the held-out dialogues, then the training dialogues
     answered turn by turn with the instruction on every turn; each saved once done (a rerun skips it)."""
     cfg, seed = ctx.stage_cfg, ctx.cfg.seed
-    sampling, eval_sampling = _sampling(cfg), _sampling(cfg, cfg.eval_max_new_tokens)
+    sampling = _sampling(cfg)
     engine = None
     try:
         if data.eval_dialogues and not before_file.is_file():
             engine = make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
-            fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
-            answers, recall = _evaluate(
-                engine, data.eval_dialogues, data.eval_insts, ctx, eval_sampling, fits, "before"
-            )
+            answers, recall = _evaluate(engine, data.eval_dialogues, data.eval_insts, ctx, tokenizer, "before")
             write_json_atomic(before_file, {"answers": answers, "recall": recall})
         if not sampled_file.is_file():
             engine = engine or make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed, dtype=ctx.cfg.compute.dtype)
@@ -257,12 +256,9 @@ def training_set(ctx: StageContext, data: GattData, sampled: dict) -> tuple[list
 
 def evaluate_after(ctx: StageContext, data: GattData, tokenizer) -> dict:
     """Phase 5 (rank 0): the fine-tuned policy's recall on the same held-out draws as before."""
-    cfg = ctx.stage_cfg
-    eval_sampling = _sampling(cfg, cfg.eval_max_new_tokens)
-    fits = _fits(tokenizer, ctx.cfg.rollout.max_model_len, eval_sampling.max_new_tokens)
     engine = make_engine(ctx.cfg.rollout, ctx.out_dir / "model", ctx.cfg.seed, dtype=ctx.cfg.compute.dtype)
     try:
-        answers, recall = _evaluate(engine, data.eval_dialogues, data.eval_insts, ctx, eval_sampling, fits, "after")
+        answers, recall = _evaluate(engine, data.eval_dialogues, data.eval_insts, ctx, tokenizer, "after")
     finally:
         engine.close()
     return {"answers": answers, "recall": recall}

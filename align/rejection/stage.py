@@ -319,7 +319,7 @@ def heldout_rewards(ctx: StageContext, heldout, get_engine, scorer, draw, when: 
 
 
 def sample_rounds(ctx: StageContext, prompts, sampler_dir: Path, engines, scorer, draw, logger) -> Rounds:
-    """The rounds: sample K answers per prompt, score them, pool the best per prompt over the rounds; with the
+    """Rank 0's rounds: sample K answers per prompt, score them, pool the best per prompt over the rounds; with the
     policy as its own sampler, fine-tune between rounds so the next round samples from the latest model."""
     cfg = ctx.stage_cfg
     out, source = Rounds(), sampler_dir
@@ -357,12 +357,11 @@ def sample_rounds(ctx: StageContext, prompts, sampler_dir: Path, engines, scorer
                 },
                 n,
             )
-        if ctx.is_main:
-            print(
-                f"[align] {ctx.name}: round {r}: mean reward {row[f'rejection/round{r}/sample_reward']:.3f}, "
-                f"best-of-{cfg.k} {curve['max'][-1]:.3f}, kept {row[f'rejection/round{r}/kept_reward']:.3f}",
-                flush=True,
-            )
+        print(
+            f"[align] {ctx.name}: round {r}: mean reward {row[f'rejection/round{r}/sample_reward']:.3f}, "
+            f"best-of-{cfg.k} {curve['max'][-1]:.3f}, kept {row[f'rejection/round{r}/kept_reward']:.3f}",
+            flush=True,
+        )
         if r < cfg.rounds and not cfg.sampler:
             engines.close()  # free the CPU and memory for training
             source = _train_round(ctx, out.kept, r)
