@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from align.precision import SETTINGS as PRECISIONS, Precision, resolve_precision
 from align.stages import STAGES
@@ -331,6 +331,12 @@ class RolloutConfig:
         "with training ranks; separate = they take the node's GPUs after the training ranks' "
         "(LOCAL_WORLD_SIZE .. + tensor_parallel_size - 1); docs/gpu.md",
     )
+    replicas: int = option(
+        1,
+        help="PPO on several processes: engines that generate in parallel (data-parallel), one on every "
+        "(num_processes / replicas)-th rank, each beside its rank's GPUs (colocate) or CPUs split evenly; "
+        "each iteration's prompts are split among them. Other stages sample on one engine (docs/gpu.md)",
+    )
     enable_sleep_mode: bool = option(
         False,
         help="GPU: the engine frees its GPU memory (weights offloaded to CPU, KV cache dropped) after "
@@ -352,7 +358,9 @@ class RolloutConfig:
             "must be in (0, 1]",
         )
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
+        check(self.replicas >= 1, "replicas", self.replicas, "must be >= 1")
         out_of_process = (
+            ("replicas", self.replicas, self.replicas > 1),
             ("tensor_parallel_size", self.tensor_parallel_size, self.tensor_parallel_size > 1),
             ("placement", self.placement, self.placement == "separate"),
             ("executor", self.executor, self.executor != "auto"),
@@ -392,6 +400,10 @@ class RewardUseConfig:
     )
     whiten: bool = option(True, help="whiten the logit of the combined reward with running statistics")
     score_batch_size: int = option(16, help="reward-model scoring batch")
+    shard: bool = option(
+        False,
+        help="PPO on several processes: each RM partitioned over the ranks by ZeRO-3, 1/world of it on each (a 70B RM does not fit a GPU whole); every rank scores its rows",
+    )
 
     def __post_init__(self):
         check(0 < self.safety_threshold < 1, "safety_threshold", self.safety_threshold, "must be in (0, 1)")
@@ -437,6 +449,12 @@ class RejectionConfig:
         check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
         check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
         check(self.heldout_prompts >= 0, "heldout_prompts", self.heldout_prompts, "must be >= 0")
+        check(
+            not self.reward.shard,
+            "reward.shard",
+            self.reward.shard,
+            "rejection sampling scores on rank 0 alone, with whole reward models; only PPO shards them",
+        )
 
 
 @dataclass(frozen=True)
@@ -471,6 +489,10 @@ class PPOConfig:
     adam_eps: float = option(1e-5, help="AdamW eps (recipe: 1e-5)")
     max_grad_norm: float = option(1.0, help="gradient clipping (recipe: 1.0)")
     lora: LoraConfig = option(factory=lambda: LoraConfig(enabled=True), help="LoRA adapters on the policy")
+    gradient_checkpointing: bool = option(
+        False,
+        help="recompute each decoder layer's activations in the update's backward (a 70B policy at 4,096 tokens needs it to fit)",
+    )
     num_processes: int = option(
         1, help="processes; >1 runs the policy under accelerate + DeepSpeed ZeRO-3 (needs rollout.in_process: false)"
     )
@@ -500,6 +522,12 @@ class PPOConfig:
         check(len(self.adam_betas) == 2, "adam_betas", self.adam_betas, "give two betas, e.g. [0.9, 0.95]")
         check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
         check(self.num_processes >= 1, "num_processes", self.num_processes, "must be >= 1")
+        check(
+            not self.reward.shard or self.num_processes > 1,
+            "reward.shard",
+            self.reward.shard,
+            "shards the reward models over PPO's processes: set num_processes > 1, or shard=false",
+        )
         check(
             self.mini_batch_size > 0 and self.mini_batch_size % self.num_processes == 0,
             "mini_batch_size",
@@ -576,6 +604,10 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class GAttConfig:
+    REPLACED_KEYS: ClassVar[dict] = {
+        "every_prefix": "every answer of a dialogue is now trained in one sequence; "
+        "set train_turns: all (the default; every_prefix: true) or train_turns: last (every_prefix: false)",
+    }
     init: str = option("sft", help="the policy that samples the answers and is fine-tuned: 'base' or an earlier stage")
     instructions: str = option(
         "", help="instruction bank file (YAML/JSON); '' = the built-in bank (align/gatt/instructions.yaml)"
@@ -676,6 +708,7 @@ class EvalConfig:
     def __post_init__(self):
         check(len(self.prompts) > 0, "prompts", self.prompts, "list at least one prompt dataset")
         check(self.num_prompts > 0, "num_prompts", self.num_prompts, "must be > 0")
+        check(not self.reward.shard, "reward.shard", self.reward.shard, "the eval stage runs on one process: set false")
 
 
 @dataclass(frozen=True)

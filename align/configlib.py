@@ -2,7 +2,9 @@
 
 Precedence: dataclass defaults < YAML < command line. Unknown keys, wrong types and impossible values
 raise `ConfigError` naming the key, the value and (for unknown keys) the nearest valid key. A field's
-`help` metadata is its one-line description (shown by `align validate --help-keys`).
+`help` metadata is its one-line description (shown by `align validate --help-keys`). A config class may
+name removed keys and what replaced them in a `REPLACED_KEYS` class attribute: such a key is refused
+with that fix rather than a nearest-key guess.
 """
 
 from __future__ import annotations
@@ -123,9 +125,12 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     settable = {f.name: f for f in fields(cls) if f.init}
+    replaced = getattr(cls, "REPLACED_KEYS", {})
     for key in data:
         if key not in settable:
             full = f"{prefix}.{key}" if prefix else str(key)
+            if key in replaced:
+                raise ConfigError(f"'{full}' was removed: {replaced[key]}")
             raise ConfigError(f"unknown key '{full}' ({where}).{_nearest(str(key), list(settable))}")
     kwargs = {}
     for name, f in settable.items():
@@ -188,6 +193,8 @@ def apply_overrides(cls: type, data: dict, overrides: list[str]) -> dict:
             valid = {f.name: f for f in fields(tp) if f.init} if is_dataclass(tp) else None
             full = f"{prefix}.{part}" if prefix else part
             if valid is not None and part not in valid:
+                if part in getattr(tp, "REPLACED_KEYS", {}):
+                    raise ConfigError(f"'{full}' was removed (in override {text!r}): {tp.REPLACED_KEYS[part]}")
                 raise ConfigError(f"unknown key '{full}' (in override {text!r}).{_nearest(part, list(valid))}")
             if i == len(path) - 1:
                 node[part] = value

@@ -265,11 +265,31 @@ def plan_stage(cfg, name: str, arch: Arch, dtype_bytes: int, gpu_bytes: float, g
         phases["generate"] = {**scorers, **engine} if engine else dict(scorers)
         phases["train"] = t
     elif kind == "ppo":
-        # PPO's optimisation settings in TrainConfig's shape (it has no activation checkpointing)
+        every = s.num_processes // ro.replicas if s.num_processes % ro.replicas == 0 else 0
+        if not every or (ro.placement == "colocate" and ro.tensor_parallel_size > every):
+            return StagePlan(
+                name,
+                phases,
+                notes,
+                f"rollout.replicas={ro.replicas} engines of tensor_parallel_size={ro.tensor_parallel_size} on "
+                f"ppo.num_processes={s.num_processes} ranks: the replicas must divide the ranks, and each engine's "
+                "GPUs be its rank's and the ranks' after it up to the next engine (docs/gpu.md); lower rollout.replicas",
+            )
+        if ro.replicas > 1:
+            hosts = ", ".join(str(r) for r in range(0, s.num_processes, every))
+            notes.append(f"{ro.replicas} engine replicas, beside ranks {hosts}")
+        # PPO's optimisation settings in TrainConfig's shape
         tc_like = SimpleNamespace(
-            num_processes=s.num_processes, micro_batch_size=s.micro_batch_size, gradient_checkpointing=False
+            num_processes=s.num_processes,
+            micro_batch_size=s.micro_batch_size,
+            gradient_checkpointing=s.gradient_checkpointing,
         )
         t = train(tc_like, ro.max_model_len, lora=(s.lora.r, tuple(s.lora.target_modules)))
+        if s.reward.shard:  # each RM partitioned over the ranks; a forward gathers one layer of it at a time
+            rms = {
+                f"reward models (2, sharded over {s.num_processes})": 2 * P * dtype_bytes / s.num_processes
+                + 2 * arch.layer_params() * dtype_bytes
+            }
         t = {**rms, **t}
         phases["train"] = t
         phases["generate"] = {**static(t), **engine} if engine else static(t)
@@ -304,13 +324,19 @@ def _refusal(plan: StagePlan, name: str, kind: str, s, ro, gpu_bytes: float) -> 
     prefix = name if kind == "ppo" else f"{name}.train"
     if biggest.startswith("reward models"):
         fix = (
-            "every scoring GPU loads both reward models whole and no key shards them: drop "
+            f"set {name}.reward.shard=true (each reward model partitioned over the stage's ranks)"
+            if kind == "ppo" and not s.reward.shard
+            else "every scoring GPU loads both reward models whole (only PPO shards them): drop "
             f"'{name}' from stages, or train the reward models from a smaller model"
         )
     elif biggest == "activations":
-        ckpt = getattr(getattr(s, "train", None), "gradient_checkpointing", True)
+        ckpt = (
+            s.gradient_checkpointing
+            if kind == "ppo"
+            else getattr(getattr(s, "train", None), "gradient_checkpointing", True)
+        )
         fix = (
-            f"set {name}.train.gradient_checkpointing=true"
+            f"set {prefix}.gradient_checkpointing=true"
             if not ckpt
             else f"lower {prefix}.micro_batch_size or the stage's max_length"
             + (" (or rollout.max_model_len: PPO trains on prompt + response)" if kind == "ppo" else "")

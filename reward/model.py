@@ -284,6 +284,28 @@ def _dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
+def _partitioned_reward_model(path: str | Path, tokenizer, ds_config: dict):
+    """A DeepSpeed engine over the reward model at `path`, its weights partitioned by ZeRO-3 as they load
+    (an `HfDeepSpeedConfig` of `ds_config` is registered with transformers for the load only). No
+    optimizer: the engine is here for the hooks that gather each layer in the forward."""
+    import deepspeed
+    import transformers.integrations.deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref  # a config registered before (a policy's) is put back after
+    before = ref() if ref is not None else None
+    registered = hf_ds.HfDeepSpeedConfig(ds_config)  # noqa: F841  (from_pretrained partitions while it lives)
+    try:
+        dtype = "bfloat16" if ds_config.get("bf16", {}).get("enabled") else "float32"
+        model = load_reward_model(path, tokenizer, base_dtype=dtype)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    finally:
+        if before is not None:
+            hf_ds.set_hf_deepspeed_config(before)
+        else:
+            hf_ds.unset_hf_deepspeed_config()
+    return engine
+
+
 def load_reward_model(path: str | Path, tokenizer, lora=None, base_dtype: str = "float32"):
     """A reward model from a causal-LM or reward-model directory, optionally wrapped with LoRA.
 
@@ -419,17 +441,32 @@ class RewardScorer:
     and returned in input order.
     """
 
-    def __init__(self, model, tokenizer, max_length: int = 1024, bf16: bool = False, padding_side: str = "right"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_length: int = 1024,
+        bf16: bool = False,
+        padding_side: str = "right",
+        zero3_engine=None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.bf16 = bf16
         self.padding_side = padding_side
         self.truncated = 0  # responses truncated so far (prompt or response side)
+        # A DeepSpeed engine whose ZeRO-3 hooks gather each layer of the partitioned `model` in its forward
+        # (`from_pretrained(zero3=...)`); every rank must then take part in every forward.
+        self.zero3_engine = zero3_engine
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, max_length: Optional[int] = None, bf16: Optional[bool] = None
+        cls,
+        path: str | Path,
+        max_length: Optional[int] = None,
+        bf16: Optional[bool] = None,
+        zero3: Optional[dict] = None,
     ) -> "RewardScorer":
         """A scorer for a saved reward model directory (its own tokenizer), with the settings of its
         ``scorer.json`` (`ScorerSettings`); an RM saved without one scores with 1,024 tokens in fp32.
@@ -438,6 +475,10 @@ class RewardScorer:
         the weights are held in bf16 (scoring only, nothing trains): the matrix products are those of
         bf16 autocast, without casting every weight at every call (on a 2-core CPU with AMX,
         SmolLM2-135M, 16 sequences: 1.0-1.1 s a call against 1.4 s under autocast).
+
+        ``zero3``: a DeepSpeed ZeRO-3 config (`align.launch.zero3.resolve_config`). The weights are then
+        partitioned over the process group as they load, each rank holding 1/world of them, and every
+        rank must call `score` together (a 70B RM does not fit one 80 GB GPU whole; docs/gpu.md).
         """
         from align.models import load_tokenizer
 
@@ -452,6 +493,9 @@ class RewardScorer:
             max_length = settings.max_length if settings is not None else 1024
         if bf16 is None:
             bf16 = settings.bf16 if settings is not None else False
+        if zero3 is not None:
+            engine = _partitioned_reward_model(path, tok, {**zero3, "bf16": {"enabled": bool(bf16)}})
+            return cls(engine.module, tok, max_length=max_length, bf16=bf16, zero3_engine=engine)
         model = load_reward_model(path, tok)
         return cls(model.to(torch.bfloat16) if bf16 else model, tok, max_length=max_length, bf16=bf16)
 
@@ -495,11 +539,29 @@ class RewardScorer:
         n = len(seqs)
         scores = torch.empty(n, dtype=torch.float32)
         order = sorted(range(n), key=lambda i: len(seqs[i]), reverse=True)
+        batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
         device = next(self.model.parameters()).device
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
+        # ZeRO-3's gathers write into the partitioned parameters, which inference mode forbids
+        # (DeepSpeed under torch.inference_mode: snowflakedb/ArcticTraining#265), hence no_grad there.
+        no_grad = torch.no_grad if self.zero3_engine is not None else torch.inference_mode
+        missing = self._missing_forwards(len(batches), device)  # a collective: before any forward's gathers
+        with no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for idx in batches:
                 ids, mask = pad_batch([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
                 out = sequence_scores(self.model, ids.to(device), mask.to(device))
                 scores[torch.tensor(idx)] = out.float().cpu()
+            for _ in range(missing):
+                one = torch.tensor([[self.tokenizer.pad_token_id]], device=device)
+                sequence_scores(self.model, one, torch.ones_like(one))
         return scores
+
+    def _missing_forwards(self, mine: int, device) -> int:
+        """Partitioned (ZeRO-3): every rank takes part in every forward's gathers, so a rank with fewer
+        batches than the busiest runs that many one-token forwards more. Whole: 0."""
+        if self.zero3_engine is None:
+            return 0
+        import torch.distributed as dist
+
+        count = torch.tensor([mine], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count.item()) - mine

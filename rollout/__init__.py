@@ -19,16 +19,19 @@ from rollout.types import Rollouts, SamplingParams, Timing
 __all__ = ["Engine", "Prompt", "Rollouts", "SamplingParams", "Timing", "make_engine", "push_weights"]
 
 
-def make_engine(cfg, model_dir: str | Path, seed: int = 0, *, dtype: str) -> Engine:
+def make_engine(cfg, model_dir: str | Path, seed: int = 0, *, dtype: str, slot: tuple[int, int] = (0, 1)) -> Engine:
     """The engine `cfg.engine` names (a `RolloutConfig`), loaded from the HF directory `model_dir` with
     its weights in `dtype` (bfloat16 | float32: the run's precision, `PipelineConfig.compute.dtype`).
+
+    ``slot`` (i, k): this is the i-th of k engines on this machine (`rollout.replicas`): a vLLM engine on
+    CPU takes the i-th of k equal shares of the CPUs; on GPUs it sits beside its rank (docs/gpu.md).
 
     vLLM start-up spawns processes (spawn start method): call it under
     `if __name__ == "__main__":` in scripts."""
     if cfg.engine == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(cfg, model_dir, seed, dtype=dtype)
+        return VLLMEngine(cfg, model_dir, seed, dtype=dtype, slot=slot)
     if cfg.engine == "transformers":
         from rollout.hf_engine import HFEngine
 

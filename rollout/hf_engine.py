@@ -133,7 +133,10 @@ class HFEngine(Engine):
         generators = None
         if sampling.seed is not None and not sampling.greedy:
             # Sample j of prompt i gets seed derive_seed(seed, i) + j, as vLLM seeds its n children.
-            generators = [torch.Generator().manual_seed(derive_seed(sampling.seed, r // n) + r % n) for r in range(B)]
+            generators = [
+                torch.Generator().manual_seed(derive_seed(sampling.seed, sampling.first_prompt + r // n) + r % n)
+                for r in range(B)
+            ]
         sampler = _Sampler(sampling, generators)
         stop_ids = list(dict.fromkeys(self.eos_token_ids + sampling.stop_token_ids))
         gen_cfg = GenerationConfig(

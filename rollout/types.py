@@ -10,7 +10,7 @@ Row layout (both engines): N prompts x n samples = B rows, grouped by prompt. Ro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 FinishReason = Literal["stop", "length"]
 
@@ -36,6 +36,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: Optional[int] = None
+    # The index of this call's first prompt in a larger batch split over engines (replicas): prompt i
+    # is seeded as prompt first_prompt + i, so the split samples what one engine would.
+    first_prompt: int = 0
 
     def __post_init__(self):
         # Accept lists from callers but store tuples: the dataclass is frozen and hashable.
@@ -120,6 +123,31 @@ class Rollouts:
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+    @classmethod
+    def concat(cls, parts: "Sequence[Rollouts]") -> "Rollouts":
+        """The rollouts of consecutive slices of one prompt list (engine replicas), as one call's:
+        rows in prompt order; timing: the slowest part's seconds, every part's tokens."""
+        if not parts:
+            raise ValueError("Rollouts.concat: no parts")
+        n = parts[0].n
+        if any(p.n != n for p in parts):
+            raise ValueError(f"Rollouts.concat: parts sample {[p.n for p in parts]} responses a prompt; must be equal")
+
+        def rows(name: str) -> list:
+            return [x for p in parts for x in getattr(p, name)]
+
+        B = sum(len(p) for p in parts)
+        return cls(
+            prompt_ids=rows("prompt_ids"),
+            response_ids=rows("response_ids"),
+            logprobs=rows("logprobs"),
+            finish_reasons=rows("finish_reasons"),
+            prompt_index=[r // n for r in range(B)],
+            texts=rows("texts"),
+            n=n,
+            timing=Timing(max(p.timing.seconds for p in parts), sum(p.timing.generated_tokens for p in parts)),
+        )
 
     @property
     def num_prompts(self) -> int:

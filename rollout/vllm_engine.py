@@ -81,14 +81,31 @@ def _scoped_env(values: dict[str, str | None]):
         apply(old)
 
 
-def cpu_bind_list(threads: int) -> str:
-    """`VLLM_CPU_OMP_THREADS_BIND` value: the first `threads` allowed CPUs (0 = all), e.g. "0,1"."""
-    if threads < 0 or threads > len(ALLOWED_CPUS):
+def cpu_bind_list(threads: int, slot: tuple[int, int] = (0, 1)) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` value: the first `threads` (0 = all) of the allowed CPUs, e.g. "0,1";
+    for the i-th of k engines on the machine (`slot`), of the i-th of k equal shares of them."""
+    i, k = slot
+    share = len(ALLOWED_CPUS) // k
+    cpus = ALLOWED_CPUS[i * share : (i + 1) * share]
+    if share < 1 or threads < 0 or threads > len(cpus):
         raise AlignError(
-            f"rollout.threads={threads}: this process may use {len(ALLOWED_CPUS)} CPUs "
-            f"({ALLOWED_CPUS}); use 0 (all) or 1..{len(ALLOWED_CPUS)}"
+            f"rollout.threads={threads}, {k} engine(s) on this machine: this process may use "
+            f"{len(ALLOWED_CPUS)} CPUs ({ALLOWED_CPUS}), {share} an engine; use threads 0 (all of an "
+            f"engine's share) or 1..{share}, or fewer rollout.replicas"
         )
-    return ",".join(str(c) for c in ALLOWED_CPUS[: threads or len(ALLOWED_CPUS)])
+    return ",".join(str(c) for c in cpus[: threads or len(cpus)])
+
+
+def replica_gpus(tp: int, local_rank: int, device_count: int) -> str:
+    """`CUDA_VISIBLE_DEVICES` of a colocated engine replica beside its rank (`rollout.replicas` > 1):
+    the `tp` GPUs from the rank's own, e.g. "2,3" for tp 2 on local rank 2."""
+    if local_rank + tp > device_count:
+        raise AlignError(
+            f"rollout.replicas: the engine of local rank {local_rank} needs GPUs {local_rank}.."
+            f"{local_rank + tp - 1} (tensor_parallel_size={tp}), this node has {device_count}; "
+            "use fewer replicas or a smaller tensor_parallel_size"
+        )
+    return ",".join(str(i) for i in range(local_rank, local_rank + tp))
 
 
 def executor_backend(cfg) -> str | None:
@@ -100,16 +117,20 @@ def executor_backend(cfg) -> str | None:
     return "uni" if cfg.in_process else None
 
 
-def separate_gpus(tp: int, local_world_size: int, device_count: int) -> str:
+def separate_gpus(tp: int, local_world_size: int, device_count: int, slot: tuple[int, int] = (0, 1)) -> str:
     """`CUDA_VISIBLE_DEVICES` of an engine on GPUs of its own (`placement: separate`): the `tp` GPUs
-    after the node's `local_world_size` training ranks, e.g. "6,7" for tp 2 behind 6 ranks."""
-    if local_world_size + tp > device_count:
+    after the node's `local_world_size` training ranks, e.g. "6,7" for tp 2 behind 6 ranks; the i-th
+    of k engines on the node (`slot`) takes the i-th `tp` of them."""
+    i, k = slot
+    need = local_world_size + k * tp
+    if need > device_count:
         raise AlignError(
-            f"rollout.placement=separate: {local_world_size} training process(es) on this node plus "
-            f"tensor_parallel_size={tp} engine GPUs need {local_world_size + tp} GPUs, this node has "
-            f"{device_count}; lower the stage's num_processes or tensor_parallel_size, or use placement=colocate"
+            f"rollout.placement=separate: {local_world_size} training process(es) on this node plus {k} "
+            f"engine(s) of tensor_parallel_size={tp} need {need} GPUs, this node has {device_count}; lower "
+            "the stage's num_processes, rollout.replicas or tensor_parallel_size, or use placement=colocate"
         )
-    return ",".join(str(i) for i in range(local_world_size, local_world_size + tp))
+    first = local_world_size + i * tp
+    return ",".join(str(g) for g in range(first, first + tp))
 
 
 def _shutdown_llm(llm) -> None:
@@ -121,7 +142,7 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, cfg, model_dir: str | Path, seed: int = 0, *, dtype: str):
+    def __init__(self, cfg, model_dir: str | Path, seed: int = 0, *, dtype: str, slot: tuple[int, int] = (0, 1)):
         super().__init__(cfg, model_dir, seed, dtype=dtype)
         import torch
         import vllm
@@ -169,7 +190,7 @@ class VLLMEngine(Engine):
             # The env var (whole GiB) overrides kv_cache_memory_bytes when set: set it to the same size,
             # or clear it when the size is not a whole number of GiB.
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib)) if float(cfg.kv_cache_gib).is_integer() else None
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(cfg.threads)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(cfg.threads, slot)
             if cfg.in_process:
                 # vllm-cpu binds this process's OpenMP threads to the listed cores but keeps torch's thread
                 # count: with fewer cores than threads, several threads share a core and every parallel
@@ -191,7 +212,14 @@ class VLLMEngine(Engine):
             kwargs["enable_sleep_mode"] = cfg.enable_sleep_mode
             if cfg.placement == "separate":
                 env["CUDA_VISIBLE_DEVICES"] = separate_gpus(
-                    cfg.tensor_parallel_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+                    cfg.tensor_parallel_size,
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                    torch.cuda.device_count(),
+                    slot,
+                )
+            elif slot[1] > 1:  # replicas: each beside its own rank's GPU, not all on the node's first
+                env["CUDA_VISIBLE_DEVICES"] = replica_gpus(
+                    cfg.tensor_parallel_size, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
                 )
         self.sleep_mode = bool(cfg.enable_sleep_mode and not self.on_cpu)
         self.asleep = False
@@ -216,7 +244,7 @@ class VLLMEngine(Engine):
             stop=list(sampling.stop) or None,
             stop_token_ids=list(sampling.stop_token_ids) or None,
             # vLLM gives sample j the seed `seed + j`; the per-prompt hash keeps prompts independent.
-            seed=None if sampling.seed is None else derive_seed(sampling.seed, prompt),
+            seed=None if sampling.seed is None else derive_seed(sampling.seed, sampling.first_prompt + prompt),
             logprobs=0,  # the sampled token's own logprob only
             # Texts are decoded once at the end (base.Engine); the engine only needs them for stop strings.
             detokenize=bool(sampling.stop),

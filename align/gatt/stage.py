@@ -351,10 +351,10 @@ def run_gatt(ctx: StageContext) -> dict:
     else:
         dist.wait_for_file(sampled_file)
     sampled = read_json(sampled_file)
+    s = sampled["stats"]
     records, reference, counts = training_set(ctx, data, sampled)
     dataset, tok_stats = tokenize_conversations(tokenizer, records, cfg.max_length)
     if ctx.is_main:
-        s = sampled["stats"]
         print(
             f"[align] {ctx.name}: {len(data.train_dialogues)} dialogues x {cfg.turns} turns -> "
             f"{counts['gatt/data/sampled_samples']} trained answers; {s['sampled_kept']}/{s['checkable_turns']} "
@@ -378,7 +378,6 @@ def run_gatt(ctx: StageContext) -> dict:
         logger.log({k: v for k, v in summary.items() if isinstance(v, float)}, train_summary["train/steps"])
     logger.close()
     write_artifacts(ctx, data, sampled, reference, before, after)
-    s = sampled["stats"]
     summary.update(
         {
             "gatt/data/dialogues": len(data.train_dialogues),

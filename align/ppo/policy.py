@@ -81,11 +81,15 @@ class PolicyWithValue(torch.nn.Module):
             yield
 
 
-def build_policy(model_dir: str | Path, lora, base_dtype: str, seed: int) -> PolicyWithValue:
+def build_policy(
+    model_dir: str | Path, lora, base_dtype: str, seed: int, gradient_checkpointing: bool = False
+) -> PolicyWithValue:
     """The starting checkpoint with fresh LoRA adapters (seeded) and a zero value head.
 
     Under ZeRO-3 call it while an `HfDeepSpeedConfig` is alive: the base weights are then partitioned as
     they load. Adapters and head are float32 whatever `base_dtype` (the frozen weights' dtype).
+    ``gradient_checkpointing``: transformers' own, non-reentrant (no input needs a gradient for the
+    adapters' to flow); it acts in train mode, i.e. in the update, not in the log-prob passes.
     """
     from peft import get_peft_model
 
@@ -93,6 +97,8 @@ def build_policy(model_dir: str | Path, lora, base_dtype: str, seed: int) -> Pol
 
     lm = load_causal_lm(model_dir, base_dtype)
     lm.config.use_cache = False
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)  # the adapters' initialisation: the same on every rank and every run
     policy = get_peft_model(lm, peft_lora_config(lora, lm.config.num_hidden_layers))
     for p in policy.parameters():

@@ -32,6 +32,7 @@ checkpoint, float32, with the tokenizer), `adapter/`, `value_head.safetensors`, 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,22 +118,27 @@ def plain(messages: Sequence[dict]) -> list[dict]:
 
 class RewardModels:
     """The helpfulness and safety RMs of the stages named in `RewardUseConfig`, each loaded with the
-    settings it trained with (its model/scorer.json); scoring is sharded over the ranks."""
+    settings it trained with (its model/scorer.json); the rows to score are split over the ranks.
 
-    def __init__(self, ctx, reward_cfg):
+    ``zero3`` (``reward.shard``): each RM's weights partitioned over the ranks too; every rank then
+    takes part in every forward, including ranks with no rows (`RewardScorer.score_ids`)."""
+
+    def __init__(self, ctx, reward_cfg, zero3: dict | None = None):
         from align.rejection.score import load_reward_scorers
 
-        self.helpful, self.safety = load_reward_scorers(ctx, reward_cfg)
+        self.helpful, self.safety = load_reward_scorers(ctx, reward_cfg, zero3)
         self.batch_size = reward_cfg.score_batch_size
         self.rank, self.world = ctx.rank, ctx.world_size
+        self.sharded = zero3 is not None
 
     def score(self, prompts: Sequence[Sequence[dict]], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (safety, helpfulness) scores, (B,) each, on every rank; rank r scores rows r, r + W, ..."""
         mine = list(range(self.rank, len(texts), self.world))
         p = [plain(prompts[i]) for i in mine]
         t = [texts[i] for i in mine]
-        rs = self.safety.score(p, t, self.batch_size) if mine else torch.zeros(0)
-        rh = self.helpful.score(p, t, self.batch_size) if mine else torch.zeros(0)
+        scoring = bool(mine) or self.sharded
+        rs = self.safety.score(p, t, self.batch_size) if scoring else torch.zeros(0)
+        rh = self.helpful.score(p, t, self.batch_size) if scoring else torch.zeros(0)
         rs_all, rh_all = torch.zeros(len(texts)), torch.zeros(len(texts))
         for idx, a, b in dist.all_gather_object((mine, rs.tolist(), rh.tolist())):
             rs_all[idx], rh_all[idx] = torch.tensor(a), torch.tensor(b)
@@ -172,7 +178,7 @@ class Run:
 
     learner: object
     scheduler: object  # the lr schedule (align/ppo/policy.py `lr_scheduler`), stepped by ppo_update
-    engine: Optional[object]  # rollout engine on rank 0, None elsewhere
+    engine: Optional[object]  # this rank's rollout engine (rank 0's, or one of `rollout.replicas`), else None
     rewards: RewardModels
     tokenizer: object
     pool: list[dict]
@@ -184,6 +190,8 @@ class Run:
     hf_ds_config: Optional[object] = None  # keeps ZeRO-3 model loading on while alive
     closers: list = field(default_factory=list)
     data_stats: dict = field(default_factory=dict)  # the prompt split's counts, for the summary
+    replicas: int = 1  # engines generating in parallel (`rollout.replicas`), on ranks 0, W/R, 2W/R, ...
+    replica: int = 0  # this rank's replica index (its engine's, or the one before it)
 
     def close(self) -> None:
         for c in self.closers:
@@ -216,14 +224,23 @@ def setup(ctx: StageContext) -> Run:
             flush=True,
         )
     # Plain (unsharded) loads first: once an HfDeepSpeedConfig exists, from_pretrained partitions.
-    rewards = RewardModels(ctx, cfg.reward)
+    rm_zero3 = None
+    if cfg.reward.shard:  # partitioned as they load, under a ZeRO-3 config of their own (inference: no optimizer)
+        from align.launch.zero3 import resolve_config
+
+        base = read_json(ctx.work_dir / "launch" / "ds_zero3.json")
+        rm_zero3 = resolve_config(base, 1, 1, ctx.world_size, 0.0, ctx.cfg.compute.bf16)
+    rewards = RewardModels(ctx, cfg.reward, rm_zero3)
     threads = torch.get_num_threads()
+    replicas, every, slot = engine_replicas(ctx.cfg.rollout.replicas, ctx.world_size, ctx.rank)
     engine = (
-        make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed=ctx.cfg.seed, dtype=ctx.cfg.compute.dtype)
-        if ctx.is_main
+        make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed=ctx.cfg.seed, dtype=ctx.cfg.compute.dtype, slot=slot)
+        if ctx.rank % every == 0
         else None
     )
     torch.set_num_threads(threads)  # an in-process engine pins its own thread count
+    if engine is not None and replicas > 1:
+        print(f"[align] {ctx.name}: engine replica {ctx.rank // every} of {replicas} on rank {ctx.rank}", flush=True)
     lora_dtype = ctx.cfg.compute.dtype  # frozen base weights; adapters and value head are float32
     hf_ds = None
     if multi:
@@ -233,12 +250,16 @@ def setup(ctx: StageContext) -> Run:
             read_json(ctx.work_dir / "launch" / "ds_zero3.json"), cfg, ctx.world_size, ctx.cfg.compute.bf16
         )
         hf_ds = HfDeepSpeedConfig(ds)
-        net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed)
+        net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed, cfg.gradient_checkpointing)
         optimizer = make_optimizer(net, cfg)
         learner = DeepSpeedLearner(net, optimizer, ds)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        learner = torch_learner(build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed), cfg, device)
+        learner = torch_learner(
+            build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed, cfg.gradient_checkpointing),
+            cfg,
+            device,
+        )
         optimizer = learner.optimizer
         for model in (learner.net, rewards.helpful.model, rewards.safety.model):  # the first iteration pays it
             compile_layers(model, cfg.compile)  # one process (config check)
@@ -277,6 +298,8 @@ def setup(ctx: StageContext) -> Run:
         autocast=ctx.cfg.compute.bf16,
         hf_ds_config=hf_ds,
         data_stats=data_stats,
+        replicas=replicas,
+        replica=ctx.rank // every,
     )
     if engine is not None:
         run.closers.append(engine.close)
@@ -285,6 +308,27 @@ def setup(ctx: StageContext) -> Run:
     if state["iteration"] > 0:
         sync_weights(run)  # the engine starts from the initial checkpoint, the policy from the resumed one
     return run
+
+
+def engine_replicas(replicas: int, world: int, rank: int) -> tuple[int, int, tuple[int, int]]:
+    """(replicas, every, slot): an engine on every `every`-th rank (world / replicas), and this rank's
+    engine's slot (i, k) among the k on its machine (`rollout.make_engine`)."""
+    if world % replicas:
+        raise AlignError(
+            f"rollout.replicas={replicas}: PPO runs on {world} process(es), which the replicas must divide "
+            "(one engine on every num_processes / replicas-th rank); set ppo.num_processes to a multiple"
+        )
+    every = world // replicas
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return replicas, every, (local_rank // every, max(1, local_world // every))
+
+
+def replica_slice(n: int, replica: int, replicas: int) -> slice:
+    """Replica `replica`'s share of `n` prompts: consecutive, the first n % replicas shares one longer."""
+    base, extra = divmod(n, replicas)
+    start = replica * base + min(replica, extra)
+    return slice(start, start + base + (replica < extra))
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
@@ -314,22 +358,29 @@ def sync_weights(run: Run) -> float:
 
 
 def generate(run: Run, prompts: list[dict], cfg, seed: int):
-    """Rank 0 samples one response per prompt; every rank gets the `Rollouts`."""
-    from rollout import SamplingParams
+    """One response per prompt; every rank gets the `Rollouts`. One engine (rank 0's) samples them all;
+    with replicas, each samples its consecutive share, seeded by the prompts' places in the whole list,
+    so the rows are those one engine would sample."""
+    from rollout import Rollouts, SamplingParams
 
     rollouts = None
     if run.engine is not None:
         threads = torch.get_num_threads()
+        share = replica_slice(len(prompts), run.replica, run.replicas)
         params = SamplingParams(
             n=1,
             temperature=cfg.sampling.temperature,
             top_p=cfg.sampling.top_p,
             max_new_tokens=cfg.sampling.max_new_tokens,
             seed=seed,
+            first_prompt=share.start,
         )
-        rollouts = run.engine.generate([plain(p["prompt"]) for p in prompts], params)
+        if share.stop > share.start:
+            rollouts = run.engine.generate([plain(p["prompt"]) for p in prompts[share]], params)
         torch.set_num_threads(threads)
-    return dist.broadcast_object(rollouts)
+    if run.replicas == 1:
+        return dist.broadcast_object(rollouts)
+    return Rollouts.concat([r for r in dist.all_gather_object(rollouts) if r is not None])  # in replica order
 
 
 def evaluate(run: Run, cfg, seed: int) -> list[float]:

@@ -16,9 +16,10 @@ from typing import Sequence
 import torch
 
 
-def load_reward_scorers(ctx, reward_cfg) -> tuple:
+def load_reward_scorers(ctx, reward_cfg, zero3: dict | None = None) -> tuple:
     """(helpfulness, safety) `reward.model.RewardScorer`s of the stages named in ``reward_cfg`` (a
-    `RewardUseConfig`), each scoring as it trained (its model/scorer.json). Used by rejection sampling and PPO."""
+    `RewardUseConfig`), each scoring as it trained (its model/scorer.json). Used by rejection sampling and PPO.
+    ``zero3``: a ZeRO-3 config to partition each over the process group (PPO's ``reward.shard``)."""
     from align.errors import AlignError
     from reward.model import RewardScorer
 
@@ -26,7 +27,7 @@ def load_reward_scorers(ctx, reward_cfg) -> tuple:
         path = Path(ctx.stage_dir(stage)) / "model"
         if not path.is_dir():
             raise AlignError(f"{ctx.name}: reward model stage '{stage}' has no model at {path}; run it first")
-        return RewardScorer.from_pretrained(path)
+        return RewardScorer.from_pretrained(path, zero3=zero3)
 
     return load(reward_cfg.helpful_rm), load(reward_cfg.safety_rm)
 

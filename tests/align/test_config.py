@@ -49,6 +49,14 @@ def test_unknown_override_names_the_top_key():
         load_config(ROOT / "configs" / "default.yaml", ["foo.bar=1"])
 
 
+def test_a_removed_key_names_what_replaced_it():
+    data = _minimal(stages=["gatt"], gatt={"every_prefix": True})
+    with pytest.raises(ConfigError, match=r"'gatt.every_prefix' was removed: .*train_turns: all"):
+        build(PipelineConfig, data)
+    with pytest.raises(ConfigError, match=r"'gatt.every_prefix' was removed \(in override.*train_turns: last"):
+        load_config(ROOT / "configs" / "default.yaml", ["gatt.every_prefix=false"])
+
+
 def test_nested_unknown_key_suggests_nearest():
     with pytest.raises(ConfigError, match=r"sft.train.lrr.*Did you mean 'lr'"):
         build(PipelineConfig, _minimal(sft={"datasets": [{"format": "synthetic_sft"}], "train": {"lrr": 1e-5}}))

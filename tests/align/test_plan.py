@@ -112,9 +112,22 @@ def test_cli_prints_and_refuses(capsys):
 
 
 def test_refusals_name_the_key():
-    cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["stages=[sft,rm_helpful,rm_safety,ppo]"])
+    # 70B PPO with whole reward models (2 x 129 GiB on every GPU), then without activation checkpointing
+    cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["ppo.reward.shard=false"])
     ppo = {p.name: p for p in plan_config(cfg)[3]}["ppo"]
-    assert "reward models" in ppo.refusal and "'ppo'" in ppo.refusal
+    assert "reward models (2, whole)" in ppo.refusal and "ppo.reward.shard=true" in ppo.refusal
+    cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["ppo.gradient_checkpointing=false"])
+    ppo = {p.name: p for p in plan_config(cfg)[3]}["ppo"]
+    assert "activations" in ppo.refusal and "ppo.gradient_checkpointing=true" in ppo.refusal
+    cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["stages=[sft,rm_helpful,rm_safety,rejection_sampling]"])
+    rs = {p.name: p for p in plan_config(cfg)[3]}["rejection_sampling"]
+    assert "reward models (2, whole)" in rs.refusal and "only PPO shards them" in rs.refusal
+    cfg = load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=3"])
+    ppo = {p.name: p for p in plan_config(cfg)[3]}["ppo"]
+    assert "rollout.replicas=3" in ppo.refusal and "lower rollout.replicas" in ppo.refusal
+    cfg = load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=8", "rollout.tensor_parallel_size=2"])
+    ppo = {p.name: p for p in plan_config(cfg)[3]}["ppo"]
+    assert "tensor_parallel_size=2 on ppo.num_processes=8" in ppo.refusal
     cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["rollout.tensor_parallel_size=3"])
     gatt = {p.name: p for p in plan_config(cfg)[3]}["gatt"]
     assert "rollout.tensor_parallel_size=3" in gatt.refusal

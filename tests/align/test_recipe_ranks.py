@@ -47,6 +47,7 @@ SCALE_KEYS = (
     "*.train.batch_size",
     "*.train.max_steps",
     "*.train.num_processes",
+    "rollout.replicas",
     "rollout.enforce_eager",
     "rollout.max_model_len",
     "rollout.kv_cache_gib",

@@ -228,3 +228,36 @@ def test_shared_prefix_scores_equal_separate_forwards(rm, tiny_dir, tiny_tok, lo
     assert ref.std() > 0.1  # the scores differ: the comparison below means something
     torch.testing.assert_close(torch.cat([c, r]), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c[-1], r[-1], atol=1e-5, rtol=1e-5)  # identical answers, identical scores
+
+
+@pytest.mark.slow
+def test_partitioned_scorer_on_two_processes_equals_the_whole_model(tmp_path):
+    """`reward.shard` (PPO at 70B): each rank holds 1/2 of every weight, the ranks score different
+    numbers of batches (the one with fewer runs empty forwards so every gather has both ranks), and
+    the scores equal the whole model's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "result.txt"
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(here / "sharded_score.py"),
+            str(tmp_path / "rm"),
+            str(out),
+        ],
+        cwd=here.parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.read_text().split() == ["partitioned", "scores_match"], proc.stdout[-2000:]

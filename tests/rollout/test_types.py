@@ -99,3 +99,25 @@ def test_types_import_no_engine():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_concat_joins_replica_slices_in_prompt_order():
+    def part(prompts, n=2, seconds=1.0):
+        rows = [(p, s) for p in prompts for s in range(n)]
+        return Rollouts(
+            prompt_ids=[[p] for p, _ in rows],
+            response_ids=[[p, s, 2] for p, s in rows],
+            logprobs=[[-0.1, -0.2, -0.3] for _ in rows],
+            finish_reasons=["stop"] * len(rows),
+            prompt_index=[r // n for r in range(len(rows))],
+            texts=[f"{p}.{s}" for p, s in rows],
+            n=n,
+            timing=Timing(seconds, 3 * len(rows)),
+        )
+
+    whole = Rollouts.concat([part([10, 11], seconds=2.0), part([12], seconds=3.0)])
+    assert whole.texts == ["10.0", "10.1", "11.0", "11.1", "12.0", "12.1"]
+    assert whole.prompt_index == [0, 0, 1, 1, 2, 2] and whole.num_prompts == 3
+    assert whole.timing == Timing(3.0, 18)  # the replicas ran side by side: the slowest one's time
+    with pytest.raises(ValueError, match="must be equal"):
+        Rollouts.concat([part([1], n=2), part([2], n=1)])

@@ -181,3 +181,24 @@ def test_zero3_two_process_push(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.read_text().split() == ["sharded", "plain_match", "lora_match"], out.read_text()
+
+
+def test_replica_placement_on_cpus_and_gpus(monkeypatch):
+    """Engine replicas: on CPU each takes its share of the cores; on GPUs each sits beside its rank
+    (colocate) or after the node's training ranks (separate)."""
+    import rollout.vllm_engine as ve
+    from align.errors import AlignError
+
+    monkeypatch.setattr(ve, "ALLOWED_CPUS", [0, 1, 2, 3])
+    assert ve.cpu_bind_list(0) == "0,1,2,3"
+    assert [ve.cpu_bind_list(0, (i, 2)) for i in (0, 1)] == ["0,1", "2,3"]
+    assert ve.cpu_bind_list(1, (1, 2)) == "2"
+    with pytest.raises(AlignError, match="2 an engine"):
+        ve.cpu_bind_list(3, (0, 2))
+    assert ve.replica_gpus(2, 4, 8) == "4,5"
+    with pytest.raises(AlignError, match="fewer replicas"):
+        ve.replica_gpus(2, 7, 8)
+    assert ve.separate_gpus(2, 4, 8) == "4,5"
+    assert [ve.separate_gpus(1, 6, 8, (i, 2)) for i in (0, 1)] == ["6", "7"]
+    with pytest.raises(AlignError, match="need 10 GPUs"):
+        ve.separate_gpus(2, 6, 8, (0, 2))

@@ -95,6 +95,25 @@ def adapter_moved(run_dir: Path, init_dir: Path, lora) -> list[str]:
     return [k for k in saved if torch.equal(saved[k], fresh[k])]
 
 
+def test_engine_replicas_split_the_prompts_and_sit_on_every_wth_rank(monkeypatch):
+    from align.errors import AlignError
+    from align.ppo.stage import engine_replicas, replica_slice
+
+    # 10 prompts over 3 replicas: consecutive shares, the first one longer, every prompt once
+    shares = [replica_slice(10, r, 3) for r in range(3)]
+    assert [(x.start, x.stop) for x in shares] == [(0, 4), (4, 7), (7, 10)]
+    assert [replica_slice(1, r, 2) for r in range(2)] == [slice(0, 1), slice(1, 1)]  # a replica may get none
+    # 16 ranks on 2 nodes of 8, 4 replicas: engines on ranks 0, 4, 8, 12; two a node
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    assert engine_replicas(4, 16, 12) == (4, 4, (1, 2))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert engine_replicas(1, 2, 0) == (1, 2, (0, 1))
+    with pytest.raises(AlignError, match="rollout.replicas=3: PPO runs on 2 process"):
+        engine_replicas(3, 2, 0)
+
+
 def test_iteration_prompts_use_every_prompt_once_per_pass_and_are_reproducible():
     from align.ppo.stage import iteration_prompts
 
@@ -152,6 +171,8 @@ def test_early_stopping_counts_evaluations_without_a_gain():
         ),
         ("ppo.num_processes=4", r"micro_batch_size \* num_processes = 2 \* 4 = 8; e.g. micro_batch_size=1"),
         ("ppo.early_stop_patience=2", "needs held-out prompts"),
+        ("ppo.reward.shard=true", r"reward.shard=True: shards the reward models over PPO's processes"),
+        ("rejection_sampling.reward.shard=true", "rejection sampling scores on rank 0 alone"),
     ],
 )
 def test_ppo_config_rejects_what_ppo_cannot_run(override, message):
@@ -300,7 +321,16 @@ def test_killed_ppo_resumes_from_its_checkpoint_and_matches(point, resumed_from,
 
 
 @pytest.mark.slow
-def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        # both reward models partitioned over the 2 ranks (as at 70B): the same scores
+        "ppo.reward.shard=true",
+        # an engine on each rank, each sampling half the prompts on one core: the same rows
+        "rollout.replicas=2",
+    ],
+)
+def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path, variant):
     from transformers import AutoModelForCausalLM
 
     _, _, rows_a = run_a
@@ -308,9 +338,19 @@ def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path):
     # the engine runs in its own process: an in-process vLLM would join the ranks' process group
     # 2 iterations, a checkpoint after the first: DeepSpeed's sharded save runs too
     res = _run_cli(
-        ppo_args(run_dir, "ppo.num_processes=2", "rollout.in_process=false", "ppo.iterations=2", "ppo.save_every=1")
+        ppo_args(
+            run_dir,
+            "ppo.num_processes=2",
+            "rollout.in_process=false",
+            "ppo.iterations=2",
+            "ppo.save_every=1",
+            variant,
+        )
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    if "replicas" in variant:
+        for r in (0, 1):
+            assert f"engine replica {r} of 2 on rank {r}" in res.stdout + res.stderr
     manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["summary"]["iterations"] == 2
     rows = metric_rows(run_dir)
@@ -322,6 +362,27 @@ def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path):
     cfg = ppo_config(run_dir).ppo
     assert adapter_moved(run_dir, run_dir / "sft" / "model", cfg.lora) == []
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "model")  # gathered and merged, not shards
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_dir):
+    """`ppo.gradient_checkpointing` (70B at 4,096 tokens): the update's backward recomputes each layer,
+    with the same gradients on the LoRA adapters and the value head."""
+    from align.ppo.policy import build_policy
+
+    lora = load_config(TINY, [PPO_STAGES]).ppo.lora
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    grads = []
+    for ckpt in (False, True):
+        net = build_policy(tiny_dir, lora, "float32", seed=0, gradient_checkpointing=ckpt).train()
+        assert net.policy.get_base_model().is_gradient_checkpointing == ckpt
+        logits, values = net(ids, mask, 4, 8)
+        (logits.float().logsumexp(-1).mean() + values.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("lora_" in n for n in grads[0])
+    for n in grads[0]:
+        assert grads[0][n].abs().sum() > 0 or "lora_A" in n, n  # B starts at zero, so A has no gradient yet
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
 
 
 def _fixed_trajectory(model_dir: Path, cfg, seed: int = 0):
