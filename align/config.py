@@ -930,6 +930,14 @@ class PipelineSettings:
                 None,
                 f"stage '{name}' is listed in round_stages but has no '{name}:' section",
             )
+        ppo = getattr(self, "ppo", None)
+        if ppo is not None and "ppo" in (*self.stages, *self.round_stages):
+            check(
+                ppo.num_processes % self.rollout.replicas == 0,
+                "rollout.replicas",
+                self.rollout.replicas,
+                f"one engine on every (ppo.num_processes / replicas)-th rank: must divide ppo.num_processes={ppo.num_processes}",
+            )
 
     def stage(self, name: str):
         return getattr(self, name)

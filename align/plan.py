@@ -266,7 +266,7 @@ def plan_stage(cfg, name: str, arch: Arch, dtype_bytes: int, gpu_bytes: float, g
         phases["train"] = t
     elif kind == "ppo":
         every = s.num_processes // ro.replicas if s.num_processes % ro.replicas == 0 else 0
-        if not every or (ro.placement == "colocate" and ro.tensor_parallel_size > every):
+        if not every or (ro.replicas > 1 and ro.placement == "colocate" and ro.tensor_parallel_size > every):
             return StagePlan(
                 name,
                 phases,

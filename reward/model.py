@@ -295,8 +295,8 @@ def _partitioned_reward_model(path: str | Path, tokenizer, ds_config: dict):
     before = ref() if ref is not None else None
     registered = hf_ds.HfDeepSpeedConfig(ds_config)  # noqa: F841  (from_pretrained partitions while it lives)
     try:
-        dtype = "bfloat16" if ds_config.get("bf16", {}).get("enabled") else "float32"
-        model = load_reward_model(path, tokenizer, base_dtype=dtype)
+        # float32 as loaded: ZeRO-3's Init casts each partition to the config's dtype (bf16 when enabled)
+        model = load_reward_model(path, tokenizer)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     finally:
         if before is not None:

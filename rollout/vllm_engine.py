@@ -96,7 +96,14 @@ def cpu_bind_list(threads: int, slot: tuple[int, int] = (0, 1)) -> str:
     return ",".join(str(c) for c in cpus[: threads or len(cpus)])
 
 
-def replica_gpus(tp: int, local_rank: int, device_count: int) -> str:
+def _visible(indices: range, visible: str | None) -> str:
+    """GPU `indices` of this process's view as `CUDA_VISIBLE_DEVICES` entries: through the launcher's
+    own CUDA_VISIBLE_DEVICES when it set one (index i is its i-th entry), else the indices."""
+    ids = [v.strip() for v in visible.split(",")] if visible else None
+    return ",".join(ids[i] if ids else str(i) for i in indices)
+
+
+def replica_gpus(tp: int, local_rank: int, device_count: int, visible: str | None = None) -> str:
     """`CUDA_VISIBLE_DEVICES` of a colocated engine replica beside its rank (`rollout.replicas` > 1):
     the `tp` GPUs from the rank's own, e.g. "2,3" for tp 2 on local rank 2."""
     if local_rank + tp > device_count:
@@ -105,7 +112,7 @@ def replica_gpus(tp: int, local_rank: int, device_count: int) -> str:
             f"{local_rank + tp - 1} (tensor_parallel_size={tp}), this node has {device_count}; "
             "use fewer replicas or a smaller tensor_parallel_size"
         )
-    return ",".join(str(i) for i in range(local_rank, local_rank + tp))
+    return _visible(range(local_rank, local_rank + tp), visible)
 
 
 def executor_backend(cfg) -> str | None:
@@ -117,7 +124,9 @@ def executor_backend(cfg) -> str | None:
     return "uni" if cfg.in_process else None
 
 
-def separate_gpus(tp: int, local_world_size: int, device_count: int, slot: tuple[int, int] = (0, 1)) -> str:
+def separate_gpus(
+    tp: int, local_world_size: int, device_count: int, slot: tuple[int, int] = (0, 1), visible: str | None = None
+) -> str:
     """`CUDA_VISIBLE_DEVICES` of an engine on GPUs of its own (`placement: separate`): the `tp` GPUs
     after the node's `local_world_size` training ranks, e.g. "6,7" for tp 2 behind 6 ranks; the i-th
     of k engines on the node (`slot`) takes the i-th `tp` of them."""
@@ -130,7 +139,7 @@ def separate_gpus(tp: int, local_world_size: int, device_count: int, slot: tuple
             "the stage's num_processes, rollout.replicas or tensor_parallel_size, or use placement=colocate"
         )
     first = local_world_size + i * tp
-    return ",".join(str(g) for g in range(first, first + tp))
+    return _visible(range(first, first + tp), visible)
 
 
 def _shutdown_llm(llm) -> None:
@@ -216,10 +225,14 @@ class VLLMEngine(Engine):
                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                     torch.cuda.device_count(),
                     slot,
+                    os.environ.get("CUDA_VISIBLE_DEVICES"),
                 )
-            elif slot[1] > 1:  # replicas: each beside its own rank's GPU, not all on the node's first
+            elif cfg.replicas > 1:  # each beside its own rank's GPU, not all on the node's first
                 env["CUDA_VISIBLE_DEVICES"] = replica_gpus(
-                    cfg.tensor_parallel_size, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+                    cfg.tensor_parallel_size,
+                    int(os.environ.get("LOCAL_RANK", "0")),
+                    torch.cuda.device_count(),
+                    os.environ.get("CUDA_VISIBLE_DEVICES"),
                 )
         self.sleep_mode = bool(cfg.enable_sleep_mode and not self.on_cpu)
         self.asleep = False

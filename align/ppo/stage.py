@@ -223,6 +223,7 @@ def setup(ctx: StageContext) -> Run:
             f"[align] {ctx.name}: {len(pool)} training prompts, {len(heldout)} held out; init {ctx.init_model_dir}",
             flush=True,
         )
+    replicas, every, slot = engine_replicas(ctx.cfg.rollout, ctx.world_size, ctx.rank)
     # Plain (unsharded) loads first: once an HfDeepSpeedConfig exists, from_pretrained partitions.
     rm_zero3 = None
     if cfg.reward.shard:  # partitioned as they load, under a ZeRO-3 config of their own (inference: no optimizer)
@@ -232,7 +233,6 @@ def setup(ctx: StageContext) -> Run:
         rm_zero3 = resolve_config(base, 1, 1, ctx.world_size, 0.0, ctx.cfg.compute.bf16)
     rewards = RewardModels(ctx, cfg.reward, rm_zero3)
     threads = torch.get_num_threads()
-    replicas, every, slot = engine_replicas(ctx.cfg.rollout.replicas, ctx.world_size, ctx.rank)
     engine = (
         make_engine(ctx.cfg.rollout, ctx.init_model_dir, seed=ctx.cfg.seed, dtype=ctx.cfg.compute.dtype, slot=slot)
         if ctx.rank % every == 0
@@ -310,9 +310,11 @@ def setup(ctx: StageContext) -> Run:
     return run
 
 
-def engine_replicas(replicas: int, world: int, rank: int) -> tuple[int, int, tuple[int, int]]:
+def engine_replicas(rollout, world: int, rank: int) -> tuple[int, int, tuple[int, int]]:
     """(replicas, every, slot): an engine on every `every`-th rank (world / replicas), and this rank's
-    engine's slot (i, k) among the k on its machine (`rollout.make_engine`)."""
+    engine's slot (i, k) among the k on its machine (`rollout.make_engine`). Checked on every rank,
+    before anything loads, so no rank waits on one that refused."""
+    replicas = rollout.replicas
     if world % replicas:
         raise AlignError(
             f"rollout.replicas={replicas}: PPO runs on {world} process(es), which the replicas must divide "
@@ -321,6 +323,18 @@ def engine_replicas(replicas: int, world: int, rank: int) -> tuple[int, int, tup
     every = world // replicas
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if replicas > 1 and local_world % every and every % local_world:
+        raise AlignError(
+            f"rollout.replicas={replicas}: an engine every {every} ranks does not tile machines of "
+            f"{local_world} ranks; choose replicas so that num_processes / replicas divides the ranks a "
+            "machine or is a multiple of them"
+        )
+    if replicas > 1 and rollout.placement == "colocate" and rollout.tensor_parallel_size > every:
+        raise AlignError(
+            f"rollout.replicas={replicas} with tensor_parallel_size={rollout.tensor_parallel_size}: each "
+            f"colocated engine takes its rank's GPU and the next ones, up to the next engine's {every} ranks "
+            "on; lower rollout.replicas or tensor_parallel_size"
+        )
     return replicas, every, (local_rank // every, max(1, local_world // every))
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from align.cli import main as cli_main
 from align.config import load_config
+from align.configlib import ConfigError
 from align.plan import (
     GiB,
     LLAMA2_7B,
@@ -122,12 +123,13 @@ def test_refusals_name_the_key():
     cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["stages=[sft,rm_helpful,rm_safety,rejection_sampling]"])
     rs = {p.name: p for p in plan_config(cfg)[3]}["rejection_sampling"]
     assert "reward models (2, whole)" in rs.refusal and "only PPO shards them" in rs.refusal
-    cfg = load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=3"])
-    ppo = {p.name: p for p in plan_config(cfg)[3]}["ppo"]
-    assert "rollout.replicas=3" in ppo.refusal and "lower rollout.replicas" in ppo.refusal
+    with pytest.raises(ConfigError, match="rollout.replicas=3: .* must divide ppo.num_processes=8"):
+        load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=3"])
     cfg = load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=8", "rollout.tensor_parallel_size=2"])
     ppo = {p.name: p for p in plan_config(cfg)[3]}["ppo"]
     assert "tensor_parallel_size=2 on ppo.num_processes=8" in ppo.refusal
+    cfg = load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=1", "rollout.tensor_parallel_size=2"])
+    assert {p.name: p for p in plan_config(cfg)[3]}["ppo"].refusal is None  # one engine may take 2 GPUs
     cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["rollout.tensor_parallel_size=3"])
     gatt = {p.name: p for p in plan_config(cfg)[3]}["gatt"]
     assert "rollout.tensor_parallel_size=3" in gatt.refusal

@@ -1,12 +1,13 @@
 """Reward-model scoring with the weights partitioned by ZeRO-3 over 2 CPU processes (gloo), for
 test_model.py::test_partitioned_scorer_on_two_processes_equals_the_whole_model.
 
-    torchrun --standalone --nproc_per_node 2 tests/reward/sharded_score.py RM_DIR OUT
+    torchrun --standalone --nproc_per_node 2 tests/reward/sharded_score.py RM_DIR OUT fp32|bf16
 
 Rank 0 saves a tiny reward model (seeded head) to RM_DIR. Both ranks load it partitioned
 (`RewardScorer.from_pretrained(zero3=...)`, every parameter split: persistence threshold 0) and score
 rows of their own, rank 0 five and rank 1 two (in batches of 2: three forwards against one, so rank 1
-must run two more), then each compares with the whole model's scores. Rank 0 writes the words
+must run two more), then each compares with the whole model's scores. With `bf16` the RM's
+scorer.json says bfloat16 (as a bf16 run saves it): both score in bf16 weights. Rank 0 writes the words
 `partitioned scores_match` to OUT, each only if it held on both ranks.
 """
 
@@ -25,20 +26,21 @@ ZERO3 = {
 }
 
 
-def main(rm_dir: str, out: str) -> None:
+def main(rm_dir: str, out: str, dtype: str = "float32") -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
 
     from align.models import load_tokenizer, tiny_model_dir
-    from reward.model import RewardScorer, load_reward_model, save_reward_model
+    from reward.model import RewardScorer, ScorerSettings, load_reward_model, save_reward_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     if rank == 0:
         tok = load_tokenizer(tiny_model_dir())
         torch.manual_seed(0)
-        save_reward_model(load_reward_model(tiny_model_dir(), tok), tok, rm_dir)
+        model = load_reward_model(tiny_model_dir(), tok)
+        save_reward_model(model, tok, rm_dir, RewardScorer(model, tok, 256, bf16=dtype == "bfloat16").settings())
     dist.barrier()
 
     prompts = [[{"role": "user", "content": f"question {i} " * (i + 1)}] for i in range(7)]
@@ -46,14 +48,20 @@ def main(rm_dir: str, out: str) -> None:
     mine = range(0, 5) if rank == 0 else range(5, 7)
     p, a = [prompts[i] for i in mine], [answers[i] for i in mine]
 
+    want_dtype = getattr(torch, dtype)
+    assert ScorerSettings.load(rm_dir).dtype == dtype
     sharded = RewardScorer.from_pretrained(rm_dir, zero3=ZERO3)
     params = list(sharded.model.parameters())
-    partitioned = all(hasattr(x, "ds_id") and x.numel() == 0 and x.ds_tensor.numel() < x.ds_numel for x in params)
+    partitioned = all(
+        hasattr(x, "ds_id") and x.numel() == 0 and x.ds_tensor.numel() < x.ds_numel and x.ds_tensor.dtype == want_dtype
+        for x in params
+    )
     got = sharded.score(p, a, batch_size=2)
     whole = RewardScorer.from_pretrained(rm_dir)  # loads whole: the partitioned load unregistered its config
     whole_is_whole = not any(hasattr(x, "ds_id") for x in whole.model.parameters())
     want = whole.score(p, a, batch_size=2)
-    match = whole_is_whole and torch.allclose(got, want, atol=1e-5)
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: the same weights; reductions may group differently
+    match = whole_is_whole and torch.allclose(got, want, atol=tol, rtol=tol)
     if not match:
         print(f"rank {rank}: partitioned {got.tolist()} whole {want.tolist()}", flush=True)
     flags = torch.tensor([int(partitioned), int(match)])
@@ -66,4 +74,4 @@ def main(rm_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], "bfloat16" if sys.argv[3:] == ["bf16"] else "float32")

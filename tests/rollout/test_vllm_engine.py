@@ -202,3 +202,6 @@ def test_replica_placement_on_cpus_and_gpus(monkeypatch):
     assert [ve.separate_gpus(1, 6, 8, (i, 2)) for i in (0, 1)] == ["6", "7"]
     with pytest.raises(AlignError, match="need 10 GPUs"):
         ve.separate_gpus(2, 6, 8, (0, 2))
+    # under a launcher's CUDA_VISIBLE_DEVICES, index i is its i-th entry
+    assert ve.replica_gpus(1, 1, 2, visible="4,6") == "6"
+    assert ve.separate_gpus(1, 1, 2, visible="4,6") == "6"

@@ -96,8 +96,12 @@ def adapter_moved(run_dir: Path, init_dir: Path, lora) -> list[str]:
 
 
 def test_engine_replicas_split_the_prompts_and_sit_on_every_wth_rank(monkeypatch):
+    from align.config import RolloutConfig
     from align.errors import AlignError
     from align.ppo.stage import engine_replicas, replica_slice
+
+    def ro(replicas, tp=1):
+        return RolloutConfig(in_process=False, replicas=replicas, tensor_parallel_size=tp)
 
     # 10 prompts over 3 replicas: consecutive shares, the first one longer, every prompt once
     shares = [replica_slice(10, r, 3) for r in range(3)]
@@ -106,12 +110,17 @@ def test_engine_replicas_split_the_prompts_and_sit_on_every_wth_rank(monkeypatch
     # 16 ranks on 2 nodes of 8, 4 replicas: engines on ranks 0, 4, 8, 12; two a node
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "4")
-    assert engine_replicas(4, 16, 12) == (4, 4, (1, 2))
+    assert engine_replicas(ro(4), 16, 12) == (4, 4, (1, 2))
+    with pytest.raises(AlignError, match="tensor_parallel_size=8: each colocated engine"):
+        engine_replicas(ro(4, tp=8), 16, 12)  # engines 4 ranks apart cannot each take 8 GPUs
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
+    with pytest.raises(AlignError, match="does not tile machines of 6 ranks"):
+        engine_replicas(ro(3), 12, 4)  # an engine every 4 ranks on machines of 6
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.delenv("LOCAL_RANK")
-    assert engine_replicas(1, 2, 0) == (1, 2, (0, 1))
+    assert engine_replicas(ro(1), 2, 0) == (1, 2, (0, 1))
     with pytest.raises(AlignError, match="rollout.replicas=3: PPO runs on 2 process"):
-        engine_replicas(3, 2, 0)
+        engine_replicas(ro(3), 2, 0)
 
 
 def test_iteration_prompts_use_every_prompt_once_per_pass_and_are_reproducible():
@@ -173,12 +182,14 @@ def test_early_stopping_counts_evaluations_without_a_gain():
         ("ppo.early_stop_patience=2", "needs held-out prompts"),
         ("ppo.reward.shard=true", r"reward.shard=True: shards the reward models over PPO's processes"),
         ("rejection_sampling.reward.shard=true", "rejection sampling scores on rank 0 alone"),
+        ("rollout.replicas=2", r"rollout.replicas=2: one engine on every .* must divide ppo.num_processes=1"),
     ],
 )
 def test_ppo_config_rejects_what_ppo_cannot_run(override, message):
     from align.configlib import ConfigError
 
     extra = [override] + (["ppo.heldout_prompts=0"] if "patience" in override else [])
+    extra += ["rollout.in_process=false"] if "replicas" in override else []
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, [PPO_STAGES, *extra])
 
