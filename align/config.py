@@ -514,9 +514,13 @@ class PPOConfig:
     eval_every: int = option(
         1, help="measure the mean combined reward on the held-out prompts every N iterations (and before the first)"
     )
+    eval_samples: int = option(
+        1, help="samples a held-out prompt, averaged: a prompt's reward with less sampling noise in its interval"
+    )
 
     def __post_init__(self):
         check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        check(self.eval_samples >= 1, "eval_samples", self.eval_samples, "must be >= 1")
         check(self.lr > 0, "lr", self.lr, "must be > 0")
         check(self.clip > 0, "clip", self.clip, "must be > 0")
         check(len(self.adam_betas) == 2, "adam_betas", self.adam_betas, "give two betas, e.g. [0.9, 0.95]")

@@ -371,7 +371,7 @@ def sync_weights(run: Run) -> float:
     return time.perf_counter() - start
 
 
-def generate(run: Run, prompts: list[dict], cfg, seed: int):
+def generate(run: Run, prompts: list[dict], cfg, seed: int, n: int = 1):
     """One response per prompt; every rank gets the `Rollouts`. One engine (rank 0's) samples them all;
     with replicas, each samples its consecutive share, seeded by the prompts' places in the whole list,
     so the rows are those one engine would sample."""
@@ -382,7 +382,7 @@ def generate(run: Run, prompts: list[dict], cfg, seed: int):
         threads = torch.get_num_threads()
         share = replica_slice(len(prompts), run.replica, run.replicas)
         params = SamplingParams(
-            n=1,
+            n=n,
             temperature=cfg.sampling.temperature,
             top_p=cfg.sampling.top_p,
             max_new_tokens=cfg.sampling.max_new_tokens,
@@ -398,15 +398,18 @@ def generate(run: Run, prompts: list[dict], cfg, seed: int):
 
 
 def evaluate(run: Run, cfg, seed: int) -> list[float]:
-    """LOGIT(Rc) (the combined reward before whitening: comparable across iterations) of one sample per
-    held-out prompt, drawn with a fixed seed; the stage reports their mean."""
+    """Per held-out prompt, LOGIT(Rc) (the combined reward before whitening: comparable across
+    iterations) averaged over its `eval_samples` samples, drawn with a fixed seed; the stage reports
+    their mean and the interval of its change over prompts."""
     from reward.combined import combined_reward
 
-    rollouts = generate(run, run.heldout, cfg, sampling_seed(seed, 0))
-    rs, rh = run.rewards.score([p["prompt"] for p in run.heldout], rollouts.texts)
-    flags = torch.tensor([bool(p["safety"]) for p in run.heldout])
+    k = cfg.eval_samples
+    rollouts = generate(run, run.heldout, cfg, sampling_seed(seed, 0), n=k)
+    rows = [p for p in run.heldout for _ in range(k)]  # rows grouped by prompt (rollout.Rollouts)
+    rs, rh = run.rewards.score([p["prompt"] for p in rows], rollouts.texts)
+    flags = torch.tensor([bool(p["safety"]) for p in rows])
     score, _ = combined_reward(rs, rh, flags, None, cfg.reward.safety_threshold, whiten=False)
-    return score.tolist()
+    return score.view(len(run.heldout), k).mean(dim=1).tolist()
 
 
 def record_eval(state: dict, value: float, iteration: int, patience: int) -> bool:

@@ -332,16 +332,7 @@ def test_killed_ppo_resumes_from_its_checkpoint_and_matches(point, resumed_from,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "variant",
-    [
-        # both reward models partitioned over the 2 ranks (as at 70B): the same scores
-        "ppo.reward.shard=true",
-        # an engine on each rank, each sampling half the prompts on one core: the same rows
-        "rollout.replicas=2",
-    ],
-)
-def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path, variant):
+def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     _, _, rows_a = run_a
@@ -355,13 +346,16 @@ def test_two_process_zero3_lora_ppo_run(run_a, tiny_inputs, tmp_path, variant):
             "rollout.in_process=false",
             "ppo.iterations=2",
             "ppo.save_every=1",
-            variant,
+            # both reward models partitioned over the 2 ranks (as at 70B): the same scores; an engine on each
+            # rank, each sampling half the prompts on one core: the same rows (the whole-RM, one-engine path
+            # on 2 ranks runs in the tiny 7B recipe's and the ZeRO-3 push tests)
+            "ppo.reward.shard=true",
+            "rollout.replicas=2",
         )
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    if "replicas" in variant:
-        for r in (0, 1):
-            assert f"engine replica {r} of 2 on rank {r}" in res.stdout + res.stderr
+    for r in (0, 1):
+        assert f"engine replica {r} of 2 on rank {r}" in res.stdout + res.stderr
     manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["summary"]["iterations"] == 2
     rows = metric_rows(run_dir)
@@ -618,3 +612,40 @@ def test_skip_needs_one_process():
                 "ppo.micro_batch_size=2",
             ],
         )
+
+
+def test_held_out_reward_averages_eval_samples_per_prompt(tiny_dir, tiny_tok):
+    """`ppo.eval_samples`: each held-out prompt's reward is the mean over its samples (rows grouped by
+    prompt), and its first sample is the one a one-sample evaluation draws (same seeds)."""
+    from dataclasses import replace
+
+    from align.config import RolloutConfig
+    from align.ppo.stage import RewardModels, Run, evaluate, generate, plain, sampling_seed
+    from reward.combined import combined_reward
+    from reward.model import RewardScorer, load_reward_model
+    from rollout import make_engine
+
+    torch.manual_seed(0)
+    scorer = RewardScorer(load_reward_model(tiny_dir, tiny_tok), tiny_tok, max_length=128)
+    rewards = object.__new__(RewardModels)  # the stage's class, its two scorers given here, one process
+    rewards.helpful, rewards.safety, rewards.batch_size, rewards.rank, rewards.world = scorer, scorer, 4, 0, 1
+    rewards.sharded = False
+    heldout = [{"prompt": [{"role": "user", "content": f"tell me about {w}"}], "safety": w == "locks"} for w in
+               ("cats", "rain", "locks")]  # fmt: skip
+    cfg = replace(
+        load_config(TINY, [PPO_STAGES]).ppo,
+        sampling=replace(load_config(TINY, [PPO_STAGES]).ppo.sampling, max_new_tokens=6),
+    )
+    engine = make_engine(RolloutConfig(engine="transformers"), tiny_dir, dtype="float32")
+    run = Run(None, None, engine, rewards, tiny_tok, [], heldout, None, {}, None, False)
+    one = evaluate(run, replace(cfg, eval_samples=1), seed=0)
+    three = evaluate(run, replace(cfg, eval_samples=3), seed=0)
+    rows = generate(run, heldout, cfg, sampling_seed(0, 0), n=3)
+    rs, rh = rewards.score([plain(p["prompt"]) for p in heldout for _ in range(3)], rows.texts)
+    flags = torch.tensor([p["safety"] for p in heldout for _ in range(3)])
+    each, _ = combined_reward(rs, rh, flags, None, cfg.reward.safety_threshold, whiten=False)
+    each = each.view(3, 3)
+    assert len(one) == len(three) == 3
+    assert three == pytest.approx(each.mean(1).tolist(), abs=1e-6)
+    assert one == pytest.approx(each[:, 0].tolist(), abs=1e-6)
+    assert len(set(rows.texts)) > 3  # the samples of a prompt differ: the mean is over different answers
