@@ -225,12 +225,12 @@ def setup(ctx: StageContext) -> Run:
         )
     replicas, every, slot = engine_replicas(ctx.cfg.rollout, ctx.world_size, ctx.rank)
     # Plain (unsharded) loads first: once an HfDeepSpeedConfig exists, from_pretrained partitions.
+    launch_ds = read_json(ctx.work_dir / "launch" / "ds_zero3.json") if multi else None  # the launch's ZeRO-3 JSON
     rm_zero3 = None
     if cfg.reward.shard:  # partitioned as they load, under a ZeRO-3 config of their own (inference: no optimizer)
         from align.launch.zero3 import resolve_config
 
-        base = read_json(ctx.work_dir / "launch" / "ds_zero3.json")
-        rm_zero3 = resolve_config(base, 1, 1, ctx.world_size, 0.0, ctx.cfg.compute.bf16)
+        rm_zero3 = resolve_config(launch_ds, 1, 1, ctx.world_size, 0.0, ctx.cfg.compute.bf16)
     rewards = RewardModels(ctx, cfg.reward, rm_zero3)
     threads = torch.get_num_threads()
     engine = (
@@ -246,9 +246,7 @@ def setup(ctx: StageContext) -> Run:
     if multi:
         from transformers.integrations import HfDeepSpeedConfig
 
-        ds = deepspeed_config(
-            read_json(ctx.work_dir / "launch" / "ds_zero3.json"), cfg, ctx.world_size, ctx.cfg.compute.bf16
-        )
+        ds = deepspeed_config(launch_ds, cfg, ctx.world_size, ctx.cfg.compute.bf16)
         hf_ds = HfDeepSpeedConfig(ds)
         net = build_policy(ctx.init_model_dir, cfg.lora, lora_dtype, ctx.cfg.seed, cfg.gradient_checkpointing)
         optimizer = make_optimizer(net, cfg)
