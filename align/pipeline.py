@@ -231,11 +231,30 @@ def run_worker(cfg: PipelineConfig, name: str) -> None:
         summary = STAGES[ctx.stage].run_function()(ctx)
         if rank == 0:
             write_json_atomic(ctx.work_dir / "summary.json", summary)
+    leave_together(ctx.work_dir / "summary.json")
+
+
+def leave_together(done: Path) -> None:
+    """Every rank waits for rank 0's `done` file, then the group is torn down on all ranks at once.
+
+    A rank that exited while rank 0 still worked alone (SFT's held-out pass, an engine's evaluation)
+    tore down its gloo group mid-flight and aborted ("terminate called without an active exception").
+    The wait is on a file, not a collective: rank 0's solo work can outlast the group's timeout."""
+    import torch.distributed as dist
+
+    from align.launch.dist import wait_for_file
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    wait_for_file(done)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def launch_workers(ctx: StageContext, config_path: str, overrides: tuple, n: int) -> None:
     """Run the stage on n processes with accelerate + DeepSpeed ZeRO-3 (gloo on CPU)."""
     acc_yaml = write_launch_files(ctx.work_dir / "launch", n, getattr(ctx.stage_cfg, "train", None))
+    (ctx.work_dir / "summary.json").unlink(missing_ok=True)  # the ranks leave when this run's is written
     name = ctx.name
     cmd = [
         sys.executable,

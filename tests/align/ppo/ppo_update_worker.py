@@ -42,6 +42,7 @@ def main(model_dir: str, traj_path: str, cfg_path: str, ds_path: str, out_dir: s
         (out / "steps.json").write_text(json.dumps(steps))
         save_file(state, str(out / "trainable.safetensors"))
     dist.barrier()
+    dist.destroy_process_group()  # exiting with the group alive aborted now and then (align.pipeline.leave_together)
 
 
 if __name__ == "__main__":
