@@ -296,6 +296,29 @@ class RewardConfig:
         check(len(self.primary) > 0, "primary", self.primary, "list at least one preference dataset")
 
 
+def replica_spacing(rollout: "RolloutConfig", num_processes: int) -> int:
+    """Ranks from one PPO engine replica to the next (num_processes / replicas), or a ConfigError naming
+    `rollout.replicas`: the replicas must divide the ranks, and a colocated engine's tensor-parallel GPUs
+    (its rank's and the next ones') must end before the next engine's rank."""
+    replicas, tp = rollout.replicas, rollout.tensor_parallel_size
+    check(
+        num_processes % replicas == 0,
+        "rollout.replicas",
+        replicas,
+        f"one engine on every (ppo.num_processes / replicas)-th rank: must divide ppo.num_processes={num_processes}",
+    )
+    every = num_processes // replicas
+    check(
+        replicas == 1 or rollout.placement != "colocate" or tp <= every,
+        "rollout.replicas",
+        replicas,
+        f"each colocated engine takes its rank's GPU and the next ones, tensor_parallel_size={tp}, which must end "
+        f"before the next engine's rank {every} ranks on (ppo.num_processes={num_processes}); lower rollout.replicas "
+        "or rollout.tensor_parallel_size",
+    )
+    return every
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: Literal["vllm", "transformers"] = option(
@@ -936,12 +959,7 @@ class PipelineSettings:
             )
         ppo = getattr(self, "ppo", None)
         if ppo is not None and "ppo" in (*self.stages, *self.round_stages):
-            check(
-                ppo.num_processes % self.rollout.replicas == 0,
-                "rollout.replicas",
-                self.rollout.replicas,
-                f"one engine on every (ppo.num_processes / replicas)-th rank: must divide ppo.num_processes={ppo.num_processes}",
-            )
+            replica_spacing(self.rollout, ppo.num_processes)
 
     def stage(self, name: str):
         return getattr(self, name)

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
+from align.config import replica_spacing
 from align.configlib import ConfigError
 
 GiB = float(1 << 30)
@@ -265,16 +266,7 @@ def plan_stage(cfg, name: str, arch: Arch, dtype_bytes: int, gpu_bytes: float, g
         phases["generate"] = {**scorers, **engine} if engine else dict(scorers)
         phases["train"] = t
     elif kind == "ppo":
-        every = s.num_processes // ro.replicas if s.num_processes % ro.replicas == 0 else 0
-        if not every or (ro.replicas > 1 and ro.placement == "colocate" and ro.tensor_parallel_size > every):
-            return StagePlan(
-                name,
-                phases,
-                notes,
-                f"rollout.replicas={ro.replicas} engines of tensor_parallel_size={ro.tensor_parallel_size} on "
-                f"ppo.num_processes={s.num_processes} ranks: the replicas must divide the ranks, and each engine's "
-                "GPUs be its rank's and the ranks' after it up to the next engine (docs/gpu.md); lower rollout.replicas",
-            )
+        every = replica_spacing(ro, s.num_processes)  # (a loaded config has passed it)
         if ro.replicas > 1:
             hosts = ", ".join(str(r) for r in range(0, s.num_processes, every))
             notes.append(f"{ro.replicas} engine replicas, beside ranks {hosts}")

@@ -309,16 +309,13 @@ def setup(ctx: StageContext) -> Run:
 
 
 def engine_replicas(rollout, world: int, rank: int) -> tuple[int, int, tuple[int, int]]:
-    """(replicas, every, slot): an engine on every `every`-th rank (world / replicas), and this rank's
-    engine's slot (i, k) among the k on its machine (`rollout.make_engine`). Checked on every rank,
-    before anything loads, so no rank waits on one that refused."""
-    replicas = rollout.replicas
-    if world % replicas:
-        raise AlignError(
-            f"rollout.replicas={replicas}: PPO runs on {world} process(es), which the replicas must divide "
-            "(one engine on every num_processes / replicas-th rank); set ppo.num_processes to a multiple"
-        )
-    every = world // replicas
+    """(replicas, every, slot): an engine on every `every`-th rank (world / replicas, checked by
+    `align.config.replica_spacing`), and this rank's engine's slot (i, k) among the k on its machine
+    (`rollout.make_engine`). Checked on every rank, before anything loads, so no rank waits on one that
+    refused; the machine's ranks are known only here."""
+    from align.config import replica_spacing
+
+    replicas, every = rollout.replicas, replica_spacing(rollout, world)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if replicas > 1 and local_world % every and every % local_world:
@@ -326,12 +323,6 @@ def engine_replicas(rollout, world: int, rank: int) -> tuple[int, int, tuple[int
             f"rollout.replicas={replicas}: an engine every {every} ranks does not tile machines of "
             f"{local_world} ranks; choose replicas so that num_processes / replicas divides the ranks a "
             "machine or is a multiple of them"
-        )
-    if replicas > 1 and rollout.placement == "colocate" and rollout.tensor_parallel_size > every:
-        raise AlignError(
-            f"rollout.replicas={replicas} with tensor_parallel_size={rollout.tensor_parallel_size}: each "
-            f"colocated engine takes its rank's GPU and the next ones, up to the next engine's {every} ranks "
-            "on; lower rollout.replicas or tensor_parallel_size"
         )
     return replicas, every, (local_rank // every, max(1, local_world // every))
 

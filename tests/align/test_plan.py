@@ -125,9 +125,8 @@ def test_refusals_name_the_key():
     assert "reward models (2, whole)" in rs.refusal and "only PPO shards them" in rs.refusal
     with pytest.raises(ConfigError, match="rollout.replicas=3: .* must divide ppo.num_processes=8"):
         load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=3"])
-    cfg = load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=8", "rollout.tensor_parallel_size=2"])
-    ppo = {p.name: p for p in plan_config(cfg)[3]}["ppo"]
-    assert "tensor_parallel_size=2 on ppo.num_processes=8" in ppo.refusal
+    with pytest.raises(ConfigError, match="rollout.replicas=8: each colocated engine .* tensor_parallel_size=2"):
+        load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=8", "rollout.tensor_parallel_size=2"])
     cfg = load_config(ROOT / "configs" / "llama2-7b.yaml", ["rollout.replicas=1", "rollout.tensor_parallel_size=2"])
     assert {p.name: p for p in plan_config(cfg)[3]}["ppo"].refusal is None  # one engine may take 2 GPUs
     cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", ["rollout.tensor_parallel_size=3"])

@@ -97,6 +97,7 @@ def adapter_moved(run_dir: Path, init_dir: Path, lora) -> list[str]:
 
 def test_engine_replicas_split_the_prompts_and_sit_on_every_wth_rank(monkeypatch):
     from align.config import RolloutConfig
+    from align.configlib import ConfigError
     from align.errors import AlignError
     from align.ppo.stage import engine_replicas, replica_slice
 
@@ -111,7 +112,7 @@ def test_engine_replicas_split_the_prompts_and_sit_on_every_wth_rank(monkeypatch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "4")
     assert engine_replicas(ro(4), 16, 12) == (4, 4, (1, 2))
-    with pytest.raises(AlignError, match="tensor_parallel_size=8: each colocated engine"):
+    with pytest.raises(ConfigError, match="rollout.replicas=4: each colocated engine .* tensor_parallel_size=8"):
         engine_replicas(ro(4, tp=8), 16, 12)  # engines 4 ranks apart cannot each take 8 GPUs
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
     with pytest.raises(AlignError, match="does not tile machines of 6 ranks"):
@@ -119,7 +120,7 @@ def test_engine_replicas_split_the_prompts_and_sit_on_every_wth_rank(monkeypatch
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.delenv("LOCAL_RANK")
     assert engine_replicas(ro(1), 2, 0) == (1, 2, (0, 1))
-    with pytest.raises(AlignError, match="rollout.replicas=3: PPO runs on 2 process"):
+    with pytest.raises(ConfigError, match="rollout.replicas=3: .* must divide ppo.num_processes=2"):
         engine_replicas(ro(3), 2, 0)
 
 
