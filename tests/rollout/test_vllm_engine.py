@@ -90,6 +90,25 @@ def test_update_weights_plain_and_lora(engine, tiny_dir, model, checks):
     assert checks.check_greedy_matches(engine, model) == original
 
 
+def test_a_second_engine_on_the_same_cores_is_warned_of(engine, tmp_path):
+    """The running engine holds its cores: another process claiming them gets a warning naming this
+    process; once a claim is released the cores are free again."""
+    from rollout.vllm_engine import CoreClaim, cpu_bind_list
+
+    cores = [int(c) for c in cpu_bind_list(0).split(",")]
+    code = f"from rollout.vllm_engine import CoreClaim; print(CoreClaim({cores}).warning())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert f"(pid {os.getpid()})" in other.stdout and "already run another vLLM engine" in other.stdout
+    assert CoreClaim(cores).warning() is None  # this process's own engine is no clash
+    mine = CoreClaim([0], root=tmp_path)
+    code = f"from rollout.vllm_engine import CoreClaim; print(CoreClaim([0], root={str(tmp_path)!r}).warning())"
+    held = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert f"CPU cores 0 (pid {os.getpid()})" in held.stdout
+    mine.release()
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert free.stdout.strip() == "None"
+
+
 def test_update_weights_rejects_foreign_names(engine):
     with pytest.raises(AlignError, match="do not match the checkpoint"):
         engine.update_weights(torch.nn.Linear(4, 4))
