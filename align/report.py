@@ -86,6 +86,14 @@ def _change(s: dict, key: str, lo: str, hi: str, n: str, what: str, noise: str) 
     return text + (" <b>within noise</b>" if s.get(noise) else "")
 
 
+def _kl(s: dict) -> str:
+    """PPO's KL to the reference after its last iteration. The k3 estimate first: the k1 mean (the
+    penalty's) is unbiased but goes below 0 on a batch when the policy has barely moved."""
+    if "kl/ref_final_k3" not in s:  # a run from before k3 was kept
+        return f"; KL to the reference {s['kl/ref_final']:.3f}"
+    return f"; KL to the reference {s['kl/ref_final_k3']:.3f} (k3; k1 {s['kl/ref_final']:.3f})"
+
+
 def headline(kind: str, s: dict) -> str:
     """A stage's headline effect with its n and 95% interval, as HTML ('' when the stage measured none)."""
     try:
@@ -123,18 +131,15 @@ def headline(kind: str, s: dict) -> str:
                 "rejection/within_noise",
             )
         if kind == "ppo" and "eval/reward_heldout_change" in s:
-            return (
-                _change(
-                    s,
-                    "eval/reward_heldout_change",
-                    "eval/reward_heldout_change_lo",
-                    "eval/reward_heldout_change_hi",
-                    "eval/heldout_n",
-                    "held-out reward",
-                    "eval/within_noise",
-                )
-                + f"; KL to the reference {s['kl/ref_final']:.3f}"
-            )
+            return _change(
+                s,
+                "eval/reward_heldout_change",
+                "eval/reward_heldout_change_lo",
+                "eval/reward_heldout_change_hi",
+                "eval/heldout_n",
+                "held-out reward",
+                "eval/within_noise",
+            ) + _kl(s)
         if kind == "gatt":
             turns = sorted(int(m.group(1)) for k in s if (m := re.fullmatch(r"gatt/recall_after/turn(\d+)_lo", k)))
             return "recall " + ", ".join(

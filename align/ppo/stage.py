@@ -622,6 +622,7 @@ def summarize(rows: list[dict], state: dict, model_dir: str) -> dict:
         "eval/best_iteration": state["best_iteration"],
         **_heldout_change(state),
         "kl/ref_final": its[-1]["kl/ref_mean"] if its else float("nan"),
+        "kl/ref_final_k3": its[-1]["kl/ref_k3_mean"] if its else float("nan"),
         "ppo/approx_kl_last": its[-1]["ppo/approx_kl"] if its else float("nan"),
         **{f"time/{p}_mean_s": mean(f"time/{p}_s") for p in PHASES},
         "time/iteration_mean_s": mean("time/iteration_s"),

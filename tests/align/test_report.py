@@ -75,6 +75,8 @@ def test_headline_gives_each_stage_its_effect_with_interval():
     assert headline("ppo", ppo) == (
         "held-out reward +0.020 [-0.010, +0.050] (n=8) <b>within noise</b>; KL to the reference 0.400"
     )
+    ppo.update({"kl/ref_final": -0.02, "kl/ref_final_k3": 0.031})  # k1 below 0 on a batch; k3 never
+    assert headline("ppo", ppo).endswith("; KL to the reference 0.031 (k3; k1 -0.020)")
     gatt = {
         "gatt/recall_before/turn2": 0.1,
         "gatt/recall_after/turn2": 0.3,

@@ -265,6 +265,7 @@ def test_tiny_ppo_run_trains_logs_and_saves(run_a):
         "eval/reward_heldout_before",
         "eval/reward_heldout_after",
         "kl/ref_final",
+        "kl/ref_final_k3",
         "time/generate_mean_s",
         "time/train_mean_s",
     ):
