@@ -657,13 +657,14 @@ def plot_curve(rows: list[dict], path: Path, kl_bound: float | None = None) -> N
     ax2.set_xlabel("iteration")
     ax2.set_ylabel("KL(pi || pi_0) per sequence (nats)")
     ax2.legend()
-    kl = [r.get("kl/ref_mean", 0.0) if r["step"] >= 1 else 0.0 for r in evals]  # before training: the reference
+    # k3: never below 0, unlike k1's batch mean on a policy that has barely moved; before training: 0
+    kl = [r.get("kl/ref_k3_mean", 0.0) if r["step"] >= 1 else 0.0 for r in evals]
     ax3.plot(kl, [r["eval/reward_heldout"] for r in evals], marker="s", color="tab:green")
     for x, r in zip(kl, evals):
         ax3.annotate(
             str(r["step"]), (x, r["eval/reward_heldout"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
-    ax3.set_xlabel("KL(pi || pi_0) per sequence at the evaluation (nats)")
+    ax3.set_xlabel("KL(pi || pi_0) per sequence at the evaluation (k3, nats)")
     ax3.set_ylabel("held-out LOGIT(Rc)")
     ax3.set_title("reward against KL (labels: iteration)", fontsize=9)
     ax4.plot([r["step"] for r in its], [r["rollout/response_length"] for r in its], marker="o", color="tab:purple")
