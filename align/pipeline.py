@@ -242,12 +242,12 @@ def leave_together(done: Path) -> None:
     The wait is on a file, not a collective: rank 0's solo work can outlast the group's timeout."""
     import torch.distributed as dist
 
-    from align.launch.dist import wait_for_file
+    from align.launch.dist import barrier, initialized, wait_for_file
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return
     wait_for_file(done)
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 

@@ -254,8 +254,9 @@ class VLLMEngine(Engine):
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib)) if float(cfg.kv_cache_gib).is_integer() else None
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(cfg.threads, slot)
             self._cores = CoreClaim([int(c) for c in env["VLLM_CPU_OMP_THREADS_BIND"].split(",")])
-            if self._cores.warning():
-                print(self._cores.warning(), flush=True)
+            clash = self._cores.warning()
+            if clash:
+                print(clash, flush=True)
             if cfg.in_process:
                 # vllm-cpu binds this process's OpenMP threads to the listed cores but keeps torch's thread
                 # count: with fewer cores than threads, several threads share a core and every parallel
